@@ -1,0 +1,34 @@
+# One command for the main job (`make demo`), one for the tests (`make test`).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint unit redis clean
+
+$(BIN)/fanout: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/fanout ## Create .venv and install fanout with its dev tools
+
+redis: ## Start a local Redis if none answers
+	@bash .ci/ensure-redis
+
+demo: install redis ## The main job: sample photos resized and numbers doubled across workers
+	$(BIN)/fanout demo
+
+lint: install ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: install ## Unit tests only (no Redis needed)
+	$(BIN)/pytest -m "not system"
+
+test: lint redis ## Lint, then every test (unit and system)
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) fanout-demo .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,98 @@
+"""Building the chord: pure, testable without a broker.
+
+A job is a Celery ``chord``: a ``group`` of header tasks, each doing one batch
+of consecutive items, and ``fanout.collect`` as the callback that merges their
+parts back into input order.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import chord, group
+from celery.canvas import Signature
+
+from workers.tasks import collect, double_batch, resize_batch
+
+#: Largest batch for doubling: big enough to hide per-task overhead.
+MAX_DOUBLE_BATCH = 10_000
+#: Largest batch of images: small enough to spread work evenly and stay far below time limits.
+MAX_RESIZE_BATCH = 8
+#: Batches per worker process that ``auto`` aims for, so no process idles at the end.
+BATCHES_PER_PROCESS = 4
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    task: str
+    total: int
+    batch_size: int
+    signature: Signature
+
+    @property
+    def batches(self) -> int:
+        return math.ceil(self.total / self.batch_size) if self.total else 0
+
+    def record(self, group_id: str) -> dict[str, Any]:
+        """What ``fanout status`` needs to find this job again, once sent as group ``group_id``."""
+        return {
+            "job_id": self.job_id,
+            "group_id": group_id,
+            "task": self.task,
+            "total": self.total,
+            "batch_size": self.batch_size,
+            "batches": self.batches,
+        }
+
+
+def auto_batch_size(total: int, processes: int, cap: int) -> int:
+    """A batch size giving each worker process about BATCHES_PER_PROCESS batches, at most ``cap``."""
+    if total <= 0:
+        return 1
+    return max(1, min(cap, math.ceil(total / (max(1, processes) * BATCHES_PER_PROCESS))))
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _chord(
+    task: str, total: int, batch_size: int, header: list[Signature], job_id: str, extra: dict[str, Any]
+) -> Job:
+    job = {"job_id": job_id, "task": task, "total": total, **extra}
+    body = collect.s(job=job).set(task_id=job_id)
+    # Not frozen here: freezing a group registers its results with the backend
+    # (a Redis subscription), and building must not touch the network.
+    signature = chord(group(header), body)
+    return Job(job_id, task, total, batch_size, signature)
+
+
+def build_double(values: Sequence[int], batch_size: int, job_id: str | None = None) -> Job:
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    values = list(values)
+    header = [
+        double_batch.si(start, values[start : start + batch_size]).set(ignore_result=True)
+        for start in range(0, len(values), batch_size)
+    ]
+    return _chord("double", len(values), batch_size, header, job_id or new_job_id(), {})
+
+
+def build_resize(
+    pairs: Sequence[tuple[str, str]], max_side: int, out_dir: str, batch_size: int, job_id: str | None = None
+) -> Job:
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if max_side < 1:
+        raise ValueError("max_side must be at least 1")
+    items = [[src, dst] for src, dst in pairs]
+    header = [
+        resize_batch.si(start, items[start : start + batch_size], max_side).set(ignore_result=True)
+        for start in range(0, len(items), batch_size)
+    ]
+    return _chord("resize", len(items), batch_size, header, job_id or new_job_id(), {"out_dir": out_dir})

@@ -1,0 +1,315 @@
+"""The ``fanout`` command line.
+
+Exit codes: 0 every item succeeded; 1 the run completed but some items failed;
+2 usage error; 3 infrastructure problem (Redis, workers, timeout).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from orchestrator.inputs import InputError, parse_numbers, plan_images
+from workers.errors import ConfigError, InfrastructureError
+
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+DEFAULT_TIMEOUT = 600.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"fanout: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func: F) -> F:
+    """Turn fanout's errors into a one-line message and the exit code that means it."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InputError as exc:
+            raise click.UsageError(str(exc)) from None
+        except ConfigError as exc:
+            _fail(f"configuration: {exc}", EXIT_USAGE)
+        except InfrastructureError as exc:
+            _fail(str(exc), EXIT_INFRA)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _app() -> Any:
+    """The Celery app, imported late so a bad setting is reported, not a traceback."""
+    from workers.app import app
+
+    return app
+
+
+class BatchSize(click.ParamType):  # type: ignore[type-arg]
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or value == "auto":
+            return None
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither 'auto' nor a whole number", param, ctx)
+        if size < 1:
+            self.fail("must be at least 1", param, ctx)
+        return size
+
+
+def run_options(func: F) -> F:
+    options = [
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DEFAULT_TIMEOUT,
+            show_default=True,
+            help="Seconds to wait for the whole run.",
+        ),
+        click.option(
+            "--batch-size",
+            type=BatchSize(),
+            default="auto",
+            show_default=True,
+            help="Items per task; 1 sends one task per item.",
+        ),
+        click.option(
+            "--progress/--no-progress",
+            default=None,
+            help="Progress bar on stderr [default: when stderr is a terminal].",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def execute(
+    job_factory: Callable[[int], Any],
+    total: int,
+    batch_cap: int,
+    batch_size: int | None,
+    timeout: float,
+    progress: bool,
+    label: str,
+) -> tuple[Any, float]:
+    from orchestrator.run import run_job
+
+    return run_job(_app(), job_factory, total, batch_cap, batch_size, timeout, progress, label)
+
+
+def _show(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def finish(
+    outcome: Any,
+    elapsed: float,
+    as_json: bool,
+    write_text: Callable[[Any], None],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    from orchestrator import render
+
+    if as_json:
+        render.write_json(render.as_document(outcome, elapsed, extra), sys.stdout)
+    else:
+        write_text(outcome)
+        render.write_errors(outcome, sys.stderr)
+        click.echo(render.summary(outcome, elapsed), err=True)
+    sys.exit(EXIT_ITEMS_FAILED if outcome["failed"] else EXIT_OK)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fanout")
+def main() -> None:
+    """Fan work out to Celery workers over Redis and gather the results in input order.
+
+    Redis comes from FANOUT_REDIS_URL (default redis://localhost:6379/0).
+    """
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("numbers", nargs=-1)
+@click.option("--range", "range_n", type=click.IntRange(min=0), help="Double 0..N-1 instead of NUMBERS.")
+@run_options
+@handles_errors
+def double(
+    numbers: tuple[str, ...],
+    range_n: int | None,
+    as_json: bool,
+    timeout: float,
+    batch_size: int | None,
+    progress: bool | None,
+) -> None:
+    """Double NUMBERS (integers of any size; '-' reads them from stdin)."""
+    from orchestrator import render
+    from orchestrator.canvas import MAX_DOUBLE_BATCH, build_double
+
+    if range_n is not None and numbers:
+        raise click.UsageError("give NUMBERS or --range, not both")
+    if range_n is not None:
+        values: list[int] = list(range(range_n))
+    elif numbers == ("-",):
+        values = parse_numbers(sys.stdin.read().split())
+    elif "-" in numbers:
+        raise click.UsageError("'-' (read stdin) cannot be mixed with NUMBERS")
+    elif numbers:
+        values = parse_numbers(numbers)
+    else:
+        raise click.UsageError("nothing to double: give NUMBERS, '-' or --range N")
+    if not values:
+        raise click.UsageError("nothing to double: the input holds no numbers")
+    outcome, elapsed = execute(
+        lambda size: build_double(values, size),
+        len(values),
+        MAX_DOUBLE_BATCH,
+        batch_size,
+        timeout,
+        _show(progress),
+        "doubling",
+    )
+    finish(outcome, elapsed, as_json, lambda o: render.write_double(o, sys.stdout))
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the resized images (created if missing).",
+)
+@click.option(
+    "--max-side",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Longest side of the output, in pixels; aspect ratio is kept.",
+)
+@run_options
+@handles_errors
+def resize(
+    sources: tuple[Path, ...],
+    out_dir: Path,
+    max_side: int,
+    as_json: bool,
+    timeout: float,
+    batch_size: int | None,
+    progress: bool | None,
+) -> None:
+    """Resize the images in SOURCES (files or directories, walked recursively) into --out."""
+    from orchestrator import render
+    from orchestrator.canvas import MAX_RESIZE_BATCH, build_resize
+
+    plan = plan_images(sources, out_dir)
+    out = out_dir.resolve()
+    if plan.skipped and not as_json:
+        click.echo(f"skipped {len(plan.skipped)} non-image files", err=True)
+    if not plan.pairs:
+        raise click.UsageError("no images found in SOURCES")
+    out.mkdir(parents=True, exist_ok=True)
+    outcome, elapsed = execute(
+        lambda size: build_resize(plan.pairs, max_side, str(out), size),
+        len(plan.pairs),
+        MAX_RESIZE_BATCH,
+        batch_size,
+        timeout,
+        _show(progress),
+        "resizing",
+    )
+    if not as_json:
+        click.echo(f"manifest: {out / 'manifest.json'}", err=True)
+    finish(
+        outcome,
+        elapsed,
+        as_json,
+        lambda o: render.write_resize(o, sys.stdout),
+        {"skipped": len(plan.skipped), "manifest": str(out / "manifest.json")},
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the workers as JSON.")
+@handles_errors
+def workers(as_json: bool) -> None:
+    """List the workers that answer, with their concurrency."""
+    import json
+
+    from orchestrator.run import check_redis, list_workers
+    from workers.settings import get_settings
+
+    check_redis(get_settings())
+    found = list_workers(_app())
+    if as_json:
+        click.echo(json.dumps([{"name": w.name, "concurrency": w.concurrency} for w in found]))
+    else:
+        for w in found:
+            click.echo(f"{w.name}\tconcurrency {w.concurrency}")
+    if not found:
+        _fail("no worker answered. Start one with `celery -A workers worker`.", EXIT_INFRA)
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("fanout-demo"),
+    show_default=True,
+    help="Where the sample photos and the outputs go.",
+)
+@click.option(
+    "--photos",
+    type=click.IntRange(min=1, max=2000),
+    default=48,
+    show_default=True,
+    help="How many sample photos to generate.",
+)
+@click.option("--max-side", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--numbers",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="How many numbers the doubling run doubles.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for each run.",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
+@handles_errors
+def demo(
+    directory: Path, photos: int, max_side: int, numbers: int, timeout: float, progress: bool | None
+) -> None:
+    """Generate sample photos, resize them and double numbers across the workers.
+
+    Starts local workers for the demo's duration if none answer.
+    """
+    from orchestrator.demo import run_demo
+
+    sys.exit(
+        run_demo(
+            directory,
+            photos,
+            max_side,
+            numbers,
+            timeout,
+            sys.stderr.isatty() if progress is None else progress,
+        )
+    )

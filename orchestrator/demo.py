@@ -1,0 +1,90 @@
+"""``fanout demo``: the main job in one command."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from orchestrator import render
+from orchestrator.canvas import MAX_DOUBLE_BATCH, MAX_RESIZE_BATCH, build_double, build_resize
+from orchestrator.inputs import plan_images
+from orchestrator.local import LocalWorker
+from orchestrator.run import check_redis, list_workers, run_job
+from orchestrator.samples import make_photos
+from workers.app import app
+from workers.settings import get_settings
+
+
+def run_demo(
+    directory: Path, photos: int, max_side: int, numbers: int, timeout: float, progress: bool
+) -> int:
+    """Run the demo; return the exit code (0 when every item succeeded)."""
+    check_redis(get_settings())
+    base = directory.resolve()
+    photo_dir, out_dir = base / "photos", base / "resized"
+    started = time.perf_counter()
+    make_photos(photo_dir, photos)
+    click.echo(
+        f"generated {photos} sample photos (1920x1080 JPEG) in {photo_dir} "
+        f"in {time.perf_counter() - started:.1f} s",
+        err=True,
+    )
+
+    local: LocalWorker | None = None
+    found = list_workers(app)
+    if found:
+        names = ", ".join(f"{w.name} (x{w.concurrency})" for w in found)
+        click.echo(f"using the running workers: {names}", err=True)
+    else:
+        log = base / "worker.log"
+        click.echo(f"no worker answered: starting a local one (log: {log})", err=True)
+        local = LocalWorker(app, concurrency=os.cpu_count() or 2, name="demo", log_path=str(log)).start()
+    failed = 0
+    try:
+        plan = plan_images([photo_dir], out_dir)
+        outcome, elapsed = run_job(
+            app,
+            lambda size: build_resize(plan.pairs, max_side, str(out_dir), size),
+            len(plan.pairs),
+            MAX_RESIZE_BATCH,
+            None,
+            timeout,
+            progress,
+            "resizing photos",
+        )
+        failed += outcome["failed"]
+        click.echo(render.summary(outcome, elapsed), err=True)
+        render.write_errors(outcome, sys.stderr)
+        for record in [r for r in outcome["results"] if r][:3]:
+            click.echo(
+                f"  {Path(record['source']).name} -> {record['destination']} "
+                f"({record['width']}x{record['height']}, {record['bytes']:,} bytes)"
+            )
+        click.echo(f"  ... manifest of all {outcome['total']}: {out_dir / 'manifest.json'}")
+
+        values = list(range(numbers))
+        outcome, elapsed = run_job(
+            app,
+            lambda size: build_double(values, size),
+            len(values),
+            MAX_DOUBLE_BATCH,
+            None,
+            timeout,
+            progress,
+            "doubling numbers",
+        )
+        failed += outcome["failed"]
+        click.echo(render.summary(outcome, elapsed), err=True)
+        results = outcome["results"]
+        shown = ", ".join(map(str, results[:5]))
+        click.echo(f"  doubled 0..{numbers - 1}: [{shown}, ..., {results[-1]}] (in input order)")
+    finally:
+        if local is not None:
+            click.echo("stopping the local worker", err=True)
+            local.stop()
+    click.echo(f"outputs: {out_dir}")
+    return 1 if failed else 0

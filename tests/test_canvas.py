@@ -1,0 +1,59 @@
+"""The shape of the chord, built without a broker."""
+
+from __future__ import annotations
+
+import pytest
+from celery import chord
+
+from orchestrator.canvas import auto_batch_size, build_double, build_resize
+
+
+def test_building_a_job_subscribes_to_nothing() -> None:
+    from workers.app import app
+
+    job = build_double(list(range(100)), batch_size=10)
+    assert job.batches == 10
+    assert not app.backend.result_consumer.subscribed_to
+
+
+def test_double_job_is_a_chord_of_batches_with_collect_as_callback() -> None:
+    job = build_double(list(range(10)), batch_size=4, job_id="job-1")
+    sig = job.signature
+    assert isinstance(sig, chord)
+    header = list(sig.tasks)
+    assert [t.task for t in header] == ["fanout.double_batch"] * 3
+    assert [tuple(t.args) for t in header] == [(0, [0, 1, 2, 3]), (4, [4, 5, 6, 7]), (8, [8, 9])]
+    assert all(t.immutable and t.options.get("ignore_result") for t in header)
+    assert sig.body.task == "fanout.collect"
+    assert sig.body.kwargs["job"] == {"job_id": "job-1", "task": "double", "total": 10}
+    assert sig.body.options["task_id"] == "job-1"
+    assert (job.total, job.batches, job.batch_size) == (10, 3, 4)
+    assert job.record("g")["group_id"] == "g"
+
+
+def test_resize_job_carries_paths_not_pixels() -> None:
+    pairs = [(f"/in/{i}.jpg", f"/out/{i}.jpg") for i in range(5)]
+    job = build_resize(pairs, 256, "/out", batch_size=2, job_id="job-2")
+    header = list(job.signature.tasks)
+    assert [t.task for t in header] == ["fanout.resize_batch"] * 3
+    assert tuple(header[2].args) == (4, [["/in/4.jpg", "/out/4.jpg"]], 256)
+    assert job.signature.body.kwargs["job"]["out_dir"] == "/out"
+
+
+def test_batch_size_one_is_one_task_per_item() -> None:
+    assert build_double([5, 6, 7], batch_size=1).batches == 3
+
+
+@pytest.mark.parametrize(
+    ("total", "processes", "cap", "expected"),
+    [(0, 2, 100, 1), (3, 2, 100, 1), (100, 2, 100, 13), (10**6, 2, 10_000, 10_000), (10, 0, 5, 3)],
+)
+def test_auto_batch_size(total: int, processes: int, cap: int, expected: int) -> None:
+    assert auto_batch_size(total, processes, cap) == expected
+
+
+def test_bad_batch_sizes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        build_double([1], batch_size=0)
+    with pytest.raises(ValueError):
+        build_resize([("a", "b")], 0, "/out", batch_size=1)

@@ -1,0 +1,172 @@
+"""System tests: the real ``fanout`` CLI and real ``celery worker`` processes over a real Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from PIL import Image
+
+from orchestrator.canvas import build_double, build_resize
+from orchestrator.local import LocalWorker
+from orchestrator.run import list_workers, load_record, submit, wait
+from orchestrator.samples import make_photo
+from tests.conftest import fanout_command
+
+pytestmark = pytest.mark.system
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 90, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fanout_command(*args), env=env, capture_output=True, text=True, timeout=timeout, input=stdin
+    )
+
+
+def other_database(env: dict[str, str], below: int) -> str:
+    """The test Redis URL with a database number ``below`` lower: one no test worker listens on."""
+    base, db = env["FANOUT_REDIS_URL"].rsplit("/", 1)
+    return f"{base}/{int(db) - below}"
+
+
+def test_worker_fixture_answers_with_its_concurrency(app: Celery, worker: LocalWorker) -> None:
+    found = {w.name: w.concurrency for w in list_workers(app)}
+    assert found.get(worker.hostname) == 2
+
+
+def test_results_come_back_in_input_order_under_uneven_durations(
+    app: Celery, worker: LocalWorker, tmp_path: Path
+) -> None:
+    # Big and tiny images alternate, one task each: tasks finish out of input order.
+    sources = []
+    for i in range(8):
+        size = (2400, 1800) if i % 2 == 0 else (32, 24)
+        sources.append(make_photo(tmp_path / "in" / f"{i}.jpg", size, seed=i))
+    pairs = [(str(s), str(tmp_path / "out" / s.name)) for s in sources]
+    job = build_resize(pairs, 64, str(tmp_path / "out"), batch_size=1)
+    group_id = submit(app, job, 600)
+    outcome = wait(app, job, group_id, timeout=60)
+    assert outcome["failed"] == 0
+    assert [r["source"] for r in outcome["results"]] == [str(s) for s in sources]
+    assert [max(r["width"], r["height"]) for r in outcome["results"]] == [64, 32] * 4
+    record = load_record(app, job.job_id)
+    assert record is not None and record["group_id"] == group_id and record["total"] == 8
+
+
+def test_bad_values_sent_past_the_cli_are_per_item_errors(app: Celery, worker: LocalWorker) -> None:
+    values: list[object] = [1, "x", 3, None, 2**100, True, 1.5, -4]
+    job = build_double(values, batch_size=3)  # type: ignore[arg-type]
+    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    assert outcome["results"] == [2, None, 6, None, 2**101, None, None, -8]
+    assert [e["index"] for e in outcome["errors"]] == [1, 3, 5, 6]
+    assert all("expected an integer" in e["error"] for e in outcome["errors"])
+    assert (outcome["succeeded"], outcome["failed"]) == (4, 4)
+
+
+def test_cli_double_json_prints_results_in_order(cli_env: dict[str, str], worker: LocalWorker) -> None:
+    proc = run_cli(cli_env, "double", "--json", "1", "2", "3")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["results"] == [2, 4, 6]
+    assert (doc["task"], doc["total"], doc["succeeded"], doc["failed"], doc["errors"]) == (
+        "double",
+        3,
+        3,
+        0,
+        [],
+    )
+    assert set(doc) == {"job_id", "task", "total", "succeeded", "failed", "results", "errors", "elapsed_s"}
+
+
+def test_cli_double_range_and_stdin(cli_env: dict[str, str], worker: LocalWorker) -> None:
+    proc = run_cli(cli_env, "double", "--range", "5000")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(2 * i) for i in range(5000)]
+    proc = run_cli(cli_env, "double", "-", stdin=f"7 -8\n{2**100}\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["14", "-16", str(2**101)]
+
+
+def test_cli_double_one_task_per_item(cli_env: dict[str, str], worker: LocalWorker) -> None:
+    proc = run_cli(cli_env, "double", "--range", "300", "--batch-size", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["results"] == [2 * i for i in range(300)]
+
+
+def test_cli_rejects_a_malformed_number_before_sending(cli_env: dict[str, str]) -> None:
+    proc = run_cli(cli_env, "double", "1", "2.5", "3")
+    assert proc.returncode == 2
+    assert "argument 2 ('2.5') is not an integer" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_cli_resize_reports_the_corrupt_file_and_resizes_the_rest(
+    cli_env: dict[str, str], worker: LocalWorker, photos: Path, tmp_path: Path
+) -> None:
+    (photos / "nested").mkdir()
+    (photos / "nested" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (photos / "notes.txt").write_text("skip me")
+    out = tmp_path / "out"
+    proc = run_cli(cli_env, "resize", str(photos), "--out", str(out), "--max-side", "200", "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert (doc["total"], doc["succeeded"], doc["failed"], doc["skipped"]) == (7, 6, 1, 1)
+    [error] = doc["errors"]
+    assert error["input"] == str(photos / "nested" / "corrupt.jpg")
+    assert doc["results"][error["index"]] is None
+    for record in filter(None, doc["results"]):
+        with Image.open(record["destination"]) as im:
+            assert max(im.size) == 200
+            assert im.size == (record["width"], record["height"])
+    with Image.open(out / "p3.jpg") as im:
+        assert im.size == (150, 200)  # EXIF-rotated portrait
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [item["index"] for item in manifest["items"]] == list(range(7))
+    assert manifest["items"][error["index"]]["ok"] is False
+
+
+def test_cli_exit_3_when_redis_is_unreachable(cli_env: dict[str, str]) -> None:
+    env = dict(cli_env, FANOUT_REDIS_URL="redis://127.0.0.1:1/0")
+    proc = run_cli(env, "double", "1", timeout=10)  # the bound the CLI promises
+    assert proc.returncode == 3
+    assert "cannot reach Redis" in proc.stderr and "FANOUT_REDIS_URL" in proc.stderr
+
+
+def test_cli_exit_3_when_no_worker_answers(cli_env: dict[str, str], redis_client: object) -> None:
+    env = dict(cli_env, FANOUT_REDIS_URL=other_database(cli_env, 2))
+    proc = run_cli(env, "double", "1", timeout=30)
+    assert proc.returncode == 3
+    assert "no worker answered" in proc.stderr
+
+
+def test_cli_exit_2_on_a_bad_setting(cli_env: dict[str, str]) -> None:
+    proc = run_cli(dict(cli_env, FANOUT_REDIS_URL="http://nope"), "double", "1")
+    assert proc.returncode == 2
+    assert "FANOUT_REDIS_URL" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_workers_lists_the_worker(cli_env: dict[str, str], worker: LocalWorker) -> None:
+    proc = run_cli(cli_env, "workers", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {"name": worker.hostname, "concurrency": 2} in json.loads(proc.stdout)
+
+
+def test_demo_starts_its_own_worker_when_none_answers(
+    cli_env: dict[str, str], redis_client: object, tmp_path: Path
+) -> None:
+    # A database no worker listens on: the demo must start (and stop) its own.
+    env = dict(cli_env, FANOUT_REDIS_URL=other_database(cli_env, 1))
+    proc = run_cli(env, "demo", "--dir", str(tmp_path), "--photos", "6", "--numbers", "2000", timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    assert "starting a local one" in proc.stderr
+    assert "resize: 6 items, 6 succeeded, 0 failed" in proc.stderr
+    assert "double: 2000 items, 2000 succeeded, 0 failed" in proc.stderr
+    assert f"outputs: {tmp_path / 'resized'}" in proc.stdout
+    assert len(list((tmp_path / "resized").glob("*.jpg"))) == 6
+    assert json.loads((tmp_path / "resized" / "manifest.json").read_text())["succeeded"] == 6
+    probe = run_cli(env, "workers", timeout=20)
+    assert probe.returncode == 3, "the demo's worker should be gone"

@@ -1,0 +1,224 @@
+"""Unit tests: the plain functions, with no broker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from orchestrator.inputs import InputError, parse_numbers, plan_images
+from orchestrator.samples import make_photo
+from workers.doubling import double
+from workers.errors import ConfigError, ImageError, InvalidNumber, ItemError
+from workers.fanin import manifest, merge, run_batch, write_json_atomic
+from workers.imaging import resize_image
+from workers.settings import DEFAULT_REDIS_URL, Settings
+
+# --- doubling ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, 1, -7, 2**100, -(2**200)])
+def test_double_doubles_any_int_exactly(value: int) -> None:
+    assert double(value) == value * 2
+
+
+@pytest.mark.parametrize("value", ["3", 1.5, True, False, None, [1], {"a": 1}])
+def test_double_rejects_what_is_not_an_int(value: object) -> None:
+    with pytest.raises(InvalidNumber) as info:
+        double(value)
+    assert "expected an integer" in info.value.reason
+    assert info.value.item == repr(value)
+
+
+def test_item_errors_survive_a_round_trip_through_their_args() -> None:
+    err = InvalidNumber("'x'", "expected an integer, got str")
+    rebuilt = InvalidNumber(*err.args)
+    assert str(rebuilt) == str(err) == "'x': expected an integer, got str"
+
+
+# --- batches and the fan-in -------------------------------------------------
+
+
+def test_run_batch_keeps_positions_and_reports_errors_by_index() -> None:
+    part = run_batch(double, 10, [1, "x", 3])
+    assert part["start"] == 10
+    assert part["results"] == [2, None, 6]
+    assert part["errors"] == [{"index": 11, "input": "x", "error": "expected an integer, got str"}]
+
+
+def test_merge_restores_input_order_whatever_order_parts_arrive_in() -> None:
+    parts = [run_batch(double, 4, [4, 5]), run_batch(double, 0, [0, 1]), run_batch(double, 2, [2, 3])]
+    outcome = merge(parts, 6, "job", "double")
+    assert outcome["results"] == [0, 2, 4, 6, 8, 10]
+    assert (outcome["succeeded"], outcome["failed"], outcome["errors"]) == (6, 0, [])
+
+
+def test_merge_counts_a_redelivered_batch_once() -> None:
+    first = run_batch(double, 0, [1, 2])
+    outcome = merge([first, run_batch(double, 2, [3]), first], 3, "job", "double")
+    assert outcome["results"] == [2, 4, 6]
+    assert outcome["total"] == outcome["succeeded"] == 3
+
+
+def test_merge_reports_an_index_no_part_covered_as_lost() -> None:
+    outcome = merge([run_batch(double, 0, [1]), None], 2, "job", "double")
+    assert outcome["results"] == [2, None]
+    assert outcome["failed"] == 1
+    assert outcome["errors"][0]["index"] == 1
+    assert "lost" in outcome["errors"][0]["error"]
+
+
+def test_manifest_lists_every_item_in_order(tmp_path: Path) -> None:
+    outcome = merge(
+        [
+            {
+                "start": 0,
+                "results": [{"source": "a", "destination": "A", "width": 1, "height": 1, "bytes": 5}, None],
+                "errors": [{"index": 1, "input": "b", "error": "corrupt"}],
+                "transient": 0,
+            }
+        ],
+        2,
+        "job",
+        "resize",
+    )
+    write_json_atomic(tmp_path / "m" / "manifest.json", manifest(outcome))
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert [i["index"] for i in doc["items"]] == [0, 1]
+    assert doc["items"][0]["ok"] and doc["items"][0]["destination"] == "A"
+    assert doc["items"][1] == {"index": 1, "source": "b", "ok": False, "error": "corrupt"}
+    assert list((tmp_path / "m").iterdir()) == [tmp_path / "m" / "manifest.json"]
+
+
+# --- resizing ---------------------------------------------------------------
+
+
+def test_resize_fits_within_max_side_keeping_aspect(tmp_path: Path) -> None:
+    src = make_photo(tmp_path / "in.jpg", (1000, 500))
+    record = resize_image(src, tmp_path / "out" / "in.jpg", 200)
+    assert (record["width"], record["height"]) == (200, 100)
+    with Image.open(tmp_path / "out" / "in.jpg") as im:
+        assert im.size == (200, 100) and im.format == "JPEG"
+    assert record["bytes"] == (tmp_path / "out" / "in.jpg").stat().st_size
+
+
+def test_resize_applies_exif_orientation(tmp_path: Path) -> None:
+    src = make_photo(tmp_path / "rot.jpg", (1000, 500), orientation=6)  # stored landscape, shown portrait
+    record = resize_image(src, tmp_path / "rot-out.jpg", 200)
+    assert (record["width"], record["height"]) == (100, 200)
+
+
+def test_resize_keeps_png_and_does_not_enlarge(tmp_path: Path) -> None:
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(tmp_path / "small.png")
+    record = resize_image(tmp_path / "small.png", tmp_path / "small-out.png", 256)
+    assert (record["width"], record["height"]) == (40, 30)
+    with Image.open(tmp_path / "small-out.png") as im:
+        assert im.format == "PNG" and im.mode == "RGBA"
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all"])
+def test_resize_names_the_file_it_cannot_read(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(content)
+    with pytest.raises(ImageError) as info:
+        resize_image(bad, tmp_path / "out.jpg", 100)
+    assert info.value.item == str(bad)
+    assert not (tmp_path / "out.jpg").exists()
+
+
+def test_resize_reports_a_truncated_jpeg(tmp_path: Path) -> None:
+    src = make_photo(tmp_path / "whole.jpg", (600, 400))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(src.read_bytes()[:2000])
+    with pytest.raises(ItemError, match=r"cut\.jpg"):
+        resize_image(cut, tmp_path / "out.jpg", 100)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_resize_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no such file"):
+        resize_image(tmp_path / "nope.jpg", tmp_path / "out.jpg", 100)
+
+
+# --- command-line input -----------------------------------------------------
+
+
+def test_parse_numbers_accepts_signs_and_huge_values() -> None:
+    assert parse_numbers(["1", "-2", "+3", str(2**100)]) == [1, -2, 3, 2**100]
+
+
+@pytest.mark.parametrize("bad", ["1.5", "abc", "", "0x10", "1e3", "_1"])
+def test_parse_numbers_names_the_bad_argument(bad: str) -> None:
+    with pytest.raises(InputError, match=r"argument 2 \(" + repr(bad).replace("(", r"\(") + r"\)"):
+        parse_numbers(["1", bad])
+
+
+def test_plan_images_keeps_layout_skips_non_images_and_avoids_collisions(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_photo(src / "a.jpg", (64, 48))
+    make_photo(src / "sub" / "a.jpg", (64, 48))
+    (src / "readme.txt").parent.mkdir(exist_ok=True)
+    (src / "readme.txt").write_text("not an image")
+    other = make_photo(tmp_path / "other" / "a.jpg", (64, 48))
+    out = tmp_path / "out"
+    plan = plan_images([src, other], out)
+    assert plan.pairs == [
+        (str(src / "a.jpg"), str(out / "a.jpg")),
+        (str(src / "sub" / "a.jpg"), str(out / "sub" / "a.jpg")),
+        (str(other), str(out / "a~2.jpg")),
+    ]
+    assert plan.skipped == [str(src / "readme.txt")]
+
+
+def test_plan_images_never_walks_the_output_directory(tmp_path: Path) -> None:
+    make_photo(tmp_path / "a.jpg", (64, 48))
+    make_photo(tmp_path / "out" / "old.jpg", (64, 48))
+    plan = plan_images([tmp_path], tmp_path / "out")
+    assert [Path(s).name for s, _ in plan.pairs] == ["a.jpg"]
+
+
+def test_plan_images_rejects_a_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        plan_images([tmp_path / "missing"], tmp_path / "out")
+
+
+# --- settings ---------------------------------------------------------------
+
+
+def test_settings_default_to_local_redis_for_both_roles() -> None:
+    s = Settings.from_env({})
+    assert s.broker_url == s.result_backend == DEFAULT_REDIS_URL
+    assert s.visibility_timeout > s.task_time_limit
+
+
+def test_settings_allow_separate_broker_and_backend() -> None:
+    s = Settings.from_env(
+        {"FANOUT_REDIS_URL": "redis://h:1/2", "FANOUT_RESULT_BACKEND": "rediss://:pw@r:6380/3"}
+    )
+    assert (s.broker_url, s.result_backend) == ("redis://h:1/2", "rediss://:pw@r:6380/3")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FANOUT_REDIS_URL": "amqp://guest@localhost//"}, "expected a Redis URL"),
+        ({"FANOUT_REDIS_URL": "redis://localhost:notaport/0"}, "not a valid URL"),
+        ({"FANOUT_TASK_TIME_LIMIT": "ten"}, "not a whole number"),
+        ({"FANOUT_TASK_TIME_LIMIT": "100", "FANOUT_VISIBILITY_TIMEOUT": "50"}, "must exceed"),
+    ],
+)
+def test_settings_reject_bad_values_by_name(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_celery_config_is_json_only_with_late_acks() -> None:
+    from workers.app import celery_config
+
+    conf = celery_config(Settings.from_env({}))
+    assert conf["accept_content"] == ["json"] and conf["result_accept_content"] == ["json"]
+    assert conf["task_acks_late"] is True
+    assert conf["worker_send_task_events"] is True
+    assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]

@@ -1,0 +1,50 @@
+"""The one error hierarchy shared by workers and orchestrator.
+
+Every constructor passes its arguments on to ``Exception`` so that the result
+backend (JSON) can rebuild the exception on the other side.
+"""
+
+from __future__ import annotations
+
+
+class FanoutError(Exception):
+    """Root of every error fanout raises on purpose."""
+
+
+class ConfigError(FanoutError):
+    """The environment holds a setting fanout cannot use."""
+
+
+class ItemError(FanoutError):
+    """One input item cannot be processed; the rest of the run goes on.
+
+    ``reason`` is a sentence a person can read; ``item`` names the input.
+    """
+
+    def __init__(self, item: str, reason: str) -> None:
+        super().__init__(item, reason)
+        self.item = item
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.item}: {self.reason}"
+
+
+class InvalidNumber(ItemError):
+    """A doubling input that is not an integer."""
+
+
+class ImageError(ItemError):
+    """An image that cannot be read, decoded or written."""
+
+
+class TransientError(FanoutError):
+    """A failure that may go away if the work is tried again (I/O, network)."""
+
+
+class InfrastructureError(FanoutError):
+    """The run cannot proceed: Redis unreachable, no worker, timed out."""
+
+
+class RunTimeout(InfrastructureError):
+    """The wait for a run's fan-in ran out."""

@@ -1,0 +1,160 @@
+"""Batches and the fan-in: plain functions over JSON-ready values.
+
+A header task processes one *batch*: a run of consecutive items starting at
+``start``.  It returns a :class:`Part`; the chord callback merges the parts
+into one outcome in input order.  Nothing here knows about Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+from workers.errors import ItemError, TransientError
+
+
+class ItemFailure(TypedDict):
+    index: int
+    input: Any
+    error: str
+
+
+class Part(TypedDict):
+    """What one header task returns: results for items ``start .. start+len(results)-1``."""
+
+    start: int
+    results: list[Any]  # None where the item failed
+    errors: list[ItemFailure]
+    transient: int  # how many of the errors may pass on a retry
+
+
+class Outcome(TypedDict):
+    job_id: str
+    task: str
+    total: int
+    succeeded: int
+    failed: int
+    results: list[Any]
+    errors: list[ItemFailure]
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for ``exc``."""
+    if isinstance(exc, ItemError):
+        return exc.reason
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}" if not isinstance(exc, TransientError) else text
+
+
+def run_batch(
+    work: Callable[[Any], Any],
+    start: int,
+    items: Sequence[Any],
+    label: Callable[[Any], Any] = lambda item: item,
+) -> Part:
+    """Apply ``work`` to each item; an item that raises becomes an error entry.
+
+    Any exception from one item is that item's failure, never the batch's: a
+    header task must return, or Celery fails the whole chord.
+    """
+    results: list[Any] = []
+    errors: list[ItemFailure] = []
+    transient = 0
+    for offset, item in enumerate(items):
+        try:
+            results.append(work(item))
+        except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
+            results.append(None)
+            errors.append({"index": start + offset, "input": label(item), "error": describe(exc)})
+            transient += isinstance(exc, (TransientError,))
+    return {"start": start, "results": results, "errors": errors, "transient": transient}
+
+
+def fail_batch(
+    start: int, items: Sequence[Any], reason: str, label: Callable[[Any], Any] = lambda i: i
+) -> Part:
+    """A part in which every item failed for ``reason``."""
+    return {
+        "start": start,
+        "results": [None] * len(items),
+        "errors": [
+            {"index": start + k, "input": label(item), "error": reason} for k, item in enumerate(items)
+        ],
+        "transient": 0,
+    }
+
+
+def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> Outcome:
+    """Merge header parts into one outcome in input order.
+
+    Each index counts once, whatever order the parts arrive in or however often
+    a redelivered batch reported it.  An index no part covers is reported as
+    lost rather than silently missing.
+    """
+    results: list[Any] = [None] * total
+    seen = [False] * total
+    failures: dict[int, ItemFailure] = {}
+    for part in parts:
+        if not part:
+            continue
+        start = part["start"]
+        for index, failure in ((e["index"], e) for e in part["errors"]):
+            if 0 <= index < total and not seen[index]:
+                failures[index] = failure
+        for offset, value in enumerate(part["results"]):
+            index = start + offset
+            if not 0 <= index < total or seen[index]:
+                continue
+            seen[index] = True
+            if index not in failures:
+                results[index] = value
+    for index in range(total):
+        if not seen[index]:
+            failures[index] = {"index": index, "input": None, "error": "lost: no worker reported this item"}
+    errors = [failures[i] for i in sorted(failures)]
+    return {
+        "job_id": job_id,
+        "task": task,
+        "total": total,
+        "succeeded": total - len(errors),
+        "failed": len(errors),
+        "results": results,
+        "errors": errors,
+    }
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write ``document`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def manifest(outcome: Outcome, sources: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``manifest.json`` document for a resize outcome: every item, in input order."""
+    failures = {e["index"]: e for e in outcome["errors"]}
+    items: list[dict[str, Any]] = []
+    for index, record in enumerate(outcome["results"]):
+        if index in failures:
+            source = failures[index]["input"] or (sources[index] if sources else None)
+            items.append({"index": index, "source": source, "ok": False, "error": failures[index]["error"]})
+        else:
+            items.append({"index": index, "ok": True, **record})
+    return {
+        "job_id": outcome["job_id"],
+        "total": outcome["total"],
+        "succeeded": outcome["succeeded"],
+        "failed": outcome["failed"],
+        "items": items,
+    }

@@ -1,0 +1,92 @@
+"""fanout's configuration: one frozen object, read from the environment once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from workers.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+
+
+def check_redis_url(name: str, url: str) -> str:
+    """Return ``url`` if it is a Redis URL, else raise ConfigError naming ``name``."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{name}={url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise ConfigError(
+            f"{name}={url!r}: expected a Redis URL ({', '.join(s + '://' for s in _REDIS_SCHEMES)})"
+        )
+    if parts.scheme in ("redis", "rediss") and not parts.hostname:
+        raise ConfigError(f"{name}={url!r}: the URL names no host")
+    return url
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything fanout reads from the environment.
+
+    ``FANOUT_REDIS_URL`` serves as broker and result backend; the two can be
+    split with ``FANOUT_BROKER_URL`` and ``FANOUT_RESULT_BACKEND``.
+    """
+
+    broker_url: str = DEFAULT_REDIS_URL
+    result_backend: str = DEFAULT_REDIS_URL
+    #: Seconds a finished run's results stay in Redis.
+    result_expires: int = 86_400
+    #: Hard per-task limit, seconds: the pool child is killed past it.
+    task_time_limit: int = 60
+    #: Seconds an unacknowledged message stays invisible before Redis hands it
+    #: to another worker.  Must exceed ``task_time_limit``.
+    visibility_timeout: int = 90
+    #: Seconds to wait for a TCP connection to Redis before giving up.
+    connect_timeout: float = 3.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        redis_url = check_redis_url("FANOUT_REDIS_URL", env.get("FANOUT_REDIS_URL") or DEFAULT_REDIS_URL)
+        broker = check_redis_url("FANOUT_BROKER_URL", env.get("FANOUT_BROKER_URL") or redis_url)
+        backend = check_redis_url("FANOUT_RESULT_BACKEND", env.get("FANOUT_RESULT_BACKEND") or redis_url)
+        time_limit = _int(env, "FANOUT_TASK_TIME_LIMIT", cls.task_time_limit)
+        visibility = _int(env, "FANOUT_VISIBILITY_TIMEOUT", max(cls.visibility_timeout, time_limit + 30))
+        if visibility <= time_limit:
+            raise ConfigError(
+                f"FANOUT_VISIBILITY_TIMEOUT={visibility} must exceed "
+                f"FANOUT_TASK_TIME_LIMIT={time_limit}, or a running task would be "
+                "handed to a second worker"
+            )
+        return cls(
+            broker_url=broker,
+            result_backend=backend,
+            result_expires=_int(env, "FANOUT_RESULT_EXPIRES", cls.result_expires),
+            task_time_limit=time_limit,
+            visibility_timeout=visibility,
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env()
