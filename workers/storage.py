@@ -119,7 +119,7 @@ def open_source(url: str) -> str | IO[bytes]:
     return url if is_local(url) else io.BytesIO(read_bytes(url))
 
 
-def write_atomic(url: str, write: Callable[[IO[bytes]], None]) -> int:
+def write_atomic(url: str, write: Callable[[IO[bytes]], object]) -> int:
     """Call ``write`` with a binary stream whose content appears at ``url`` whole; return its size.
 
     Local: a temporary file beside the target, then ``os.replace``.  Object
