@@ -308,3 +308,12 @@ def test_report_groups_outputs_by_image_and_writes_manifest_and_sheet(tmp_path: 
         for index, colour in ((0, RED), (1, MARKER), (2, BLUE)):
             x, y = cell_origin(index, columns)
             assert sheet.getpixel((x + middle, y + middle)) == colour, index
+
+
+def test_a_corrupt_image_fails_at_once_rather_than_as_transient(tmp_path: Path) -> None:
+    whole = make_photo(tmp_path / "whole.jpg", (600, 400))
+    (tmp_path / "cut.jpg").write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(ImageError, match=r"cannot decode|corrupt") as info:
+        resize_to(str(tmp_path / "cut.jpg"), str(tmp_path / "o.jpg"), (100, 100), ResizeOptions())
+    assert info.value.item == str(tmp_path / "cut.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.jpg", "whole.jpg"]

@@ -213,7 +213,10 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(source, f"refused as a decompression bomb: {exc}") from None
     except OSError as exc:
-        raise _io_error(source, exc, "decode") from None
+        # A local read that hiccuped may pass again; anything else Pillow raises is the file's fault.
+        if exc.errno in _TRANSIENT_ERRNOS:
+            raise TransientError(f"{source}: {exc}") from exc
+        raise ImageError(source, f"cannot decode: {exc}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageError(source, f"corrupt image: {exc.__class__.__name__}: {exc}") from None
 
