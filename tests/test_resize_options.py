@@ -6,6 +6,7 @@ No broker: these call the plain functions the tasks wrap.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO
 
@@ -206,6 +207,9 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path: Pat
         storage.write_atomic(str(target), half_then_fail)
     assert target.read_bytes() == b"first"
     assert [p.name for p in target.parent.iterdir()] == ["out.bin"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # readable as a plain open() would make it
 
 
 def test_file_urls_and_relative_paths_become_absolute_paths(tmp_path: Path) -> None:

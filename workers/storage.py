@@ -18,6 +18,7 @@ PUT, which a store makes visible whole or not at all.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import posixpath
@@ -132,6 +133,8 @@ def write_atomic(url: str, write: Callable[[IO[bytes]], object]) -> int:
         try:
             with os.fdopen(fd, "wb") as fh:
                 write(fh)
+            # mkstemp creates 0600; give the output the mode a plain open() would, for other readers.
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -143,6 +146,14 @@ def write_atomic(url: str, write: Callable[[IO[bytes]], object]) -> int:
     fs, path = filesystem(url)
     fs.pipe_file(path, data)
     return len(data)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask (read once: reading it means setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def exists(url: str) -> bool:
