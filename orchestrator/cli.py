@@ -302,10 +302,13 @@ def resize(
         _show(progress),
         "resizing",
     )
-    manifest_url, sheet_url = storage.join(out, MANIFEST), storage.join(out, CONTACT_SHEET)
+    manifest_url = storage.join(out, MANIFEST)
+    sheet_url: str | None = storage.join(out, CONTACT_SHEET)
+    if not storage.exists(str(sheet_url)):
+        sheet_url = None  # the callback logs why; the manifest is the record
     if not as_json:
         click.echo(f"manifest: {manifest_url}", err=True)
-        click.echo(f"contact sheet: {sheet_url}", err=True)
+        click.echo(f"contact sheet: {sheet_url or 'not written (see the worker log)'}", err=True)
     finish(
         outcome,
         elapsed,
