@@ -321,3 +321,24 @@ def test_a_corrupt_image_fails_at_once_rather_than_as_transient(tmp_path: Path) 
         resize_to(str(tmp_path / "cut.jpg"), str(tmp_path / "o.jpg"), (100, 100), ResizeOptions())
     assert info.value.item == str(tmp_path / "cut.jpg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.jpg", "whole.jpg"]
+
+
+def test_a_missing_source_or_unwritable_destination_is_the_items_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no such file"):
+        resize_to(str(tmp_path / "nope.jpg"), str(tmp_path / "o.jpg"), (10, 10), ResizeOptions())
+    src = make_photo(tmp_path / "p.jpg", (64, 48))
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(ImageError, match="cannot write") as info:
+        resize_to(str(src), str(tmp_path / "a-file" / "o.jpg"), (10, 10), ResizeOptions())
+    assert info.value.item == str(src)
+
+
+def test_s3_endpoint_comes_from_the_environment_only() -> None:
+    from workers.storage import _storage_options
+
+    env = {"AWS_ENDPOINT_URL": "http://minio:9000"}
+    assert _storage_options("s3", env) == {"client_kwargs": {"endpoint_url": "http://minio:9000"}}
+    assert _storage_options("s3", {**env, "AWS_ENDPOINT_URL_S3": "http://s3only:9000"}) == {
+        "client_kwargs": {"endpoint_url": "http://s3only:9000"}
+    }
+    assert _storage_options("s3", {}) == {} and _storage_options("", env) == {}

@@ -23,7 +23,7 @@ import io
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
@@ -78,7 +78,7 @@ def _path_of(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
 
 
-def _storage_options(kind: str, env: dict[str, str] | os._Environ[str] | None = None) -> dict[str, Any]:
+def _storage_options(kind: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """fsspec options for ``kind`` taken from the environment (never from a message)."""
     env = os.environ if env is None else env
     if kind in ("s3", "s3a"):
