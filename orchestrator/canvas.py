@@ -16,7 +16,7 @@ from typing import Any
 from celery import chord, group
 from celery.canvas import Signature
 
-from workers.tasks import collect, double_batch, resize_batch
+from workers.tasks import collect, double_batch, resize_batch, resize_items
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
@@ -96,3 +96,29 @@ def build_resize(
         for start in range(0, len(items), batch_size)
     ]
     return _chord("resize", len(items), batch_size, header, job_id or new_job_id(), {"out_dir": out_dir})
+
+
+def build_resize_items(
+    items: Sequence[tuple[str, str, int, int]],
+    options: dict[str, Any],
+    out_dir: str,
+    per_image: int,
+    batch_size: int,
+    job_id: str | None = None,
+) -> Job:
+    """A resize job of (source URL, destination URL, width, height) items, image-major.
+
+    ``per_image`` is how many sizes each image has (consecutive items), so the
+    callback can group the outputs by image.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if per_image < 1 or len(items) % per_image:
+        raise ValueError("per_image must divide the items into whole images")
+    rows = [[src, dst, int(w), int(h)] for src, dst, w, h in items]
+    header = [
+        resize_items.si(start, rows[start : start + batch_size], options).set(ignore_result=True)
+        for start in range(0, len(rows), batch_size)
+    ]
+    extra = {"out_dir": out_dir, "per_image": per_image}
+    return _chord("resize", len(rows), batch_size, header, job_id or new_job_id(), extra)

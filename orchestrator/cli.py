@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import click
 
-from orchestrator.inputs import InputError, parse_numbers, plan_images
+from orchestrator.inputs import InputError, parse_numbers, parse_size, plan_images, plan_outputs
 from workers.errors import ConfigError, InfrastructureError
+from workers.resizing import ANCHORS, FORMATS, MODES, ResizeOptions
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 DEFAULT_TIMEOUT = 600.0
@@ -184,59 +185,141 @@ def double(
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("sources", nargs=-1, required=True)
 @click.option(
     "--out",
     "out_dir",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the resized images (created if missing).",
+    metavar="DIR|URL",
+    help="Directory or s3:// prefix for the resized images (a directory is created if missing).",
+)
+@click.option(
+    "--size",
+    "sizes",
+    multiple=True,
+    metavar="N|WxH",
+    help="Target box in pixels (N is NxN); repeat for several sizes, one output per image and size.",
 )
 @click.option(
     "--max-side",
     type=click.IntRange(min=1),
-    required=True,
-    help="Longest side of the output, in pixels; aspect ratio is kept.",
+    help="Shorthand for --size N: the longest side of a fit, in pixels.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="fit",
+    show_default=True,
+    help="fit within the box keeping aspect; fill it and crop to it exactly; exact: stretch to it.",
+)
+@click.option(
+    "--anchor",
+    type=click.Choice(list(ANCHORS)),
+    default="center",
+    show_default=True,
+    help="Which part of the image --mode fill keeps.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(list(FORMATS)),
+    default="keep",
+    show_default=True,
+    help="Output format; keep writes the source's format.",
+)
+@click.option(
+    "--quality",
+    type=click.IntRange(1, 100),
+    default=85,
+    show_default=True,
+    help="JPEG and WebP quality.",
+)
+@click.option(
+    "--upscale/--no-upscale",
+    default=False,
+    show_default=True,
+    help="Enlarge images smaller than the box (off: they keep their size).",
+)
+@click.option(
+    "--background",
+    default="#ffffff",
+    show_default=True,
+    help="Colour that transparency is flattened onto for JPEG output.",
 )
 @run_options
 @handles_errors
 def resize(
-    sources: tuple[Path, ...],
-    out_dir: Path,
-    max_side: int,
+    sources: tuple[str, ...],
+    out_dir: str,
+    sizes: tuple[str, ...],
+    max_side: int | None,
+    mode: str,
+    anchor: str,
+    fmt: str,
+    quality: int,
+    upscale: bool,
+    background: str,
     as_json: bool,
     timeout: float,
     batch_size: int | None,
     progress: bool | None,
 ) -> None:
-    """Resize the images in SOURCES (files or directories, walked recursively) into --out."""
-    from orchestrator import render
-    from orchestrator.canvas import MAX_RESIZE_BATCH, build_resize
+    """Resize the images in SOURCES into --out.
 
+    SOURCES are image files, directories (walked recursively) or s3:// prefixes;
+    s3:// takes credentials and endpoint from AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL.  manifest.json and
+    contact-sheet.png are written next to the outputs.
+    """
+    from orchestrator import render
+    from orchestrator.canvas import MAX_RESIZE_BATCH, build_resize_items
+    from workers import storage
+    from workers.report import CONTACT_SHEET, MANIFEST, images
+
+    boxes = [parse_size(s) for s in sizes] + ([(max_side, max_side)] if max_side else [])
+    boxes = list(dict.fromkeys(boxes))
+    if not boxes:
+        raise click.UsageError("give a size: --size N|WxH (repeatable) or --max-side N")
+    try:
+        options = ResizeOptions(mode, anchor, fmt, quality, upscale, background)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     plan = plan_images(sources, out_dir)
-    out = out_dir.resolve()
+    out = storage.normalize(out_dir)
     if plan.skipped and not as_json:
         click.echo(f"skipped {len(plan.skipped)} non-image files", err=True)
     if not plan.pairs:
         raise click.UsageError("no images found in SOURCES")
-    out.mkdir(parents=True, exist_ok=True)
+    if storage.is_local(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    items = plan_outputs(plan.pairs, boxes, fmt)
     outcome, elapsed = execute(
-        lambda size: build_resize(plan.pairs, max_side, str(out), size),
-        len(plan.pairs),
+        lambda size: build_resize_items(items, options.to_json(), out, len(boxes), size),
+        len(items),
         MAX_RESIZE_BATCH,
         batch_size,
         timeout,
         _show(progress),
         "resizing",
     )
+    manifest_url = storage.join(out, MANIFEST)
+    sheet_url: str | None = storage.join(out, CONTACT_SHEET)
+    if not storage.exists(str(sheet_url)):
+        sheet_url = None  # the callback logs why; the manifest is the record
     if not as_json:
-        click.echo(f"manifest: {out / 'manifest.json'}", err=True)
+        click.echo(f"manifest: {manifest_url}", err=True)
+        click.echo(f"contact sheet: {sheet_url or 'not written (see the worker log)'}", err=True)
     finish(
         outcome,
         elapsed,
         as_json,
         lambda o: render.write_resize(o, sys.stdout),
-        {"skipped": len(plan.skipped), "manifest": str(out / "manifest.json")},
+        {
+            "skipped": len(plan.skipped),
+            "manifest": manifest_url,
+            "contact_sheet": sheet_url,
+            "images": images(outcome, len(boxes)),
+        },
     )
 
 

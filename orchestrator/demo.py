@@ -65,6 +65,7 @@ def run_demo(
                 f"({record['width']}x{record['height']}, {record['bytes']:,} bytes)"
             )
         click.echo(f"  ... manifest of all {outcome['total']}: {out_dir / 'manifest.json'}")
+        click.echo(f"  contact sheet (every photo in input order): {out_dir / 'contact-sheet.png'}")
 
         values = list(range(numbers))
         outcome, elapsed = run_job(

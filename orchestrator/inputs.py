@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers import storage
+from workers.errors import ConfigError, InfrastructureError
 from workers.imaging import IMAGE_SUFFIXES
+from workers.resizing import FORMATS, SUFFIXES
 
 
 class InputError(ValueError):
@@ -31,49 +34,103 @@ def parse_numbers(tokens: Iterable[str]) -> list[int]:
 
 @dataclass(frozen=True)
 class ImagePlan:
-    """What ``fanout resize`` will send: (source, destination) pairs, both absolute."""
+    """What ``fanout resize`` will send: (source, destination) pairs, absolute paths or URLs."""
 
     pairs: list[tuple[str, str]]
     skipped: list[str]  # non-image files found in directories
 
 
-def _unique(dst: Path, taken: set[Path]) -> Path:
+def _unique(dst: str, taken: set[str]) -> str:
     candidate, n = dst, 1
+    stem, suffix = posixpath.splitext(dst)
     while candidate in taken:
         n += 1
-        candidate = dst.with_name(f"{dst.stem}~{n}{dst.suffix}")
+        candidate = f"{stem}~{n}{suffix}"
     taken.add(candidate)
     return candidate
 
 
-def plan_images(sources: Sequence[str | Path], out_dir: str | Path) -> ImagePlan:
-    """Expand files and directories into (source, destination) pairs.
+def _basename(url: str) -> str:
+    return Path(url).name if storage.is_local(url) else posixpath.basename(url)
 
-    A directory is walked recursively in sorted order (symlinked directories
-    are not followed) and its layout kept under ``out_dir``; files in it that
-    are not images by their suffix are skipped and counted.  A file named
-    directly is sent as it is.  Two inputs that would land on one output name
-    get distinct names.  ``out_dir`` itself is never walked.
+
+def plan_images(sources: Sequence[str | Path], out_dir: str | Path) -> ImagePlan:
+    """Expand files, directories and object-store prefixes into (source, destination) pairs.
+
+    Sources and ``out_dir`` are local paths, ``file://`` or ``s3://`` URLs
+    (see :mod:`workers.storage`); local ones become absolute paths.  A
+    directory or prefix is walked recursively in sorted order (symlinked
+    directories are not followed) and its layout kept under ``out_dir``; files
+    in it that are not images by their suffix are skipped and counted.  A file
+    named directly is sent as it is.  Two inputs that would land on one output
+    name get distinct names.  ``out_dir`` itself is never walked.
     """
-    out = Path(out_dir).resolve()
+    out = storage.normalize(out_dir)
     pairs: list[tuple[str, str]] = []
     skipped: list[str] = []
-    taken: set[Path] = set()
+    taken: set[str] = set()
     for raw in sources:
-        src = Path(raw)
-        if not src.exists():
-            raise InputError(f"{str(raw)!r}: no such file or directory")
-        src = src.resolve()
-        if src.is_file():
-            pairs.append((str(src), str(_unique(out / src.name, taken))))
-            continue
-        for root, dirs, files in os.walk(src):
-            here = Path(root)
-            dirs[:] = sorted(d for d in dirs if (here / d).resolve() != out)
-            for name in sorted(files):
-                path = here / name
-                if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-                    skipped.append(str(path))
-                    continue
-                pairs.append((str(path), str(_unique(out / path.relative_to(src), taken))))
+        src = storage.normalize(raw)
+        try:
+            if storage.is_file(src):
+                pairs.append((src, _unique(storage.join(out, _basename(src)), taken)))
+                continue
+            if not storage.exists(src):
+                raise InputError(f"{str(raw)!r}: no such file or directory")
+            found = storage.list_files(src, exclude=out)
+        except (InputError, ConfigError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be listed stops the run
+            raise InfrastructureError(f"cannot list {str(raw)!r}: {exc.__class__.__name__}: {exc}") from None
+        for path in found:
+            local = storage.is_local(path)
+            if posixpath.splitext(path)[1].lower() not in IMAGE_SUFFIXES or (
+                local and not Path(path).is_file()
+            ):
+                skipped.append(path)
+                continue
+            pairs.append((path, _unique(storage.join(out, storage.relative_to(path, src)), taken)))
     return ImagePlan(pairs=pairs, skipped=skipped)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``N`` (a box N x N) or ``WxH``, as (width, height); InputError if neither."""
+    parts = text.lower().strip().split("x")
+    try:
+        if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+            raise ValueError
+        width, height = int(parts[0]), int(parts[-1])
+    except ValueError:
+        raise InputError(f"size {text!r} is neither N nor WxH (whole numbers of pixels)") from None
+    if width < 1 or height < 1:
+        raise InputError(f"size {text!r} must be at least 1x1")
+    return width, height
+
+
+def size_label(size: tuple[int, int]) -> str:
+    """``256`` for a square box, ``800x600`` otherwise: the tag in output names."""
+    width, height = size
+    return str(width) if width == height else f"{width}x{height}"
+
+
+def plan_outputs(
+    pairs: Sequence[tuple[str, str]], sizes: Sequence[tuple[int, int]], fmt: str = "keep"
+) -> list[tuple[str, str, int, int]]:
+    """One (source, destination, width, height) item per (image, size), image-major.
+
+    With several sizes each output name gains ``-<size>`` (``a-1024.jpg``,
+    ``a-256.jpg``); with ``fmt`` other than ``keep`` the suffix follows the
+    format (``a.webp``).  Names that would still collide get distinct ones.
+    """
+    if not sizes:
+        raise InputError("give at least one size (--size or --max-side)")
+    suffix = SUFFIXES.get(FORMATS.get(fmt) or "", "")
+    items: list[tuple[str, str, int, int]] = []
+    taken: set[str] = set()
+    for source, destination in pairs:
+        stem, ext = posixpath.splitext(destination)
+        ext = suffix or ext
+        for size in sizes:
+            tag = f"-{size_label(size)}" if len(sizes) > 1 else ""
+            items.append((source, _unique(f"{stem}{tag}{ext}", taken), size[0], size[1]))
+    return items

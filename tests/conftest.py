@@ -55,10 +55,40 @@ def app(redis_client: redis.Redis) -> Celery:
 
 
 @pytest.fixture(scope="session")
-def worker(app: Celery, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalWorker]:
-    """One real ``celery -A workers worker`` with two pool processes, for the whole session."""
+def s3_env() -> Iterator[dict[str, str]]:
+    """An S3-compatible server (moto) on a free loopback port, and the standard AWS variables for it.
+
+    The variables are set in this process too, for the orchestrator side.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "fanout-test-key",
+        "AWS_SECRET_ACCESS_KEY": "fanout-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(
+    app: Celery, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalWorker]:
+    """One real ``celery -A workers worker`` with two pool processes, for the whole session.
+
+    It reaches the test S3 server through the standard AWS variables.
+    """
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    local = LocalWorker(app, concurrency=2, name="test-worker", log_path=str(log))
+    env = {**os.environ, **s3_env}
+    local = LocalWorker(app, concurrency=2, name="test-worker", env=env, log_path=str(log))
     local.start(timeout=60)
     yield local
     local.stop()
@@ -68,7 +98,10 @@ def worker(app: Celery, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lo
 
 @pytest.fixture
 def cli_env() -> dict[str, str]:
-    """Environment for running the ``fanout`` command as a subprocess against the test Redis."""
+    """Environment for running the ``fanout`` command as a subprocess against the test Redis.
+
+    Taken when the test runs, so it carries the S3 variables once ``s3_env`` has set them.
+    """
     env = dict(os.environ)
     env["FANOUT_REDIS_URL"] = TEST_REDIS_URL
     return env

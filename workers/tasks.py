@@ -10,7 +10,6 @@ them subscribes to none.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from celery import Task
@@ -18,8 +17,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.app import app
 from workers.doubling import double as double_value
-from workers.fanin import Outcome, Part, fail_batch, manifest, merge, run_batch, write_json_atomic
+from workers.fanin import Outcome, Part, fail_batch, merge, run_batch
 from workers.imaging import resize_image
+from workers.report import write_report
+from workers.resizing import ResizeOptions, resize_to
 
 #: Retries of a batch whose items hit transient I/O errors, with backoff.
 MAX_RETRIES = 3
@@ -66,10 +67,40 @@ def collect(parts: list[Part | None], job: dict[str, Any]) -> Outcome:
     """The chord callback: merge the header parts into one outcome in input order.
 
     ``job`` carries ``job_id``, ``task`` and ``total``; for resize also
-    ``out_dir``, where ``manifest.json`` is written.
+    ``out_dir`` (a path or URL), where ``manifest.json`` and ``contact-sheet.png``
+    are written, and ``per_image``, the number of sizes made of each image.
     """
     outcome = merge(parts, int(job["total"]), str(job["job_id"]), str(job["task"]))
     out_dir = job.get("out_dir")
     if out_dir:
-        write_json_atomic(Path(out_dir) / "manifest.json", manifest(outcome))
+        write_report(str(out_dir), outcome, int(job.get("per_image", 1)))
     return outcome
+
+
+@app.task(name="fanout.resize_items", bind=True, ignore_result=True, max_retries=MAX_RETRIES)
+def resize_items(self: Task, start: int, items: list[list[Any]], options: dict[str, Any]) -> Part:
+    """Resize ``items``, each ``[source_url, destination_url, width, height]``, with ``options``.
+
+    One item is one (image, size) pair; ``options`` is a :class:`ResizeOptions` as JSON.
+    """
+
+    def label(item: list[Any]) -> str:
+        return str(item[0])
+
+    try:
+        spec = ResizeOptions.from_json(options)
+    except (TypeError, ValueError) as exc:
+        return fail_batch(start, items, f"bad resize options: {exc}", label)
+
+    def work(item: list[Any]) -> Any:
+        source, destination, width, height = item
+        return resize_to(str(source), str(destination), (int(width), int(height)), spec)
+
+    try:
+        part = run_batch(work, start, items, label)
+    except SoftTimeLimitExceeded:
+        return fail_batch(start, items, "time limit exceeded", label)
+    if part["transient"] and self.request.retries < MAX_RETRIES:
+        # Outputs are written atomically (rename, or one PUT), so redoing the batch is safe.
+        raise self.retry(countdown=2**self.request.retries)
+    return part

@@ -1,0 +1,98 @@
+"""What a resize run leaves next to its outputs: ``manifest.json`` and ``contact-sheet.png``.
+
+A resize run's work items are (image, size) pairs, image-major: with ``k``
+sizes, items ``i*k .. i*k+k-1`` are image ``i``.  The manifest groups them
+back by image: every image with its source, its outputs (size, bytes, timing)
+and its error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import IO, Any
+
+from PIL import Image
+
+from workers import storage
+from workers.contact_sheet import compose, thumbnail
+from workers.fanin import Outcome
+
+MANIFEST = "manifest.json"
+CONTACT_SHEET = "contact-sheet.png"
+
+log = logging.getLogger(__name__)
+
+
+def images(outcome: Outcome, per_image: int = 1) -> list[dict[str, Any]]:
+    """The outcome grouped by image, in input order: ``index``, ``source``, ``ok``, ``outputs``, ``error``."""
+    per_image = max(1, per_image)
+    failures = {e["index"]: e for e in outcome["errors"]}
+    grouped: list[dict[str, Any]] = []
+    for image, first in enumerate(range(0, outcome["total"], per_image)):
+        indices = range(first, min(first + per_image, outcome["total"]))
+        outputs = [outcome["results"][i] for i in indices if i not in failures and outcome["results"][i]]
+        errors = [failures[i] for i in indices if i in failures]
+        source = outputs[0]["source"] if outputs else next((e["input"] for e in errors if e["input"]), None)
+        item: dict[str, Any] = {
+            "index": image,
+            "source": source,
+            "ok": not errors,
+            "outputs": outputs,
+            "bytes": sum(int(o.get("bytes", 0)) for o in outputs),
+            "seconds": round(sum(float(o.get("seconds", 0.0)) for o in outputs), 4),
+        }
+        if errors:
+            item["error"] = "; ".join(dict.fromkeys(e["error"] for e in errors))
+        grouped.append(item)
+    return grouped
+
+
+def manifest(outcome: Outcome, per_image: int = 1) -> dict[str, Any]:
+    """The ``manifest.json`` document: totals, then every image in input order."""
+    items = images(outcome, per_image)
+    return {
+        "job_id": outcome["job_id"],
+        "images": len(items),
+        "outputs": outcome["succeeded"],
+        "total": outcome["total"],
+        "succeeded": outcome["succeeded"],
+        "failed": outcome["failed"],
+        "items": items,
+    }
+
+
+def contact_sheet(items: list[dict[str, Any]]) -> Image.Image:
+    """The sheet for manifest ``items``: each image's smallest output, failures marked."""
+    tiles: list[Image.Image | None] = []
+    for item in items:
+        outputs = item["outputs"]
+        if not item["ok"] or not outputs:
+            tiles.append(None)
+            continue
+        smallest = min(outputs, key=lambda o: int(o["width"]) * int(o["height"]))
+        tiles.append(thumbnail(str(smallest["destination"])))
+    return compose(tiles)
+
+
+def write_report(out_dir: str, outcome: Outcome, per_image: int = 1) -> dict[str, str | None]:
+    """Write ``manifest.json`` and ``contact-sheet.png`` under ``out_dir`` (a path or URL).
+
+    The manifest is the record and is always written; a sheet that cannot be
+    made is logged and left out rather than failing the run.
+    """
+    document = manifest(outcome, per_image)
+    manifest_url = storage.join(out_dir, MANIFEST)
+
+    def write_manifest(fh: IO[bytes]) -> None:
+        fh.write(json.dumps(document, indent=2).encode() + b"\n")
+
+    storage.write_atomic(manifest_url, write_manifest)
+    sheet_url: str | None = storage.join(out_dir, CONTACT_SHEET)
+    try:
+        sheet = contact_sheet(document["items"])
+        storage.write_atomic(str(sheet_url), lambda fh: sheet.save(fh, format="PNG", optimize=True))
+    except Exception:  # the sheet is a convenience; the manifest is the record
+        log.exception("could not write the contact sheet under %s", out_dir)
+        sheet_url = None
+    return {"manifest": manifest_url, "contact_sheet": sheet_url}
