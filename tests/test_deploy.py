@@ -23,11 +23,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+WORKER_COMPOSE = ROOT / "docker-compose.worker.yml"
+COMPOSE_FILES = [COMPOSE, WORKER_COMPOSE]
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 SECRETS = {"REDIS_PASSWORD": "s3cret-redis", "FLOWER_BASIC_AUTH": "admin:s3cret-flower"}
+REMOTE = {"FANOUT_REDIS_URL": "rediss://:s3cret-redis@redis.internal:6380/0?ssl_cert_reqs=CERT_REQUIRED"}
+REMOTE |= {"FANOUT_DATA_DIR": "/mnt/fanout"}
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}, and $$.
 _VARIABLE = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})")
@@ -68,9 +72,9 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def rendered(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The compose file as ``docker compose config`` would see it with .env.example plus the secrets."""
-    values = read_env_file(ENV_EXAMPLE) | SECRETS if env is None else env
+def rendered(env: dict[str, str] | None = None, path: Path = COMPOSE) -> dict[str, Any]:
+    """A compose file as ``docker compose config`` would see it with .env.example plus the secrets."""
+    values = read_env_file(ENV_EXAMPLE) | SECRETS | REMOTE if env is None else env
 
     # Like Compose: parse the YAML first, then interpolate the string values.
     def walk(node: Any) -> Any:
@@ -82,7 +86,7 @@ def rendered(env: dict[str, str] | None = None) -> dict[str, Any]:
             return {key: walk(value) for key, value in node.items()}
         return node
 
-    doc = walk(yaml.safe_load(COMPOSE.read_text()))
+    doc = walk(yaml.safe_load(path.read_text()))
     assert isinstance(doc, dict)
     return doc
 
@@ -113,8 +117,9 @@ def check_schema(path: Path) -> subprocess.CompletedProcess[str]:
 # --- the Compose specification ------------------------------------------------------------
 
 
-def test_compose_file_validates_against_the_compose_spec() -> None:
-    proc = check_schema(COMPOSE)
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_validates_against_the_compose_spec(path: Path) -> None:
+    proc = check_schema(path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -129,9 +134,10 @@ def test_the_schema_check_rejects_a_misspelt_key(tmp_path: Path) -> None:
 # --- variables and .env -------------------------------------------------------------------
 
 
-def test_every_variable_the_compose_file_uses_is_in_env_example() -> None:
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_variable_the_compose_file_uses_is_in_env_example(path: Path) -> None:
     listed = set(read_env_file(ENV_EXAMPLE))
-    assert variables_used(COMPOSE.read_text()) - listed == set()
+    assert variables_used(path.read_text()) - listed == set()
 
 
 def test_every_variable_in_env_example_is_explained_by_a_comment() -> None:
@@ -274,6 +280,25 @@ def test_fanout_services_reach_redis_with_the_password() -> None:
         url = service(name)["environment"]["FANOUT_REDIS_URL"]
         assert url == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
         assert Settings.from_env({"FANOUT_REDIS_URL": url}).broker_url == url
+
+
+def test_worker_only_file_runs_the_same_worker_against_a_remote_redis() -> None:
+    remote = rendered(path=WORKER_COMPOSE)["services"]
+    assert set(remote) == {"worker"}, "worker-only hosts run no Redis or Flower"
+    worker, central = remote["worker"], service("worker")
+    for key in ("container_name", "hostname", "ports", "network_mode", "depends_on"):
+        assert key not in worker, key
+    for key in ("image", "build", "command", "init", "stop_grace_period", "healthcheck"):
+        assert worker[key] == central[key], f"{key} differs from docker-compose.yml"
+    assert worker["environment"]["FANOUT_REDIS_URL"] == REMOTE["FANOUT_REDIS_URL"]
+    assert worker["volumes"] == ["/mnt/fanout:/data"]
+
+
+@pytest.mark.parametrize("missing", ["FANOUT_REDIS_URL", "FANOUT_DATA_DIR"])
+def test_worker_only_file_refuses_to_start_without_redis_url_or_shared_storage(missing: str) -> None:
+    values = read_env_file(ENV_EXAMPLE) | REMOTE | {missing: ""}
+    with pytest.raises(InterpolationError, match=missing):
+        rendered(values, WORKER_COMPOSE)
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
