@@ -36,6 +36,7 @@ from orchestrator.canvas import build_double, build_resize
 from orchestrator.local import LocalWorker
 from orchestrator.run import submit, wait
 from orchestrator.samples import make_photo
+from tests.composefile import ENV_EXAMPLE, SECRETS, read_env_file, rendered
 from tests.conftest import TEST_REDIS_URL
 
 pytestmark = pytest.mark.system
@@ -118,17 +119,22 @@ class Flower:
 
 @pytest.fixture(scope="module")
 def flower(worker: LocalWorker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
-    """``celery -A workers flower`` with basic auth and read-only mode, as docker-compose.yml runs it."""
+    """Flower exactly as docker-compose.yml runs it (command and FLOWER_* settings), on a free port."""
     port = free_port()
     directory = tmp_path_factory.mktemp("flower")
     log = directory / "flower.log"
+    compose = rendered(read_env_file(ENV_EXAMPLE) | SECRETS)["services"]["flower"]
     env = dict(os.environ, FANOUT_REDIS_URL=TEST_REDIS_URL)
-    env.update(FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}", FLOWER_READ_ONLY="true")
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "flower",
-        "--address=127.0.0.1", f"--port={port}", "--purge_offline_workers=60",
-        f"--db={directory / 'flower.db'}",
-    ]  # fmt: skip
+    env |= {k: v for k, v in compose["environment"].items() if k.startswith("FLOWER_")}
+    env["FLOWER_BASIC_AUTH"] = f"{USER}:{PASSWORD}"
+    assert env["FLOWER_READ_ONLY"] == "true"
+    # Only where it listens and keeps its state differ from the container.
+    here = {"--address": "127.0.0.1", "--port": str(port), "--db": str(directory / "flower.db")}
+    assert compose["command"][:4] == ["celery", "-A", "workers", "flower"]
+    options = dict(arg.split("=", 1) for arg in compose["command"][4:])
+    assert set(here) <= set(options), "docker-compose.yml's Flower command changed shape"
+    args = [*compose["command"][:4], *(f"{name}={here.get(name, value)}" for name, value in options.items())]
+    command = [sys.executable, "-m", *args]
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
