@@ -120,6 +120,7 @@ def test_redis_publishes_no_port_and_requires_a_password() -> None:
 def test_redis_persists_and_never_evicts() -> None:
     redis = service("redis")
     command = " ".join(redis["command"])
+    assert "exec docker-entrypoint.sh redis-server " in command, "the entrypoint is what drops root"
     assert "--appendonly yes" in command
     assert "--maxmemory-policy noeviction" in command
     [mount] = redis["volumes"]
