@@ -13,7 +13,8 @@ COPY pyproject.toml README.md ./
 COPY workers ./workers
 COPY orchestrator ./orchestrator
 # A regular (not editable) install: the runtime stage needs only /opt/venv.
-RUN /opt/venv/bin/pip install .
+# The s3 extra lets workers read and write s3:// URLs (docs/object-storage.md).
+RUN /opt/venv/bin/pip install ".[s3]"
 
 # --- runtime: the venv, a non-root user, and nothing from the build
 FROM ${PYTHON_IMAGE}

@@ -261,7 +261,8 @@ def test_dockerfile_is_multi_stage_on_a_pinned_python() -> None:
 def test_dockerfile_installs_from_pyproject() -> None:
     instructions = dockerfile_instructions()
     assert ("COPY", "pyproject.toml README.md ./") in instructions
-    assert any(kw == "RUN" and re.search(r"pip install \.$", rest) for kw, rest in instructions)
+    installs = [rest for kw, rest in instructions if kw == "RUN" and "pip install" in rest]
+    assert any(re.search(r'pip install (\.|"\.\[s3\]")$', rest) for rest in installs), installs
 
 
 def test_dockerfile_runs_as_non_root_with_an_exec_form_command() -> None:
