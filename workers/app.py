@@ -18,7 +18,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``; every entry differs from Celery's default."""
     return {
         "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
+        # Celery's Redis backend, with a chord part's report retried through a Redis restart.
+        "result_backend": f"workers.backend:RetryingRedisBackend+{settings.result_backend}",
         # JSON only: a pickle message from the broker could run arbitrary code.
         "task_serializer": "json",
         "result_serializer": "json",

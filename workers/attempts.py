@@ -11,7 +11,8 @@ counted in Redis:
 * the first run of a batch just runs it (no per-item bookkeeping);
 * a rerun goes item by item and counts, per item, the runs that started it
   and never finished: those are the runs its process died in.  An item that
-  has taken its process down :data:`MAX_KILLS` times is not run again but
+  has taken its process down :data:`MAX_KILLS` counted times (so at most
+  ``MAX_KILLS + 1`` deaths, with the uncounted first run) is not run again but
   reported as failed with that reason, and the rest of the batch goes on.
 
 The counting is a plain function over a small :class:`AttemptLog` protocol;
@@ -28,6 +29,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
+from workers.backend import retrying
 from workers.errors import ItemError
 from workers.fanin import Part, run_batch
 
@@ -80,9 +82,14 @@ def run_counted(
                 "(killed by the OOM killer, a crash, or the hard time limit); not retried",
             )
         try:
-            return work(item)
-        finally:
-            log.item_finished(index)
+            result = work(item)
+        except Exception:
+            log.item_finished(index)  # an ordinary failure: its process survived it
+            raise
+        # Not in a `finally`: the SIGTERM that ends a pool process at the hard time
+        # limit unwinds this frame, and that run must stay counted as a death.
+        log.item_finished(index)
+        return result
 
     return run_batch(guarded, start, list(enumerate(items)), lambda numbered: label(numbered[1]))
 
@@ -97,18 +104,24 @@ class RedisAttemptLog:
         self.expires = expires
 
     def batch_started(self) -> int:
-        with self.client.pipeline() as pipe:
-            runs, _ = pipe.incr(self.runs_key).expire(self.runs_key, self.expires).execute()
-        return int(runs)
+        def count() -> int:
+            with self.client.pipeline() as pipe:
+                runs, _ = pipe.incr(self.runs_key).expire(self.runs_key, self.expires).execute()
+            return int(runs)
+
+        return retrying(count, "counting a batch run")
 
     def item_started(self, index: int) -> int:
-        with self.client.pipeline() as pipe:
-            pipe.hincrby(self.items_key, str(index), 1).expire(self.items_key, self.expires)
-            runs, _ = pipe.execute()
-        return int(runs)
+        def count() -> int:
+            with self.client.pipeline() as pipe:
+                pipe.hincrby(self.items_key, str(index), 1).expire(self.items_key, self.expires)
+                runs, _ = pipe.execute()
+            return int(runs)
+
+        return retrying(count, "counting an item run")
 
     def item_finished(self, index: int) -> None:
-        self.client.hincrby(self.items_key, str(index), -1)
+        retrying(lambda: self.client.hincrby(self.items_key, str(index), -1), "counting an item run")
 
 
 class HeaderRequest(Request):  # type: ignore[misc]
