@@ -66,6 +66,19 @@ def test_default_visibility_timeout_bounds_the_loss_of_a_worker_to_two_minutes()
     assert settings.visibility_timeout > 2 * settings.task_time_limit
 
 
+def active_ids(app: Celery, local: LocalWorker, timeout: float = 30) -> set[str]:
+    """The ids of the tasks ``local`` is running, once it runs at least one."""
+    found: set[str] = set()
+
+    def busy() -> bool:
+        replies = app.control.inspect([local.hostname], timeout=1).active() or {}
+        found.update(task["id"] for task in replies.get(local.hostname, []))
+        return bool(found)
+
+    wait_until(busy, timeout, f"{local.hostname} to be busy")
+    return found
+
+
 def test_kill_9_of_a_worker_with_default_settings_loses_nothing_within_two_minutes(
     app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
 ) -> None:
@@ -74,17 +87,19 @@ def test_kill_9_of_a_worker_with_default_settings_loses_nothing_within_two_minut
     workers_started.append(doomed)
     survivor = worker(app, queue, tmp_path, "survivor")
     workers_started.append(survivor)
-    values = list(range(16))
-    job = rigged_job(app, values, 1, queue, seconds=1.5, limits=None)
+    values = list(range(12))
+    job = rigged_job(app, values, 1, queue, seconds=4, limits=None)
     group_id = submit(app, job, 600)
-    wait_until(lambda: batches_done(app, group_id) >= 2, 30, "the first batches")
+    in_flight = active_ids(app, doomed)
     assert doomed.process is not None
     os.kill(doomed.process.pid, signal.SIGKILL)
     # Its pool children would finish their batch on their own; kill them too, as
     # losing the machine would, so only redelivery can bring that work back.
     kill_all(doomed)
-    outcome = wait(app, job, group_id, timeout=120)
+    outcome = wait(app, job, group_id, timeout=120)  # the bound, counted from the kill
     assert_every_index_once(outcome, values)
+    survivor_log = (tmp_path / "survivor.log").read_text()
+    assert any(task_id in survivor_log for task_id in in_flight), "the lost batches were not redelivered"
 
 
 def test_sigkill_of_a_pool_process_requeues_its_batch(
@@ -151,14 +166,16 @@ def test_warm_shutdown_of_a_busy_worker_loses_nothing(
     staying = worker(app, queue, tmp_path, "staying")
     workers_started.append(staying)
     values = list(range(12))
-    job = rigged_job(app, values, 1, queue, seconds=1.5, limits=None)
+    job = rigged_job(app, values, 1, queue, seconds=3, limits=None)
     group_id = submit(app, job, 600)
-    wait_until(lambda: batches_done(app, group_id) >= 2, 30, "the first batches")
+    running = active_ids(app, leaving)
     assert leaving.process is not None
     leaving.process.send_signal(signal.SIGTERM)
     outcome = wait(app, job, group_id, timeout=50)
     assert_every_index_once(outcome, values)
     assert leaving.process.wait(30) == 0, "warm shutdown should end cleanly"
+    leaving_log = (tmp_path / "leaving.log").read_text()
+    assert all(f"{task_id}] succeeded" in leaving_log for task_id in running), "running tasks should finish"
 
 
 def test_a_batch_delivered_twice_is_counted_once(

@@ -9,6 +9,14 @@ from celery import Celery
 from workers.settings import Settings, get_settings
 
 
+def _backend_url(url: str) -> str:
+    """``url`` as Celery's Redis backend spells it: a Unix socket is ``socket:///path``."""
+    for scheme in ("redis+socket://", "unix://"):
+        if url.startswith(scheme):
+            return "socket://" + url.removeprefix(scheme)
+    return url
+
+
 def soft_limit(hard: int) -> int:
     """The soft time limit for a hard one: 10 s earlier, or a little earlier for a short one."""
     return hard - 10 if hard > 20 else max(1, hard * 2 // 3)
@@ -19,7 +27,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         # Celery's Redis backend, with a chord part's report retried through a Redis restart.
-        "result_backend": f"workers.backend:RetryingRedisBackend+{settings.result_backend}",
+        "result_backend": f"workers.backend:RetryingRedisBackend+{_backend_url(settings.result_backend)}",
         # JSON only: a pickle message from the broker could run arbitrary code.
         "task_serializer": "json",
         "result_serializer": "json",
