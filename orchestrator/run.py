@@ -152,12 +152,8 @@ def wait(
     while True:
         now = time.monotonic()
         try:
-            if lost_since is not None and load_record(app, job.job_id) is None:
-                raise InfrastructureError(
-                    f"Redis came back without job {job.job_id}: it restarted without "
-                    f"persistence and the run's state is gone ({_pending(job, done)} before). "
-                    "The run cannot complete: send it again."
-                )
+            if lost_since is not None:
+                _require_state(app, job, done)
             lost_since = None
             meta = callback_meta(app, job.job_id)
             state = meta["status"] if meta else "PENDING"
@@ -187,6 +183,8 @@ def wait(
         if now - last_change >= STALL_CHECK_S:
             last_change = now
             try:
+                # A restart between two polls raises nothing: check the state is still there.
+                _require_state(app, job, done)
                 answering = list_workers(app)
             except redis.RedisError:
                 continue
@@ -204,6 +202,16 @@ def wait(
         progress(job.batches, job.batches)
     outcome: Outcome = meta["result"]
     return outcome
+
+
+def _require_state(app: Celery, job: Tracked, done: int) -> None:
+    """Raise InfrastructureError if Redis no longer holds ``job`` (it restarted without persistence)."""
+    if load_record(app, job.job_id) is None:
+        raise InfrastructureError(
+            f"Redis no longer holds job {job.job_id}: it restarted without persistence (or was "
+            f"flushed) and the run's state is gone ({_pending(job, done)} before). "
+            "The run cannot complete: send it again."
+        )
 
 
 def _pending(job: Tracked, done: int) -> str:

@@ -224,6 +224,22 @@ def test_workers_that_vanish_mid_run_are_reported_with_what_is_pending(
     app.backend.client.flushdb()
 
 
+def test_a_wait_notices_when_redis_lost_the_run_between_two_polls(
+    tmp_path: Path, redis_client: object
+) -> None:
+    # A restart without persistence that no poll saw: the state is simply gone.
+    base, db = os.environ["FANOUT_REDIS_URL"].rsplit("/", 1)
+    app = app_for(f"{base}/{int(db) - 2}")
+    job = rigged_job(app, list(range(4)), 2, new_queue())
+    group_id = submit(app, job, 600)
+    app.backend.client.flushdb()
+    started = time.monotonic()
+    with pytest.raises(InfrastructureError) as info:
+        wait(app, job, group_id, timeout=120)
+    assert time.monotonic() - started < 60, "should not wait out the timeout"
+    assert "without persistence" in str(info.value) and job.job_id in str(info.value)
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis", persistent=bool(request.param)).start()
