@@ -223,5 +223,6 @@ def test_a_pickle_message_is_refused_and_the_worker_lives_on(
     # Messages are taken in order: once a later one is done, the hostile ones were handled.
     assert app.send_task("fanout.double", args=[21]).get(timeout=30) == 42
     assert not planted.exists(), "the worker unpickled a message"
+    assert app.backend.client.llen("celery") == 0, "the hostile messages should have been taken and dropped"
     assert worker.process is not None and worker.process.poll() is None
     assert app.control.ping([worker.hostname], timeout=2)
