@@ -201,6 +201,28 @@ def test_a_batch_delivered_twice_is_counted_once(
     assert ran.count("0") == ran.count("1") == 2, "the copy should have run too"
 
 
+def test_a_callback_run_twice_writes_the_manifest_once(
+    app: Celery, worker: LocalWorker, photos: Path, tmp_path: Path
+) -> None:
+    from orchestrator.canvas import build_resize
+    from orchestrator.inputs import plan_images
+
+    out = tmp_path / "out"
+    plan = plan_images([photos], out)
+    job = build_resize(plan.pairs, 64, str(out), batch_size=2)
+    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    manifest = out / "manifest.json"
+    before = manifest.read_bytes(), manifest.stat().st_ino, manifest.stat().st_mtime_ns
+    # The callback's message delivered again: same task id, same parts.
+    part = {"start": 0, "results": outcome["results"], "errors": outcome["errors"], "transient": 0}
+    again = app.send_task(
+        "fanout.collect", args=[[part]], kwargs={"job": job.signature.body.kwargs["job"]}, task_id=job.job_id
+    ).get(timeout=30)
+    assert again == outcome
+    assert (manifest.read_bytes(), manifest.stat().st_ino, manifest.stat().st_mtime_ns) == before
+    assert json.loads(before[0])["succeeded"] == outcome["total"] == 6
+
+
 def test_workers_that_vanish_mid_run_are_reported_with_what_is_pending(
     tmp_path: Path, redis_client: object, workers_started: list[LocalWorker]
 ) -> None:

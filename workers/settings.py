@@ -56,7 +56,9 @@ class Settings:
     #: Seconds a finished run's results stay in Redis.
     result_expires: int = 86_400
     #: Hard per-task limit, seconds: the pool child is killed past it.  A batch
-    #: is sized to take seconds, so 30 s only ever stops a stuck one.
+    #: is sized to take seconds, so 30 s only ever stops a stuck one.  Celery
+    #: writes the sender's limits into each message, so the orchestrator's value
+    #: is the one a worker applies: keep it the same on every machine.
     task_time_limit: int = 30
     #: Seconds an unacknowledged message stays invisible before Redis hands it
     #: to another worker: how long the work of a worker that died unannounced
