@@ -92,7 +92,9 @@ def build_resize(
         raise ValueError("max_side must be at least 1")
     items = [[src, dst] for src, dst in pairs]
     header = [
-        resize_batch.si(start, items[start : start + batch_size], max_side).set(ignore_result=True)
+        resize_batch.si(start, items[start : start + batch_size], max_side, out_dir=out_dir).set(
+            ignore_result=True
+        )
         for start in range(0, len(items), batch_size)
     ]
     return _chord("resize", len(items), batch_size, header, job_id or new_job_id(), {"out_dir": out_dir})

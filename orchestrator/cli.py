@@ -90,6 +90,11 @@ def run_options(func: F) -> F:
             default=None,
             help="Progress bar on stderr [default: when stderr is a terminal].",
         ),
+        click.option(
+            "--no-wait",
+            is_flag=True,
+            help="Send the job, print its id and return; see it later with `fanout status JOB_ID`.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -104,9 +109,27 @@ def execute(
     timeout: float,
     progress: bool,
     label: str,
+    no_wait: bool = False,
+    as_json: bool = False,
 ) -> tuple[Any, float]:
-    from orchestrator.run import run_job
+    """Send the job and wait for it; with ``no_wait``, print its id and exit 0 once it is sent."""
+    from orchestrator.run import run_job, send_job
 
+    if no_wait:
+        job, _, _ = send_job(_app(), job_factory, total, batch_cap, batch_size)
+        if as_json:
+            import json
+
+            doc = {"job_id": job.job_id, "task": job.task, "total": job.total, "batches": job.batches}
+            click.echo(json.dumps(doc))
+        else:
+            click.echo(job.job_id)
+            click.echo(
+                f"sent job {job.job_id}: {job.total} items in {job.batches} batches. "
+                f"See it with `fanout status {job.job_id}` (add --wait to wait for it).",
+                err=True,
+            )
+        sys.exit(EXIT_OK)
     return run_job(_app(), job_factory, total, batch_cap, batch_size, timeout, progress, label)
 
 
@@ -153,6 +176,7 @@ def double(
     timeout: float,
     batch_size: int | None,
     progress: bool | None,
+    no_wait: bool,
 ) -> None:
     """Double NUMBERS (integers of any size; '-' reads them from stdin)."""
     from orchestrator import render
@@ -180,6 +204,8 @@ def double(
         timeout,
         _show(progress),
         "doubling",
+        no_wait,
+        as_json,
     )
     finish(outcome, elapsed, as_json, lambda o: render.write_double(o, sys.stdout))
 
@@ -263,6 +289,7 @@ def resize(
     timeout: float,
     batch_size: int | None,
     progress: bool | None,
+    no_wait: bool,
 ) -> None:
     """Resize the images in SOURCES into --out.
 
@@ -301,6 +328,8 @@ def resize(
         timeout,
         _show(progress),
         "resizing",
+        no_wait,
+        as_json,
     )
     manifest_url = storage.join(out, MANIFEST)
     sheet_url: str | None = storage.join(out, CONTACT_SHEET)
@@ -321,6 +350,58 @@ def resize(
             "images": images(outcome, len(boxes)),
         },
     )
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the job to finish, then show its results.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds --wait waits.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr with --wait [default: when stderr is a terminal].",
+)
+@handles_errors
+def status(job_id: str, as_json: bool, wait_: bool, timeout: float, progress: bool | None) -> None:
+    """Show the progress, or the results, of job JOB_ID (sent earlier, e.g. with --no-wait).
+
+    A finished job prints what its run would have printed, with the same exit
+    code; a running one prints how far it got and exits 0 (or waits, with --wait).
+    """
+    import json
+
+    from orchestrator import render
+    from orchestrator.run import check_redis, wait
+    from orchestrator.status import StoredJob, UnknownJob, job_status
+    from workers.settings import get_settings
+
+    check_redis(get_settings())
+    app = _app()
+    try:
+        current = job_status(app, job_id)
+    except UnknownJob as exc:
+        _fail(str(exc), EXIT_USAGE)
+    outcome, elapsed = current.outcome, current.elapsed_s
+    if outcome is None and wait_:
+        job: StoredJob = current.job
+        with render.progress_bar(_show(progress), f"job {job.task}", job.total, job.batch_size) as update:
+            outcome = wait(app, job, job.group_id, timeout, update)
+        elapsed = job_status(app, job_id).elapsed_s
+    if outcome is None:
+        if as_json:
+            click.echo(json.dumps(current.document()))
+        else:
+            click.echo(current.line())
+        sys.exit(EXIT_OK)
+    writer = render.write_resize if outcome["task"] == "resize" else render.write_double
+    finish(outcome, elapsed, as_json, lambda o: writer(o, sys.stdout))
 
 
 @main.command()

@@ -9,11 +9,25 @@ from celery import Celery
 from workers.settings import Settings, get_settings
 
 
+def _backend_url(url: str) -> str:
+    """``url`` as Celery's Redis backend spells it: a Unix socket is ``socket:///path``."""
+    for scheme in ("redis+socket://", "unix://"):
+        if url.startswith(scheme):
+            return "socket://" + url.removeprefix(scheme)
+    return url
+
+
+def soft_limit(hard: int) -> int:
+    """The soft time limit for a hard one: 10 s earlier, or a little earlier for a short one."""
+    return hard - 10 if hard > 20 else max(1, hard * 2 // 3)
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``; every entry differs from Celery's default."""
     return {
         "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
+        # Celery's Redis backend, with a chord part's report retried through a Redis restart.
+        "result_backend": f"workers.backend:RetryingRedisBackend+{_backend_url(settings.result_backend)}",
         # JSON only: a pickle message from the broker could run arbitrary code.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -23,24 +37,41 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         # Ack after the task ran, so a message held by a crashed worker is redelivered.
         "task_acks_late": True,
+        # A pool process that dies mid-task (OOM killer, segfault, kill -9) puts its
+        # message back instead of failing the whole chord with ChordError; the
+        # attempt log (workers/attempts.py) fails a poison item after MAX_KILLS runs.
+        "task_reject_on_worker_lost": True,
         # One message reserved per pool process: bounded memory, no hoarding, and a
         # reserved message never waits long enough to outlive the visibility timeout.
         "worker_prefetch_multiplier": 1,
         # Results (and the chord's fan-in) are kept this long, then Redis drops them.
         "result_expires": settings.result_expires,
-        # A stuck task is killed rather than blocking its pool process forever.
+        # A stuck task is killed rather than blocking its pool process forever
+        # (its batch is requeued, see HeaderRequest, and the stuck item failed).
         "task_time_limit": settings.task_time_limit,
         # ...and warned shortly before, so a batch can report what it finished.
-        "task_soft_time_limit": max(1, settings.task_time_limit - 10),
-        # An unacked message goes back to the queue after this long (default 1 h):
-        # kept above the hard time limit so a running task is never handed out twice.
+        "task_soft_time_limit": soft_limit(settings.task_time_limit),
         "broker_transport_options": {
+            # A message whose worker vanished without a word (kill -9 of the main
+            # process, power loss, network cut) goes back to the queue this long
+            # after delivery; Celery's default is one hour.  Above the longest a
+            # healthy worker holds a message, so nothing runs twice at once; see
+            # Settings.visibility_timeout for the trade-off.
             "visibility_timeout": settings.visibility_timeout,
+            # Every surviving worker sweeps for such messages this often (kombu's
+            # default is 10 s x a throttle of 10, which alone would break the bound).
+            "unacked_restore_interval": settings.restore_interval,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": settings.connect_timeout,
         },
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
         },
+        # A result or chord part written while Redis restarts is retried, not lost
+        # (about a minute of back-off at most; the message is redelivered after that).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         # Fail fast on a dead Redis instead of hanging in the connect call.
         "redis_socket_connect_timeout": settings.connect_timeout,
         "broker_connection_timeout": settings.connect_timeout,

@@ -141,6 +141,20 @@ def write_json_atomic(path: Path, document: Any) -> None:
         raise
 
 
+def write_json_once(path: Path, document: Any) -> bool:
+    """Write ``document`` to ``path`` unless it already holds exactly that; True if written.
+
+    A redelivered chord callback finds its manifest already there and leaves it alone.
+    """
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(document)):
+            return False
+    except (OSError, ValueError):
+        pass
+    write_json_atomic(path, document)
+    return True
+
+
 def manifest(outcome: Outcome, sources: Sequence[str] | None = None) -> dict[str, Any]:
     """The ``manifest.json`` document for a resize outcome: every item, in input order."""
     failures = {e["index"]: e for e in outcome["errors"]}

@@ -57,8 +57,15 @@ def resize_image(source: str | Path, destination: str | Path, max_side: int) -> 
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: treat it as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(src) as im:
-                fmt = im.format or "PNG"
+            # A damaged EXIF block is read as no EXIF (orientation 1), not a failed image.
+            warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
+            with Image.open(src) as opened:
+                fmt = opened.format or "PNG"
+                im: Image.Image = opened
+                if im.mode.startswith("I;16"):
+                    # 16-bit greyscale cannot be resampled as it is; 32-bit integer can,
+                    # and a PNG is written back as 16-bit (see _save_atomic).
+                    im = opened.convert("I")
                 # thumbnail() decodes JPEG at a reduced scale (draft) before resampling.
                 im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
                 out = ImageOps.exif_transpose(im)
@@ -98,6 +105,8 @@ def _save_atomic(im: Image.Image, dst: Path, fmt: str) -> None:
     try:
         if fmt == "JPEG" and im.mode not in ("RGB", "L", "CMYK"):
             im = im.convert("RGB")
+        if fmt == "PNG" and im.mode == "I":
+            im = im.convert("I;16")  # back to the 16 bits it came with
         im.save(tmp, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
         os.replace(tmp, dst)
     except BaseException:

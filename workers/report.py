@@ -79,16 +79,23 @@ def write_report(out_dir: str, outcome: Outcome, per_image: int = 1) -> dict[str
     """Write ``manifest.json`` and ``contact-sheet.png`` under ``out_dir`` (a path or URL).
 
     The manifest is the record and is always written; a sheet that cannot be
-    made is logged and left out rather than failing the run.
+    made is logged and left out rather than failing the run.  Written once: a
+    redelivered callback finds the same manifest already there and leaves both
+    files alone.
     """
     document = manifest(outcome, per_image)
     manifest_url = storage.join(out_dir, MANIFEST)
+    sheet_url: str | None = storage.join(out_dir, CONTACT_SHEET)
+    if _holds(manifest_url, document):
+        return {
+            "manifest": manifest_url,
+            "contact_sheet": sheet_url if storage.exists(str(sheet_url)) else None,
+        }
 
     def write_manifest(fh: IO[bytes]) -> None:
         fh.write(json.dumps(document, indent=2).encode() + b"\n")
 
     storage.write_atomic(manifest_url, write_manifest)
-    sheet_url: str | None = storage.join(out_dir, CONTACT_SHEET)
     try:
         sheet = contact_sheet(document["items"])
         storage.write_atomic(str(sheet_url), lambda fh: sheet.save(fh, format="PNG", optimize=True))
@@ -96,3 +103,11 @@ def write_report(out_dir: str, outcome: Outcome, per_image: int = 1) -> dict[str
         log.exception("could not write the contact sheet under %s", out_dir)
         sheet_url = None
     return {"manifest": manifest_url, "contact_sheet": sheet_url}
+
+
+def _holds(url: str, document: dict[str, Any]) -> bool:
+    """Whether ``url`` already holds exactly ``document``."""
+    try:
+        return bool(json.loads(storage.read_bytes(url)) == json.loads(json.dumps(document)))
+    except (OSError, ValueError):
+        return False

@@ -55,11 +55,24 @@ class Settings:
     result_backend: str = DEFAULT_REDIS_URL
     #: Seconds a finished run's results stay in Redis.
     result_expires: int = 86_400
-    #: Hard per-task limit, seconds: the pool child is killed past it.
-    task_time_limit: int = 60
+    #: Hard per-task limit, seconds: the pool child is killed past it.  A batch
+    #: is sized to take seconds, so 30 s only ever stops a stuck one.  Celery
+    #: writes the sender's limits into each message, so the orchestrator's value
+    #: is the one a worker applies: keep it the same on every machine.
+    task_time_limit: int = 30
     #: Seconds an unacknowledged message stays invisible before Redis hands it
-    #: to another worker.  Must exceed ``task_time_limit``.
-    visibility_timeout: int = 90
+    #: to another worker: how long the work of a worker that died unannounced
+    #: (kill -9, power loss, network cut) waits before it is redone elsewhere.
+    #: It must exceed the longest a message can be legitimately held unacked, a
+    #: wait for a free pool process plus a run, both bounded by the time limit,
+    #: or a slow but healthy task would run twice at once; so the default is
+    #: ``2 * task_time_limit + 15``, at least 75.  Kept this low, a worker's loss
+    #: costs under 2 minutes (75 s + one restore sweep + the rerun) instead of
+    #: Celery's hour; the price is that a task must never outlive the time limit
+    #: (the limit enforces that).
+    visibility_timeout: int = 75
+    #: Seconds between a worker's sweeps for messages past the visibility timeout.
+    restore_interval: int = 5
     #: Seconds to wait for a TCP connection to Redis before giving up.
     connect_timeout: float = 3.0
 
@@ -70,7 +83,7 @@ class Settings:
         broker = check_redis_url("FANOUT_BROKER_URL", env.get("FANOUT_BROKER_URL") or redis_url)
         backend = check_redis_url("FANOUT_RESULT_BACKEND", env.get("FANOUT_RESULT_BACKEND") or redis_url)
         time_limit = _int(env, "FANOUT_TASK_TIME_LIMIT", cls.task_time_limit)
-        visibility = _int(env, "FANOUT_VISIBILITY_TIMEOUT", max(cls.visibility_timeout, time_limit + 30))
+        visibility = _int(env, "FANOUT_VISIBILITY_TIMEOUT", max(cls.visibility_timeout, 2 * time_limit + 15))
         if visibility <= time_limit:
             raise ConfigError(
                 f"FANOUT_VISIBILITY_TIMEOUT={visibility} must exceed "
@@ -83,6 +96,7 @@ class Settings:
             result_expires=_int(env, "FANOUT_RESULT_EXPIRES", cls.result_expires),
             task_time_limit=time_limit,
             visibility_timeout=visibility,
+            restore_interval=_int(env, "FANOUT_RESTORE_INTERVAL", cls.restore_interval),
         )
 
 

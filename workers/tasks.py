@@ -16,14 +16,24 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.app import app
+from workers.attempts import RedisAttemptLog, run_counted
 from workers.doubling import double as double_value
-from workers.fanin import Outcome, Part, fail_batch, merge, run_batch
+from workers.fanin import Outcome, Part, fail_batch, merge
 from workers.imaging import resize_image
+from workers.paths import inside
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
+from workers.settings import get_settings
 
 #: Retries of a batch whose items hit transient I/O errors, with backoff.
 MAX_RETRIES = 3
+#: Header tasks' request class: a hard time limit requeues the batch instead of failing the chord.
+HEADER_REQUEST = "workers.attempts:HeaderRequest"
+
+
+def attempt_log(task: Task) -> RedisAttemptLog:
+    """Where ``task``'s runs are counted, so a poison item is failed rather than retried forever."""
+    return RedisAttemptLog(task.app.backend.client, str(task.request.id), get_settings().result_expires)
 
 
 @app.task(name="fanout.double")
@@ -32,28 +42,37 @@ def double(value: Any) -> int:
     return double_value(value)
 
 
-@app.task(name="fanout.double_batch", ignore_result=True)
-def double_batch(start: int, values: list[Any]) -> Part:
+@app.task(name="fanout.double_batch", bind=True, ignore_result=True, Request=HEADER_REQUEST)
+def double_batch(self: Task, start: int, values: list[Any]) -> Part:
     """Double ``values``, the input items ``start`` onwards."""
     try:
-        return run_batch(double_value, start, values)
+        return run_counted(double_value, start, values, attempt_log(self))
     except SoftTimeLimitExceeded:
         return fail_batch(start, values, "time limit exceeded")
 
 
-@app.task(name="fanout.resize_batch", bind=True, ignore_result=True, max_retries=MAX_RETRIES)
-def resize_batch(self: Task, start: int, items: list[list[str]], max_side: int) -> Part:
-    """Resize ``items`` (pairs of source and destination paths) to fit ``max_side``."""
+@app.task(
+    name="fanout.resize_batch", bind=True, ignore_result=True, max_retries=MAX_RETRIES, Request=HEADER_REQUEST
+)
+def resize_batch(
+    self: Task, start: int, items: list[list[str]], max_side: int, out_dir: str | None = None
+) -> Part:
+    """Resize ``items`` (pairs of source and destination paths) to fit ``max_side``.
+
+    With ``out_dir``, a destination that would land outside it is that item's error.
+    """
 
     def work(pair: list[str]) -> Any:
         source, destination = pair
+        if out_dir is not None:
+            destination = str(inside(destination, out_dir, str(source)))
         return resize_image(source, destination, int(max_side))
 
     def label(pair: list[str]) -> str:
         return pair[0]
 
     try:
-        part = run_batch(work, start, items, label)
+        part = run_counted(work, start, items, attempt_log(self), label)
     except SoftTimeLimitExceeded:
         return fail_batch(start, items, "time limit exceeded", label)
     if part["transient"] and self.request.retries < MAX_RETRIES:
@@ -73,11 +92,14 @@ def collect(parts: list[Part | None], job: dict[str, Any]) -> Outcome:
     outcome = merge(parts, int(job["total"]), str(job["job_id"]), str(job["task"]))
     out_dir = job.get("out_dir")
     if out_dir:
+        # Written once: a redelivered callback finds the same manifest and leaves it.
         write_report(str(out_dir), outcome, int(job.get("per_image", 1)))
     return outcome
 
 
-@app.task(name="fanout.resize_items", bind=True, ignore_result=True, max_retries=MAX_RETRIES)
+@app.task(
+    name="fanout.resize_items", bind=True, ignore_result=True, max_retries=MAX_RETRIES, Request=HEADER_REQUEST
+)
 def resize_items(self: Task, start: int, items: list[list[Any]], options: dict[str, Any]) -> Part:
     """Resize ``items``, each ``[source_url, destination_url, width, height]``, with ``options``.
 
@@ -97,7 +119,7 @@ def resize_items(self: Task, start: int, items: list[list[Any]], options: dict[s
         return resize_to(str(source), str(destination), (int(width), int(height)), spec)
 
     try:
-        part = run_batch(work, start, items, label)
+        part = run_counted(work, start, items, attempt_log(self), label)
     except SoftTimeLimitExceeded:
         return fail_batch(start, items, "time limit exceeded", label)
     if part["transient"] and self.request.retries < MAX_RETRIES:

@@ -1,0 +1,153 @@
+"""Helpers for the fault tests: rigged jobs, workers on their own queue, a Redis of their own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, chord, group
+
+from orchestrator.canvas import Job, new_job_id
+from orchestrator.local import LocalWorker
+from workers.app import celery_config
+from workers.settings import Settings
+
+#: Worker settings that make the fault tests quick: a lost message is back within seconds.
+QUICK = {"FANOUT_TASK_TIME_LIMIT": "4", "FANOUT_VISIBILITY_TIMEOUT": "10", "FANOUT_RESTORE_INTERVAL": "1"}
+#: The (hard, soft) time limits that go with QUICK.  Celery puts the sender's limits
+#: into each message, so a test's messages must carry the limits its workers assume.
+QUICK_LIMITS = (4, 3)
+
+
+def new_queue() -> str:
+    """A queue no other worker on the database consumes (the session's worker takes `celery`)."""
+    return f"faults-{uuid.uuid4().hex[:8]}"
+
+
+def app_for(url: str) -> Celery:
+    """A Celery app like fanout's, pointed at ``url`` (the process's own app keeps its settings)."""
+    app = Celery(f"fanout-{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(celery_config(Settings.from_env({"FANOUT_REDIS_URL": url})))
+    return app
+
+
+def rigged_job(
+    app: Celery,
+    values: Sequence[Any],
+    batch_size: int,
+    queue: str,
+    seconds: float = 0.0,
+    marks: Path | None = None,
+    limits: tuple[int, int] | None = QUICK_LIMITS,
+) -> Job:
+    """A chord of ``fanout.test.rigged_batch`` headers and the real ``fanout.collect``, on ``queue``.
+
+    ``limits`` are the headers' (hard, soft) time limits; None keeps the settings' defaults.
+    """
+    job_id = new_job_id()
+    values = list(values)
+    kwargs = {"seconds": seconds, "marks": str(marks or "")}
+    time_limits = {"time_limit": limits[0], "soft_time_limit": limits[1]} if limits else {}
+    header = [
+        app.signature(
+            "fanout.test.rigged_batch", args=(start, values[start : start + batch_size]), kwargs=kwargs
+        ).set(immutable=True, ignore_result=True, queue=queue, **time_limits)
+        for start in range(0, len(values), batch_size)
+    ]
+    job = {"job_id": job_id, "task": "double", "total": len(values)}
+    body = app.signature("fanout.collect", kwargs={"job": job}).set(task_id=job_id, queue=queue)
+    return Job(job_id, "double", len(values), batch_size, chord(group(header), body))
+
+
+def worker(
+    app: Celery, queue: str, tmp: Path, name: str, env: Mapping[str, str] | None = None, concurrency: int = 2
+) -> LocalWorker:
+    """A started worker that also knows the rigged tasks and consumes only ``queue``."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    local = LocalWorker(
+        app,
+        concurrency=concurrency,
+        name=f"{name}-{uuid.uuid4().hex[:6]}",
+        env=full_env,
+        log_path=str(tmp / f"{name}.log"),
+        extra_args=["--include", "tests.faulty", "--queues", queue],
+    )
+    return local.start(timeout=60)
+
+
+def kill_all(local: LocalWorker) -> None:
+    """SIGKILL the worker's whole process group: its main process and its pool."""
+    if local.process is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(local.process.pid, signal.SIGKILL)
+        local.process.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A ``redis-server`` of a test's own, on a free port and a data directory of its own."""
+
+    def __init__(self, directory: Path, persistent: bool, bind: str = "127.0.0.1", port: int | None = None):
+        self.directory = directory
+        self.persistent = persistent
+        self.bind = bind
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []  # e.g. ["ip", "netns", "exec", NAME]
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.bind}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+            "--appendonly", "no"
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            [*self.prefix, binary, "--bind", self.bind, "--port", str(self.port), "--save", "",
+             *persistence, "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self._answers():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"redis-server on {self.bind}:{self.port} did not answer")
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(host=self.bind, port=self.port, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM): with AOF on, everything acknowledged is on disk."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
