@@ -79,18 +79,14 @@ def require_workers(app: Celery) -> list[WorkerInfo]:
 def submit(app: Celery, job: Job, expires: int) -> str:
     """Publish the job's chord and record it; return the header's group id.
 
-    The client keeps no subscription to any header result.
+    The header goes out in bulk (see orchestrator/publish.py: the same messages
+    as ``apply_async``, pipelined); the client keeps no subscription to any
+    header result.
     """
-    result: AsyncResult = job.signature.apply_async()
-    group_id = str(result.parent.id)
+    from orchestrator.publish import publish_chord
+
+    group_id = publish_chord(app, job.signature)
     app.backend.client.set(JOB_KEY.format(job.job_id), json.dumps(job.record(group_id)), ex=expires)
-    # group.apply_async subscribes to every header task's result channel (its
-    # ready barrier); the header results go to the callback, not to us, so drop
-    # those subscriptions now rather than carry them for the whole wait.
-    consumer = getattr(app.backend, "result_consumer", None)
-    if result.parent is not None and consumer is not None:
-        for child in result.parent.results:
-            consumer.cancel_for(child.id)
     return group_id
 
 
