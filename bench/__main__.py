@@ -94,7 +94,9 @@ def main(
     )
     png = plot(figures, out / "doubling.png", title)
     click.echo(table(figures))
-    click.echo(f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no matplotlib: no plot)"))
+    click.echo(
+        f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no matplotlib: no plot)")
+    )
     sys.exit(0)
 
 

@@ -124,7 +124,16 @@ def fanout_cli(env: dict[str, str], args: Sequence[str], timeout: float) -> tupl
     stdout goes to a file (a million results is a large document) so the
     child can be reaped with ``wait4``, which reports its peak memory.
     """
-    command = [sys.executable, "-m", "orchestrator", *args, "--json", "--no-progress", "--timeout", str(timeout)]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *args,
+        "--json",
+        "--no-progress",
+        "--timeout",
+        str(timeout),
+    ]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
@@ -305,7 +314,9 @@ def bench_images(env: dict[str, str], config: Config) -> list[Figure]:
         thumb.append(pool_rate(_thumbnail, pairs, config.processes))
         same_work.append(pool_rate(_resize_image, pairs, config.processes))
         doc, wall, _ = fanout_cli(
-            env, ["resize", str(source), "--out", str(out / f"fanout-{run}"), "--max-side", "256"], config.timeout
+            env,
+            ["resize", str(source), "--out", str(out / f"fanout-{run}"), "--max-side", "256"],
+            config.timeout,
         )
         if doc["failed"] or doc["total"] != len(files):
             raise SystemExit(f"bench: resize failed for {doc['failed']} of {doc['total']} images")

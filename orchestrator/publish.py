@@ -108,14 +108,12 @@ def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK)
                 argsrepr=_argsrepr(args),
                 kwargsrepr="{}",
             )
-            content_type, content_encoding, data = serialize(payload, serializer="json")
+            content_type, content_encoding, data = serialize(payload, serializer="json")  # type: ignore[no-untyped-call]
             properties["delivery_mode"] = 2  # persistent, as Celery's default
-            message = channel.prepare_message(
-                data, 0, content_type, content_encoding, headers, properties
-            )
+            message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
             # Base64 body, delivery tag and delivery info, as basic_publish frames it.
             channel._inplace_augment_message(message, exchange, routing_key)
-            pipe.lpush(channel._q_for_pri(target, 0), json_dumps(message))
+            pipe.lpush(channel._q_for_pri(target, 0), json_dumps(message))  # type: ignore[no-untyped-call]
             pending += 1
             if pending >= chunk:
                 pipe.execute()
