@@ -35,7 +35,8 @@ def plot(figures: Sequence[Figure], path: Path, title: str) -> Path | None:
                 marker=marker,
                 linestyle=":",
                 color="grey",
-                label=f"reference: {refs[0].reference}",
+                # The reference's name without its per-N parameters ("chunks(1,000)").
+                label=f"reference: {refs[0].reference.split('(')[0]}",
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
