@@ -26,10 +26,18 @@ def _ns(text: str) -> tuple[int, ...]:
     help="Pool processes per worker (the reference pool gets workers x concurrency).",
 )
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per figure.")
-@click.option("--photos", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option(
+    "--photos", type=click.IntRange(min=1), default=400, show_default=True, help="1920x1080 JPEGs to resize."
+)
 @click.option("--per-item", "per_item", default="1000,10000,100000", show_default=True, help="Ns, batch 1.")
 @click.option("--batched", default="10000,100000,1000000", show_default=True, help="Ns, auto batching.")
-@click.option("--publish-n", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option(
+    "--publish-n",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Header messages the publishing benchmark sends (no worker consumes them).",
+)
 @click.option(
     "--tutorial-n",
     type=int,
