@@ -55,6 +55,36 @@ def _argsrepr(args: Sequence[Any]) -> str:
     return "(" + ", ".join(str(s) for s in shown) + ")"
 
 
+#: Signature options the bulk path carries over; a header using any other (countdown,
+#: queue, priority, links...) is sent by Celery's own ``apply_async`` instead.
+_BULK_OPTIONS = frozenset({"ignore_result", "task_id", "time_limit", "soft_time_limit"})
+
+
+def bulk_supported(app: Celery, header: Sequence[Signature]) -> bool:
+    """Whether the bulk path sends exactly what ``apply_async`` would for ``header``.
+
+    True for fanout's own jobs: one task name, routed to a plain direct queue
+    without priorities, no per-task options beyond those in ``_BULK_OPTIONS``.
+    """
+    if not header or len({sig.task for sig in header}) != 1:
+        return False
+    if any(set(sig.options) - _BULK_OPTIONS or sig.kwargs for sig in header):
+        return False
+    queue = app.amqp.router.route({}, header[0].task, (), {})["queue"]
+    return bool(queue.exchange.type == "direct" and not queue.max_priority)
+
+
+def _apply_async(app: Celery, signature: Signature) -> str:
+    """Celery's own path, for a header the bulk path does not cover."""
+    result = signature.apply_async()
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        # As before: the header results go to the callback, not to the client.
+        for child in result.parent.results:
+            consumer.cancel_for(child.id)
+    return str(result.parent.id)
+
+
 def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK) -> str:
     """Publish the chord ``signature`` (a group of task signatures and a callback); return its group id.
 
@@ -64,6 +94,8 @@ def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK)
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
     header, callback = header_of(signature)
+    if not bulk_supported(app, header):
+        return _apply_async(app, signature)
     group_id = str(uuid.uuid4())
     body = callback.clone()
     # As chord.run does: the callback learns its group (and the reply queue) before
@@ -73,10 +105,10 @@ def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK)
 
     conf = app.conf
     amqp = app.amqp
-    if not header:
-        # Nothing to wait for: run the callback on no parts, as Celery does for an empty header.
-        body.apply_async(args=([],))
-        return group_id
+    task = app.tasks.get(header[0].task)
+    # A task's own limits when it sets them, else the app's, as Task.apply_async does.
+    time_limit = getattr(task, "time_limit", None) or conf.task_time_limit
+    soft_time_limit = getattr(task, "soft_time_limit", None) or conf.task_soft_time_limit
     # The chord counts its header tasks from here; set before any of them can finish.
     app.backend.set_chord_size(group_id, len(header))
 
@@ -87,8 +119,8 @@ def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK)
         # Celery publishes to a direct exchange's queue through the anonymous exchange.
         exchange, routing_key = "", queue.name
         (target,) = channel._lookup(exchange, routing_key)
-        client = channel.client
-        pipe = client.pipeline(transaction=False)
+        with channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
         pending = 0
         for index, sig in enumerate(header):
             task_id = sig.options.get("task_id") or str(uuid.uuid4())
@@ -102,8 +134,8 @@ def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK)
                 group_index=index,
                 chord=body_dict,
                 reply_to=app.thread_oid,
-                time_limit=conf.task_time_limit,
-                soft_time_limit=conf.task_soft_time_limit,
+                time_limit=sig.options.get("time_limit", time_limit),
+                soft_time_limit=sig.options.get("soft_time_limit", soft_time_limit),
                 ignore_result=bool(sig.options.get("ignore_result", False)),
                 argsrepr=_argsrepr(args),
                 kwargsrepr="{}",

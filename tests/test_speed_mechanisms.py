@@ -18,7 +18,7 @@ from celery import Celery, chord, group
 
 from orchestrator.canvas import build_double
 from orchestrator.local import LocalWorker
-from orchestrator.publish import _argsrepr, header_of, publish_chord
+from orchestrator.publish import _argsrepr, bulk_supported, header_of, publish_chord
 from orchestrator.run import submit, wait
 from tests.conftest import TEST_REDIS_URL
 from workers.app import celery_config
@@ -46,6 +46,16 @@ def test_publish_rejects_a_chunk_below_one() -> None:
     job = build_double([1], 1)
     with pytest.raises(ValueError, match="chunk"):
         publish_chord(Celery(set_as_current=False), job.signature, chunk=0)
+
+
+def test_bulk_path_covers_fanout_jobs_and_leaves_other_headers_to_celery() -> None:
+    from workers.app import app
+
+    header, _ = header_of(build_double(list(range(10)), 3).signature)
+    assert bulk_supported(app, header)
+    assert not bulk_supported(app, [])
+    assert not bulk_supported(app, [header[0], header[1].clone().set(countdown=5)])
+    assert not bulk_supported(app, [header[0], app.signature("fanout.double", args=(1,))])
 
 
 # ----------------------------------------------------------------------------- system
@@ -182,3 +192,14 @@ def test_progress_costs_the_same_few_commands_per_refresh_whatever_the_size(
         assert {name for name, _ in commands} <= {"GET", "ZCARD"}, (n, set(commands))
         assert all(nargs == 1 for _, nargs in commands), (n, commands)
         assert len(commands) <= 2 * polls, (n, len(commands), polls)
+
+
+@system
+def test_a_header_the_bulk_path_does_not_cover_goes_through_apply_async(
+    app: Celery, worker: LocalWorker
+) -> None:
+    job = build_double(list(range(20)), 4)
+    for sig in job.signature.tasks:
+        sig.set(expires=600)  # an option only Celery's own path sends
+    outcome = wait(app, job, publish_chord(app, job.signature), timeout=60)
+    assert outcome["results"] == [2 * i for i in range(20)] and outcome["failed"] == 0
