@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint unit redis clean
+.PHONY: install demo test lint unit redis bench clean
 
 $(BIN)/fanout: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,9 @@ unit: install ## Unit tests only (no Redis needed)
 test: lint redis ## Lint, then every test (unit and system)
 	$(BIN)/pytest
 
+bench: install redis ## Benchmarks beside their references (python -m bench --help for parameters)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) fanout-demo .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) fanout-demo bench-results .pytest_cache .mypy_cache .ruff_cache *.egg-info

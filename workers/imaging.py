@@ -66,8 +66,11 @@ def resize_image(source: str | Path, destination: str | Path, max_side: int) -> 
                     # 16-bit greyscale cannot be resampled as it is; 32-bit integer can,
                     # and a PNG is written back as 16-bit (see _save_atomic).
                     im = opened.convert("I")
-                # thumbnail() decodes JPEG at a reduced scale (draft) before resampling.
-                im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+                # thumbnail() decodes JPEG at a reduced scale (draft) before resampling;
+                # reducing_gap 1.0 lets the decoder scale down to just above the target
+                # (1920 px -> 480 px for 256), then Lanczos does the rest: about twice
+                # the speed of 2.0, which decodes at 960 px (measured in bench/).
+                im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=1.0)
                 out = ImageOps.exif_transpose(im)
                 _save_atomic(out, dst, fmt)
                 width, height = out.size
