@@ -16,7 +16,8 @@ from typing import Any
 from celery import chord, group
 from celery.canvas import Signature
 
-from workers.tasks import collect, double_batch, resize_batch, resize_items
+from workers.resizing import ResizeOptions
+from workers.tasks import collect, double_batch, resize_items
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
@@ -86,18 +87,11 @@ def build_double(values: Sequence[int], batch_size: int, job_id: str | None = No
 def build_resize(
     pairs: Sequence[tuple[str, str]], max_side: int, out_dir: str, batch_size: int, job_id: str | None = None
 ) -> Job:
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+    """The plain resize job: each (source, destination) fitted within ``max_side`` pixels."""
     if max_side < 1:
         raise ValueError("max_side must be at least 1")
-    items = [[src, dst] for src, dst in pairs]
-    header = [
-        resize_batch.si(start, items[start : start + batch_size], max_side, out_dir=out_dir).set(
-            ignore_result=True
-        )
-        for start in range(0, len(items), batch_size)
-    ]
-    return _chord("resize", len(items), batch_size, header, job_id or new_job_id(), {"out_dir": out_dir})
+    items = [(src, dst, max_side, max_side) for src, dst in pairs]
+    return build_resize_items(items, ResizeOptions().to_json(), out_dir, 1, batch_size, job_id)
 
 
 def build_resize_items(
@@ -119,7 +113,7 @@ def build_resize_items(
         raise ValueError("per_image must divide the items into whole images")
     rows = [[src, dst, int(w), int(h)] for src, dst, w, h in items]
     header = [
-        resize_items.si(start, rows[start : start + batch_size], options).set(ignore_result=True)
+        resize_items.si(start, rows[start : start + batch_size], options, out_dir).set(ignore_result=True)
         for start in range(0, len(rows), batch_size)
     ]
     extra = {"out_dir": out_dir, "per_image": per_image}

@@ -35,8 +35,10 @@ def test_resize_job_carries_paths_not_pixels() -> None:
     pairs = [(f"/in/{i}.jpg", f"/out/{i}.jpg") for i in range(5)]
     job = build_resize(pairs, 256, "/out", batch_size=2, job_id="job-2")
     header = list(job.signature.tasks)
-    assert [t.task for t in header] == ["fanout.resize_batch"] * 3
-    assert tuple(header[2].args) == (4, [["/in/4.jpg", "/out/4.jpg"]], 256)
+    assert [t.task for t in header] == ["fanout.resize_items"] * 3
+    start, items, options, out_dir = header[2].args
+    assert (start, items, out_dir) == (4, [["/in/4.jpg", "/out/4.jpg", 256, 256]], "/out")
+    assert options["mode"] == "fit" and options["format"] == "keep" and options["upscale"] is False
     assert job.signature.body.kwargs["job"]["out_dir"] == "/out"
 
 

@@ -1,6 +1,6 @@
 """Celery tasks: thin adapters from JSON messages to the plain functions.
 
-Header tasks (``double_batch``, ``resize_batch``) never raise for a bad item:
+Header tasks (``double_batch``, ``resize_items``) never raise for a bad item:
 they return a :class:`~workers.fanin.Part` with the item's error, because one
 raising header task would make Celery fail the whole chord with ``ChordError``.
 Their results travel to the callback through the chord's own join, so they
@@ -19,8 +19,7 @@ from workers.app import app
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.doubling import double as double_value
 from workers.fanin import Outcome, Part, fail_batch, merge
-from workers.imaging import resize_image
-from workers.paths import inside
+from workers.paths import inside_url
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
 from workers.settings import get_settings
@@ -51,36 +50,6 @@ def double_batch(self: Task, start: int, values: list[Any]) -> Part:
         return fail_batch(start, values, "time limit exceeded")
 
 
-@app.task(
-    name="fanout.resize_batch", bind=True, ignore_result=True, max_retries=MAX_RETRIES, Request=HEADER_REQUEST
-)
-def resize_batch(
-    self: Task, start: int, items: list[list[str]], max_side: int, out_dir: str | None = None
-) -> Part:
-    """Resize ``items`` (pairs of source and destination paths) to fit ``max_side``.
-
-    With ``out_dir``, a destination that would land outside it is that item's error.
-    """
-
-    def work(pair: list[str]) -> Any:
-        source, destination = pair
-        if out_dir is not None:
-            destination = str(inside(destination, out_dir, str(source)))
-        return resize_image(source, destination, int(max_side))
-
-    def label(pair: list[str]) -> str:
-        return pair[0]
-
-    try:
-        part = run_counted(work, start, items, attempt_log(self), label)
-    except SoftTimeLimitExceeded:
-        return fail_batch(start, items, "time limit exceeded", label)
-    if part["transient"] and self.request.retries < MAX_RETRIES:
-        # Outputs are written atomically, so redoing the whole batch is safe.
-        raise self.retry(countdown=2**self.request.retries)
-    return part
-
-
 @app.task(name="fanout.collect")
 def collect(parts: list[Part | None], job: dict[str, Any]) -> Outcome:
     """The chord callback: merge the header parts into one outcome in input order.
@@ -100,10 +69,14 @@ def collect(parts: list[Part | None], job: dict[str, Any]) -> Outcome:
 @app.task(
     name="fanout.resize_items", bind=True, ignore_result=True, max_retries=MAX_RETRIES, Request=HEADER_REQUEST
 )
-def resize_items(self: Task, start: int, items: list[list[Any]], options: dict[str, Any]) -> Part:
+def resize_items(
+    self: Task, start: int, items: list[list[Any]], options: dict[str, Any], out_dir: str | None = None
+) -> Part:
     """Resize ``items``, each ``[source_url, destination_url, width, height]``, with ``options``.
 
     One item is one (image, size) pair; ``options`` is a :class:`ResizeOptions` as JSON.
+    With ``out_dir``, a destination that would land outside it is that item's error,
+    whatever the message says.
     """
 
     def label(item: list[Any]) -> str:
@@ -116,6 +89,8 @@ def resize_items(self: Task, start: int, items: list[list[Any]], options: dict[s
 
     def work(item: list[Any]) -> Any:
         source, destination, width, height = item
+        if out_dir is not None:
+            destination = inside_url(str(destination), out_dir, str(source))
         return resize_to(str(source), str(destination), (int(width), int(height)), spec)
 
     try:
