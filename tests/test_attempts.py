@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from workers.app import celery_config, soft_limit
 from workers.attempts import MAX_KILLS, run_counted
 from workers.doubling import double
 from workers.errors import ConfigError
-from workers.fanin import write_json_once
+from workers.fanin import Part, merge
+from workers.report import write_report
 from workers.settings import Settings
 
 
@@ -79,12 +81,17 @@ def test_an_item_that_raises_is_not_counted_as_a_death() -> None:
 
 
 def test_the_manifest_is_written_once(tmp_path: Path) -> None:
+    record = {"source": "a", "destination": str(tmp_path / "a.png"), "width": 1, "height": 1, "bytes": 5}
+    part: Part = {"start": 0, "results": [record], "errors": [], "transient": 0}
+    outcome = merge([part], 1, "job", "resize")
+    write_report(str(tmp_path), outcome)
     path = tmp_path / "manifest.json"
-    assert write_json_once(path, {"a": [1, 2]}) is True
     before = path.stat().st_mtime_ns, path.stat().st_ino
-    assert write_json_once(path, {"a": [1, 2]}) is False
+    write_report(str(tmp_path), outcome)  # a redelivered callback
     assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
-    assert write_json_once(path, {"a": [1, 3]}) is True  # a different outcome does replace it
+    failed = merge([None], 1, "job", "resize")
+    write_report(str(tmp_path), failed)  # a different outcome does replace it
+    assert json.loads(path.read_text())["failed"] == 1
 
 
 def test_reliability_settings_reach_celery() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from orchestrator.inputs import InputError, parse_numbers, plan_images
 from orchestrator.samples import make_photo
 from workers.doubling import double
 from workers.errors import ConfigError, ImageError, InvalidNumber, ItemError
-from workers.fanin import manifest, merge, run_batch, write_json_atomic
+from workers.fanin import merge, run_batch
 from workers.imaging import resize_image
 from workers.settings import DEFAULT_REDIS_URL, Settings
 
@@ -68,28 +67,6 @@ def test_merge_reports_an_index_no_part_covered_as_lost() -> None:
     assert outcome["failed"] == 1
     assert outcome["errors"][0]["index"] == 1
     assert "lost" in outcome["errors"][0]["error"]
-
-
-def test_manifest_lists_every_item_in_order(tmp_path: Path) -> None:
-    outcome = merge(
-        [
-            {
-                "start": 0,
-                "results": [{"source": "a", "destination": "A", "width": 1, "height": 1, "bytes": 5}, None],
-                "errors": [{"index": 1, "input": "b", "error": "corrupt"}],
-                "transient": 0,
-            }
-        ],
-        2,
-        "job",
-        "resize",
-    )
-    write_json_atomic(tmp_path / "m" / "manifest.json", manifest(outcome))
-    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert [i["index"] for i in doc["items"]] == [0, 1]
-    assert doc["items"][0]["ok"] and doc["items"][0]["destination"] == "A"
-    assert doc["items"][1] == {"index": 1, "source": "b", "ok": False, "error": "corrupt"}
-    assert list((tmp_path / "m").iterdir()) == [tmp_path / "m" / "manifest.json"]
 
 
 # --- resizing ---------------------------------------------------------------

@@ -7,11 +7,7 @@ into one outcome in input order.  Nothing here knows about Celery.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, TypedDict
 
 from workers.errors import ItemError, TransientError
@@ -124,51 +120,4 @@ def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> O
         "failed": len(errors),
         "results": results,
         "errors": errors,
-    }
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write ``document`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_once(path: Path, document: Any) -> bool:
-    """Write ``document`` to ``path`` unless it already holds exactly that; True if written.
-
-    A redelivered chord callback finds its manifest already there and leaves it alone.
-    """
-    try:
-        if json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(document)):
-            return False
-    except (OSError, ValueError):
-        pass
-    write_json_atomic(path, document)
-    return True
-
-
-def manifest(outcome: Outcome, sources: Sequence[str] | None = None) -> dict[str, Any]:
-    """The ``manifest.json`` document for a resize outcome: every item, in input order."""
-    failures = {e["index"]: e for e in outcome["errors"]}
-    items: list[dict[str, Any]] = []
-    for index, record in enumerate(outcome["results"]):
-        if index in failures:
-            source = failures[index]["input"] or (sources[index] if sources else None)
-            items.append({"index": index, "source": source, "ok": False, "error": failures[index]["error"]})
-        else:
-            items.append({"index": index, "ok": True, **record})
-    return {
-        "job_id": outcome["job_id"],
-        "total": outcome["total"],
-        "succeeded": outcome["succeeded"],
-        "failed": outcome["failed"],
-        "items": items,
     }
