@@ -199,3 +199,12 @@ def test_celery_config_is_json_only_with_late_acks() -> None:
     assert conf["task_acks_late"] is True
     assert conf["worker_send_task_events"] is True
     assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
+
+
+@pytest.mark.parametrize("url", ["unix:///run/redis.sock", "redis+socket:///run/redis.sock"])
+def test_a_unix_socket_url_is_spelled_for_kombu_and_the_backend(url: str) -> None:
+    from workers.app import celery_config
+
+    conf = celery_config(Settings.from_env({"FANOUT_REDIS_URL": url}))
+    assert conf["broker_url"] == "redis+socket:///run/redis.sock"
+    assert conf["result_backend"].endswith("socket:///run/redis.sock")

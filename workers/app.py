@@ -17,6 +17,13 @@ def _backend_url(url: str) -> str:
     return url
 
 
+def _broker_url(url: str) -> str:
+    """``url`` as kombu's Redis transport spells it: a Unix socket is ``redis+socket:///path``."""
+    if url.startswith("unix://"):
+        return "redis+socket://" + url.removeprefix("unix://")
+    return url
+
+
 def soft_limit(hard: int) -> int:
     """The soft time limit for a hard one: 10 s earlier, or a little earlier for a short one."""
     return hard - 10 if hard > 20 else max(1, hard * 2 // 3)
@@ -25,7 +32,7 @@ def soft_limit(hard: int) -> int:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``; every entry differs from Celery's default."""
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": _broker_url(settings.broker_url),
         # Celery's Redis backend, with a chord part's report retried through a Redis restart.
         "result_backend": f"workers.backend:RetryingRedisBackend+{_backend_url(settings.result_backend)}",
         # JSON only: a pickle message from the broker could run arbitrary code.
