@@ -101,11 +101,12 @@ def build_resize_items(
     per_image: int,
     batch_size: int,
     job_id: str | None = None,
+    sheet: bool = True,
 ) -> Job:
     """A resize job of (source URL, destination URL, width, height) items, image-major.
 
     ``per_image`` is how many sizes each image has (consecutive items), so the
-    callback can group the outputs by image.
+    callback can group the outputs by image; ``sheet`` asks it for a contact sheet.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -116,5 +117,5 @@ def build_resize_items(
         resize_items.si(start, rows[start : start + batch_size], options, out_dir).set(ignore_result=True)
         for start in range(0, len(rows), batch_size)
     ]
-    extra = {"out_dir": out_dir, "per_image": per_image}
+    extra = {"out_dir": out_dir, "per_image": per_image, "sheet": sheet}
     return _chord("resize", len(rows), batch_size, header, job_id or new_job_id(), extra)

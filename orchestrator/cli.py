@@ -272,6 +272,13 @@ def double(
     show_default=True,
     help="Colour that transparency is flattened onto for JPEG output.",
 )
+@click.option(
+    "--contact-sheet/--no-contact-sheet",
+    "sheet",
+    default=True,
+    show_default=True,
+    help="Write contact-sheet.png next to manifest.json (the callback reads every output back for it).",
+)
 @run_options
 @handles_errors
 def resize(
@@ -285,6 +292,7 @@ def resize(
     quality: int,
     upscale: bool,
     background: str,
+    sheet: bool,
     as_json: bool,
     timeout: float,
     batch_size: int | None,
@@ -295,8 +303,8 @@ def resize(
 
     SOURCES are image files, directories (walked recursively) or s3:// prefixes;
     s3:// takes credentials and endpoint from AWS_ACCESS_KEY_ID,
-    AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL.  manifest.json and
-    contact-sheet.png are written next to the outputs.
+    AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL.  manifest.json and (unless
+    --no-contact-sheet) contact-sheet.png are written next to the outputs.
     """
     from orchestrator import render
     from orchestrator.canvas import MAX_RESIZE_BATCH, build_resize_items
@@ -321,7 +329,7 @@ def resize(
         Path(out).mkdir(parents=True, exist_ok=True)
     items = plan_outputs(plan.pairs, boxes, fmt)
     outcome, elapsed = execute(
-        lambda size: build_resize_items(items, options.to_json(), out, len(boxes), size),
+        lambda size: build_resize_items(items, options.to_json(), out, len(boxes), size, sheet=sheet),
         len(items),
         MAX_RESIZE_BATCH,
         batch_size,
@@ -333,11 +341,12 @@ def resize(
     )
     manifest_url = storage.join(out, MANIFEST)
     sheet_url: str | None = storage.join(out, CONTACT_SHEET)
-    if not storage.exists(str(sheet_url)):
-        sheet_url = None  # the callback logs why; the manifest is the record
+    if not sheet or not storage.exists(str(sheet_url)):
+        sheet_url = None  # not asked for, or the callback logged why; the manifest is the record
     if not as_json:
         click.echo(f"manifest: {manifest_url}", err=True)
-        click.echo(f"contact sheet: {sheet_url or 'not written (see the worker log)'}", err=True)
+        if sheet:
+            click.echo(f"contact sheet: {sheet_url or 'not written (see the worker log)'}", err=True)
     finish(
         outcome,
         elapsed,

@@ -114,3 +114,11 @@ def test_a_longer_time_limit_raises_the_default_visibility_timeout() -> None:
 @pytest.mark.parametrize(("hard", "soft"), [(30, 20), (60, 50), (4, 2), (2, 1), (1, 1)])
 def test_soft_limit(hard: int, soft: int) -> None:
     assert soft_limit(hard) == soft
+
+
+def test_no_contact_sheet_when_not_asked_for(tmp_path: Path) -> None:
+    record = {"source": "a", "destination": str(tmp_path / "a.png"), "width": 1, "height": 1, "bytes": 5}
+    part: Part = {"start": 0, "results": [record], "errors": [], "transient": 0}
+    written = write_report(str(tmp_path), merge([part], 1, "job", "resize"), sheet=False)
+    assert written["contact_sheet"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

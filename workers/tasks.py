@@ -62,7 +62,7 @@ def collect(parts: list[Part | None], job: dict[str, Any]) -> Outcome:
     out_dir = job.get("out_dir")
     if out_dir:
         # Written once: a redelivered callback finds the same manifest and leaves it.
-        write_report(str(out_dir), outcome, int(job.get("per_image", 1)))
+        write_report(str(out_dir), outcome, int(job.get("per_image", 1)), bool(job.get("sheet", True)))
     return outcome
 
 
