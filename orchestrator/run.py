@@ -36,7 +36,11 @@ def _redact(url: str) -> str:
 
 def check_redis(settings: Settings) -> None:
     """Raise InfrastructureError, within a few seconds, if Redis does not answer."""
+    roles: dict[str, str] = {}
     for name, url in (("broker", settings.broker_url), ("result backend", settings.result_backend)):
+        roles[url] = f"{roles[url]} and {name}" if url in roles else name
+    # One connection and PING per distinct Redis: broker and backend are usually the same one.
+    for url, name in roles.items():
         client = redis.Redis.from_url(
             url, socket_connect_timeout=settings.connect_timeout, socket_timeout=settings.connect_timeout
         )
