@@ -1,8 +1,10 @@
 """Building the chord: pure, testable without a broker.
 
-A job is a Celery ``chord``: a ``group`` of header tasks, each doing one batch
-of consecutive items, and ``fanout.collect`` as the callback that merges their
-parts back into input order.
+A job is a Celery ``chord``: a ``group`` of header tasks, each running one
+batch of consecutive items through a fanout task, and ``fanout.collect`` as
+the callback that merges their parts back into input order (and runs the
+job's reduce, if it has one).  One builder serves every task; ``double`` and
+``resize`` are thin shorthands over it.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import chord, group
 from celery.canvas import Signature
 
+from workers.app import app
 from workers.resizing import ResizeOptions
-from workers.tasks import collect, double_batch, resize_items
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
@@ -25,15 +27,26 @@ MAX_DOUBLE_BATCH = 10_000
 MAX_RESIZE_BATCH = 8
 #: Batches per worker process that ``auto`` aims for, so no process idles at the end.
 BATCHES_PER_PROCESS = 4
+#: The chord callback of every job.
+COLLECT = "fanout.collect"
+DOUBLE = "fanout.double_batch"
+RESIZE = "fanout.resize_items"
+RESIZE_REPORT = "fanout.resize_report"
 
 
 @dataclass(frozen=True)
-class Job:
+class Plan:
+    """A job built and not yet sent: its chord and what is needed to follow it."""
+
     job_id: str
-    task: str
+    task: str  # what the job is called in its outcome and in `fanout status`
     total: int
     batch_size: int
     signature: Signature
+    #: How the CLI prints the outcome: "double", "resize" or "jsonl" (kept in the job's record).
+    output: str = "jsonl"
+    #: Names of the fanout tasks a worker must have to run this job.
+    requires: tuple[str, ...] = field(default=())
 
     @property
     def batches(self) -> int:
@@ -48,7 +61,12 @@ class Job:
             "total": self.total,
             "batch_size": self.batch_size,
             "batches": self.batches,
+            "output": self.output,
         }
+
+
+#: The older name of :class:`Plan`.
+Job = Plan
 
 
 def auto_batch_size(total: int, processes: int, cap: int) -> int:
@@ -62,31 +80,57 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def _chord(
-    task: str, total: int, batch_size: int, header: list[Signature], job_id: str, extra: dict[str, Any]
-) -> Job:
-    job = {"job_id": job_id, "task": task, "total": total, **extra}
-    body = collect.s(job=job).set(task_id=job_id)
+def build(
+    task: str,
+    items: Sequence[Any],
+    batch_size: int,
+    *,
+    kwargs: dict[str, Any] | None = None,
+    reduce: str | None = None,
+    reduce_kwargs: dict[str, Any] | None = None,
+    reduce_limits: tuple[int, int] | None = None,
+    job_id: str | None = None,
+    shown_as: str | None = None,
+    output: str = "jsonl",
+) -> Plan:
+    """The chord running fanout task ``task`` over ``items``, ``batch_size`` at a time.
+
+    ``kwargs`` go to every call of the task (JSON, the same for the whole job);
+    ``reduce`` names a fanout task the callback runs on the merged outcome, with
+    ``reduce_kwargs`` and, if given, ``reduce_limits`` (hard, soft seconds).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    job_id = job_id or new_job_id()
+    shown_as = shown_as or task
+    extra = (kwargs,) if kwargs else ()
+    header = [
+        app.signature(task, args=(start, list(items[start : start + batch_size]), *extra)).set(
+            immutable=True, ignore_result=True
+        )
+        for start in range(0, len(items), batch_size)
+    ]
+    job: dict[str, Any] = {"job_id": job_id, "task": shown_as, "total": len(items)}
+    if reduce:
+        job["reduce"] = reduce
+        job["reduce_kwargs"] = reduce_kwargs or {}
+    body = app.signature(COLLECT, kwargs={"job": job}).set(task_id=job_id)
+    if reduce_limits:
+        body = body.set(time_limit=reduce_limits[0], soft_time_limit=reduce_limits[1])
     # Not frozen here: freezing a group registers its results with the backend
     # (a Redis subscription), and building must not touch the network.
     signature = chord(group(header), body)
-    return Job(job_id, task, total, batch_size, signature)
+    requires = (task, reduce) if reduce else (task,)
+    return Plan(job_id, shown_as, len(items), batch_size, signature, output, requires)
 
 
-def build_double(values: Sequence[int], batch_size: int, job_id: str | None = None) -> Job:
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    values = list(values)
-    header = [
-        double_batch.si(start, values[start : start + batch_size]).set(ignore_result=True)
-        for start in range(0, len(values), batch_size)
-    ]
-    return _chord("double", len(values), batch_size, header, job_id or new_job_id(), {})
+def build_double(values: Sequence[int], batch_size: int, job_id: str | None = None) -> Plan:
+    return build(DOUBLE, list(values), batch_size, job_id=job_id, shown_as="double", output="double")
 
 
 def build_resize(
     pairs: Sequence[tuple[str, str]], max_side: int, out_dir: str, batch_size: int, job_id: str | None = None
-) -> Job:
+) -> Plan:
     """The plain resize job: each (source, destination) fitted within ``max_side`` pixels."""
     if max_side < 1:
         raise ValueError("max_side must be at least 1")
@@ -102,20 +146,24 @@ def build_resize_items(
     batch_size: int,
     job_id: str | None = None,
     sheet: bool = True,
-) -> Job:
+) -> Plan:
     """A resize job of (source URL, destination URL, width, height) items, image-major.
 
     ``per_image`` is how many sizes each image has (consecutive items), so the
-    callback can group the outputs by image; ``sheet`` asks it for a contact sheet.
+    report can group the outputs by image; ``sheet`` asks it for a contact sheet.
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
     if per_image < 1 or len(items) % per_image:
         raise ValueError("per_image must divide the items into whole images")
+    job_id = job_id or new_job_id()
     rows = [[src, dst, int(w), int(h)] for src, dst, w, h in items]
-    header = [
-        resize_items.si(start, rows[start : start + batch_size], options, out_dir).set(ignore_result=True)
-        for start in range(0, len(rows), batch_size)
-    ]
-    extra = {"out_dir": out_dir, "per_image": per_image, "sheet": sheet}
-    return _chord("resize", len(rows), batch_size, header, job_id or new_job_id(), extra)
+    return build(
+        RESIZE,
+        rows,
+        batch_size,
+        kwargs={"options": options, "out_dir": out_dir},
+        reduce=RESIZE_REPORT,
+        reduce_kwargs={"out_dir": out_dir, "job_id": job_id, "per_image": per_image, "sheet": sheet},
+        job_id=job_id,
+        shown_as="resize",
+        output="resize",
+    )

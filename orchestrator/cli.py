@@ -111,26 +111,40 @@ def execute(
     label: str,
     no_wait: bool = False,
     as_json: bool = False,
+    requires: tuple[str, ...] = (),
 ) -> tuple[Any, float]:
-    """Send the job and wait for it; with ``no_wait``, print its id and exit 0 once it is sent."""
-    from orchestrator.run import run_job, send_job
+    """Send the job and wait for it; with ``no_wait``, print its id and exit 0 once it is sent.
 
+    Returns the outcome (as stored, a dict) and the seconds from sending to the fan-in.
+    """
+    import time
+
+    from orchestrator import jobs
+    from orchestrator.render import progress_bar
+
+    job, sent = jobs.start(job_factory, total, batch_cap, batch_size, requires, _app())
     if no_wait:
-        job, _, _ = send_job(_app(), job_factory, total, batch_cap, batch_size)
-        if as_json:
-            import json
-
-            doc = {"job_id": job.job_id, "task": job.task, "total": job.total, "batches": job.batches}
-            click.echo(json.dumps(doc))
-        else:
-            click.echo(job.job_id)
-            click.echo(
-                f"sent job {job.job_id}: {job.total} items in {job.batches} batches. "
-                f"See it with `fanout status {job.job_id}` (add --wait to wait for it).",
-                err=True,
-            )
+        announce(job, as_json)
         sys.exit(EXIT_OK)
-    return run_job(_app(), job_factory, total, batch_cap, batch_size, timeout, progress, label)
+    with progress_bar(progress, label, total, job.batch_size) as update:
+        outcome = job.wait(timeout, update)
+    return outcome.data, time.perf_counter() - sent
+
+
+def announce(job: Any, as_json: bool) -> None:
+    """What ``--no-wait`` prints: the job id on stdout, how to follow it on stderr."""
+    import json
+
+    if as_json:
+        doc = {"job_id": job.id, "task": job.task, "total": job.total, "batches": job.batches}
+        click.echo(json.dumps(doc))
+        return
+    click.echo(job.id)
+    click.echo(
+        f"sent job {job.id}: {job.total} items in {job.batches} batches. "
+        f"See it with `fanout status {job.id}` (add --wait to wait for it).",
+        err=True,
+    )
 
 
 def _show(progress: bool | None) -> bool:
@@ -152,7 +166,7 @@ def finish(
         write_text(outcome)
         render.write_errors(outcome, sys.stderr)
         click.echo(render.summary(outcome, elapsed), err=True)
-    sys.exit(EXIT_ITEMS_FAILED if outcome["failed"] else EXIT_OK)
+    sys.exit(EXIT_ITEMS_FAILED if outcome["failed"] or outcome.get("reduce_error") else EXIT_OK)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -180,7 +194,7 @@ def double(
 ) -> None:
     """Double NUMBERS (integers of any size; '-' reads them from stdin)."""
     from orchestrator import render
-    from orchestrator.canvas import MAX_DOUBLE_BATCH, build_double
+    from orchestrator.canvas import DOUBLE, MAX_DOUBLE_BATCH, build_double
 
     if range_n is not None and numbers:
         raise click.UsageError("give NUMBERS or --range, not both")
@@ -206,6 +220,7 @@ def double(
         "doubling",
         no_wait,
         as_json,
+        (DOUBLE,),
     )
     finish(outcome, elapsed, as_json, lambda o: render.write_double(o, sys.stdout))
 
@@ -307,9 +322,9 @@ def resize(
     --no-contact-sheet) contact-sheet.png are written next to the outputs.
     """
     from orchestrator import render
-    from orchestrator.canvas import MAX_RESIZE_BATCH, build_resize_items
+    from orchestrator.canvas import MAX_RESIZE_BATCH, RESIZE, RESIZE_REPORT, build_resize_items
     from workers import storage
-    from workers.report import CONTACT_SHEET, MANIFEST, images
+    from workers.report import MANIFEST, images
 
     boxes = [parse_size(s) for s in sizes] + ([(max_side, max_side)] if max_side else [])
     boxes = list(dict.fromkeys(boxes))
@@ -338,11 +353,12 @@ def resize(
         "resizing",
         no_wait,
         as_json,
+        (RESIZE, RESIZE_REPORT),
     )
-    manifest_url = storage.join(out, MANIFEST)
-    sheet_url: str | None = storage.join(out, CONTACT_SHEET)
-    if not sheet or not storage.exists(str(sheet_url)):
-        sheet_url = None  # not asked for, or the callback logged why; the manifest is the record
+    report = outcome.get("reduced") or {}
+    manifest_url = report.get("manifest") or storage.join(out, MANIFEST)
+    # None when not asked for, or the callback logged why; the manifest is the record.
+    sheet_url: str | None = report.get("contact_sheet")
     if not as_json:
         click.echo(f"manifest: {manifest_url}", err=True)
         if sheet:
@@ -409,7 +425,7 @@ def status(job_id: str, as_json: bool, wait_: bool, timeout: float, progress: bo
         else:
             click.echo(current.line())
         sys.exit(EXIT_OK)
-    writer = render.write_resize if outcome["task"] == "resize" else render.write_double
+    writer = render.writer(current.job.output)
     finish(outcome, elapsed, as_json, lambda o: writer(o, sys.stdout))
 
 
@@ -417,21 +433,184 @@ def status(job_id: str, as_json: bool, wait_: bool, timeout: float, progress: bo
 @click.option("--json", "as_json", is_flag=True, help="Print the workers as JSON.")
 @handles_errors
 def workers(as_json: bool) -> None:
-    """List the workers that answer, with their concurrency."""
+    """List the running workers, with their concurrency and the tasks they have."""
     import json
 
-    from orchestrator.run import check_redis, list_workers
+    from orchestrator.discovery import list_workers
+    from orchestrator.run import check_redis
     from workers.settings import get_settings
 
     check_redis(get_settings())
     found = list_workers(_app())
     if as_json:
-        click.echo(json.dumps([{"name": w.name, "concurrency": w.concurrency} for w in found]))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": w.name,
+                        "concurrency": w.concurrency,
+                        "tasks": sorted(w.tasks),
+                        "queues": w.queues,
+                    }
+                    for w in found
+                ]
+            )
+        )
     else:
         for w in found:
-            click.echo(f"{w.name}\tconcurrency {w.concurrency}")
+            click.echo(f"{w.name}\tconcurrency {w.concurrency}\t{len(w.tasks)} tasks")
     if not found:
-        _fail("no worker answered. Start one with `celery -A workers worker`.", EXIT_INFRA)
+        _fail("no worker is running. Start one with `fanout worker`.", EXIT_INFRA)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    metavar="MODULE",
+    help="A module defining @fanout.task functions (repeatable; added to FANOUT_IMPORTS).",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    help="Worker processes [default: the cores this process may use].",
+)
+@click.pass_context
+@handles_errors
+def worker(ctx: click.Context, imports: tuple[str, ...], concurrency: int | None) -> None:
+    """Run a worker: `celery -A workers worker` with fanout's defaults.
+
+    Arguments after the options go to `celery worker` as they are (e.g. --loglevel WARNING).
+    """
+    import os
+
+    from orchestrator.local import available_cores, worker_command
+    from workers.settings import Settings
+
+    env = dict(os.environ)
+    modules = [m for m in (env.get("FANOUT_IMPORTS") or "").split(",") if m.strip()] + list(imports)
+    env["FANOUT_IMPORTS"] = ",".join(dict.fromkeys(m.strip() for m in modules))
+    Settings.from_env(env)  # a bad setting is reported here, before the worker starts
+    # The user's modules are imported from here, as `celery -A` does.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
+    command = worker_command(concurrency or available_cores(), list(ctx.args))
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
+
+
+@main.command("map")
+@click.argument("function", metavar="MODULE:FUNCTION")
+@click.option(
+    "--input",
+    "input_file",
+    type=click.File("r"),
+    required=True,
+    help="JSON Lines, one item per line; - reads stdin.",
+)
+@click.option(
+    "--kwargs",
+    "kwargs_json",
+    metavar="JSON",
+    help="Keyword arguments for every call, as a JSON object (e.g. '{\"scale\": 2}').",
+)
+@click.option(
+    "--reduce",
+    "reduce_spec",
+    metavar="MODULE:FUNCTION",
+    help="A @fanout.task run on a worker over (results, errors); prints its value.",
+)
+@click.option("--stream", is_flag=True, help="Print each result as its batch finishes (out of order).")
+@run_options
+@handles_errors
+def map_command(
+    function: str,
+    input_file: Any,
+    kwargs_json: str | None,
+    reduce_spec: str | None,
+    stream: bool,
+    as_json: bool,
+    timeout: float,
+    batch_size: int | None,
+    progress: bool | None,
+    no_wait: bool,
+) -> None:
+    """Run the @fanout.task MODULE:FUNCTION over every item of --input, on the workers.
+
+    Prints JSON Lines in input order: {"index": i, "result": r} or {"index": i, "error": "..."}.
+    The workers must have the task: FANOUT_IMPORTS=MODULE (or `fanout worker --import MODULE`).
+    """
+    from orchestrator import render
+    from orchestrator.canvas import build
+    from orchestrator.inputs import load_task, parse_json_object, read_json_lines
+
+    if stream and as_json:
+        raise click.UsageError("--stream and --json cannot be combined")
+    task = load_task(function, "MODULE:FUNCTION")
+    reducer = load_task(reduce_spec, "--reduce") if reduce_spec else None
+    kwargs = parse_json_object(kwargs_json, "--kwargs") if kwargs_json else None
+    items = read_json_lines(input_file)
+    if not items:
+        raise click.UsageError("--input holds no items")
+
+    def factory(size: int) -> Any:
+        return build(
+            task.name,
+            items,
+            size,
+            kwargs=kwargs,
+            reduce=reducer.name if reducer else None,
+            reduce_limits=(reducer.time_limit, reducer.soft_time_limit)
+            if reducer and reducer.time_limit and reducer.soft_time_limit
+            else None,
+        )
+
+    requires = (task.name, reducer.name) if reducer else (task.name,)
+    if stream and not no_wait:
+        _stream(factory, len(items), task.batch_size, batch_size, timeout, requires, reducer is not None)
+    outcome, elapsed = execute(
+        factory,
+        len(items),
+        task.batch_size,
+        batch_size,
+        timeout,
+        _show(progress),
+        task.name,
+        no_wait,
+        as_json,
+        requires,
+    )
+    if reducer is not None and not as_json:
+        finish(outcome, elapsed, as_json, lambda o: render.write_reduced(o, sys.stdout))
+    finish(outcome, elapsed, as_json, lambda o: render.write_jsonl(o, sys.stdout))
+
+
+def _stream(
+    factory: Callable[[int], Any],
+    total: int,
+    cap: int,
+    batch_size: int | None,
+    timeout: float,
+    requires: tuple[str, ...],
+    reduced: bool,
+) -> None:
+    """``fanout map --stream``: a line per item as its batch finishes, then the summary; exits."""
+    import time
+
+    from orchestrator import jobs, render
+
+    job, sent = jobs.start(factory, total, cap, batch_size, requires, _app())
+    failed = 0
+    for index, value in job.as_completed(timeout):
+        error = value.error if isinstance(value, jobs.Failure) else None
+        failed += error is not None
+        render.write_jsonl_line(index, None if error else value, error, sys.stdout)
+    outcome = job.wait(timeout)  # already done: one GET
+    if reduced:
+        render.write_reduced(outcome.data, sys.stdout)
+    click.echo(render.summary(outcome.data, time.perf_counter() - sent), err=True)
+    sys.exit(EXIT_ITEMS_FAILED if failed or not outcome.ok else EXIT_OK)
 
 
 @main.command()

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from orchestrator import render
-from orchestrator.canvas import MAX_DOUBLE_BATCH, MAX_RESIZE_BATCH, build_double, build_resize
+from orchestrator import jobs, render
+from orchestrator.canvas import (
+    DOUBLE,
+    MAX_DOUBLE_BATCH,
+    MAX_RESIZE_BATCH,
+    RESIZE,
+    RESIZE_REPORT,
+    Plan,
+    build_double,
+    build_resize,
+)
+from orchestrator.discovery import list_workers
 from orchestrator.inputs import plan_images
-from orchestrator.local import LocalWorker
-from orchestrator.run import check_redis, list_workers, run_job
+from orchestrator.local import LocalWorker, available_cores
+from orchestrator.run import check_redis
 from orchestrator.samples import make_photos
 from workers.app import app
+from workers.fanin import Outcome
 from workers.settings import get_settings
+
+
+def _run(
+    factory: Callable[[int], Plan],
+    total: int,
+    cap: int,
+    requires: tuple[str, ...],
+    timeout: float,
+    progress: bool,
+    label: str,
+) -> tuple[Outcome, float]:
+    job, sent = jobs.start(factory, total, cap, None, requires, app)
+    with render.progress_bar(progress, label, total, job.batch_size) as update:
+        outcome = job.wait(timeout, update)
+    return outcome.data, time.perf_counter() - sent
 
 
 def run_demo(
@@ -41,17 +67,16 @@ def run_demo(
         click.echo(f"using the running workers: {names}", err=True)
     else:
         log = base / "worker.log"
-        click.echo(f"no worker answered: starting a local one (log: {log})", err=True)
-        local = LocalWorker(app, concurrency=os.cpu_count() or 2, name="demo", log_path=str(log)).start()
+        click.echo(f"no worker is running: starting a local one (log: {log})", err=True)
+        local = LocalWorker(app, concurrency=available_cores(), name="demo", log_path=str(log)).start()
     failed = 0
     try:
         plan = plan_images([photo_dir], out_dir)
-        outcome, elapsed = run_job(
-            app,
+        outcome, elapsed = _run(
             lambda size: build_resize(plan.pairs, max_side, str(out_dir), size),
             len(plan.pairs),
             MAX_RESIZE_BATCH,
-            None,
+            (RESIZE, RESIZE_REPORT),
             timeout,
             progress,
             "resizing photos",
@@ -68,12 +93,11 @@ def run_demo(
         click.echo(f"  contact sheet (every photo in input order): {out_dir / 'contact-sheet.png'}")
 
         values = list(range(numbers))
-        outcome, elapsed = run_job(
-            app,
+        outcome, elapsed = _run(
             lambda size: build_double(values, size),
             len(values),
             MAX_DOUBLE_BATCH,
-            None,
+            (DOUBLE,),
             timeout,
             progress,
             "doubling numbers",

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from workers import storage
+from workers.core import FanoutTask
 from workers.errors import ConfigError, InfrastructureError
+from workers.errors import InputError as InputError  # re-exported: where the CLI's input errors live
 from workers.imaging import IMAGE_SUFFIXES
 from workers.resizing import FORMATS, SUFFIXES
-
-
-class InputError(ValueError):
-    """Command-line input that cannot become work items; the message names the culprit."""
 
 
 def parse_number(token: str, position: int) -> int:
@@ -134,3 +134,52 @@ def plan_outputs(
             tag = f"-{size_label(size)}" if len(sizes) > 1 else ""
             items.append((source, _unique(f"{stem}{tag}{ext}", taken), size[0], size[1]))
     return items
+
+
+def read_json_lines(stream: IO[str]) -> list[Any]:
+    """Items from JSON Lines, one value per line; InputError naming the first line that is not JSON."""
+    items: list[Any] = []
+    for number, line in enumerate(stream, 1):
+        if not line.strip():
+            raise InputError(f"line {number} is empty: JSON Lines holds one JSON value per line")
+        try:
+            items.append(json.loads(line))
+        except ValueError as exc:
+            raise InputError(f"line {number} is not JSON: {exc}") from None
+    return items
+
+
+def parse_json_object(text: str, option: str) -> dict[str, Any]:
+    """``text`` as a JSON object, or InputError naming ``option``."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{option} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def load_task(spec: str, what: str) -> FanoutTask[Any, Any]:
+    """The ``@fanout.task`` named ``module:function``, imported as ``celery -A`` would (from here)."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise InputError(f"{what} {spec!r}: expected MODULE:FUNCTION, e.g. myjobs:score")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"{what} {spec!r}: cannot import {module_name}: {exc}") from None
+    found = getattr(module, attribute, None)
+    for part in attribute.split(".")[1:] if found is None else ():
+        found = getattr(found, part, None)
+    if found is None:
+        raise InputError(f"{what} {spec!r}: {module_name} has no {attribute}")
+    if not isinstance(found, FanoutTask):
+        raise InputError(f"{what} {spec!r} is not a fanout task: decorate it with @fanout.task")
+    return found

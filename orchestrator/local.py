@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 
 from celery import Celery
@@ -19,7 +20,7 @@ from workers.errors import InfrastructureError
 class LocalWorker:
     """One ``celery -A workers worker`` process in the background.
 
-    ``start()`` returns once the worker answers a ping; ``stop()`` asks for a
+    ``start()`` returns once the worker has registered itself in Redis; ``stop()`` asks for a
     warm shutdown and kills it if it does not leave in time.
     """
 
@@ -43,12 +44,7 @@ class LocalWorker:
 
     @property
     def command(self) -> list[str]:
-        return [
-            sys.executable, "-m", "celery", "-A", "workers", "worker",
-            "--loglevel", "INFO", "--concurrency", str(self.concurrency),
-            "--hostname", self.node, "--without-gossip", "--without-mingle",
-            *self.extra_args,
-        ]  # fmt: skip
+        return worker_command(self.concurrency, ["--hostname", self.node, *self.extra_args])
 
     def start(self, timeout: float = 60.0) -> LocalWorker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -67,10 +63,17 @@ class LocalWorker:
                     f"worker {self.hostname} exited with code {self.process.returncode} while starting"
                     + (f"; see {self.log_path}" if self.log_path else "")
                 )
-            if self.app.control.ping([self.hostname], timeout=0.5):
+            if self.registered():
                 return self
+            time.sleep(0.1)
         self.stop()
-        raise InfrastructureError(f"worker {self.hostname} did not answer a ping within {timeout:g} s")
+        raise InfrastructureError(f"worker {self.hostname} did not register in Redis within {timeout:g} s")
+
+    def registered(self) -> bool:
+        """Whether this worker has registered itself in Redis: it consumes, and clients can find it."""
+        from orchestrator.discovery import list_workers
+
+        return any(w.name == self.hostname for w in list_workers(self.app))
 
     def stop(self, timeout: float = 20.0) -> None:
         process = self.process
@@ -88,6 +91,29 @@ class LocalWorker:
 
     def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType] | None) -> None:
         self.stop()
+
+
+def worker_command(concurrency: int, extra_args: list[str]) -> list[str]:
+    """``celery -A workers worker`` as fanout runs it: INFO logs, no gossip or mingle (workers
+    need not know each other: the broker hands out the work), ``concurrency`` pool processes."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers", "worker",
+        "--loglevel", "INFO", "--concurrency", str(concurrency),
+        "--without-gossip", "--without-mingle",
+        *extra_args,
+    ]  # fmt: skip
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period) + 0.5)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def _hostname() -> str:

@@ -20,6 +20,7 @@ def as_document(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None
         "failed": outcome["failed"],
         "results": outcome["results"],
         "errors": outcome["errors"],
+        **{key: outcome[key] for key in ("reduced", "reduce_error") if key in outcome},
         "elapsed_s": round(elapsed_s, 3),
         **(extra or {}),
     }
@@ -39,6 +40,8 @@ def summary(outcome: Outcome, elapsed_s: float) -> str:
 
 
 def write_errors(outcome: Outcome, err: IO[str], limit: int = 50) -> None:
+    if "reduce_error" in outcome:
+        err.write(f"reduce failed: {outcome['reduce_error']}\n")
     for failure in outcome["errors"][:limit]:
         err.write(f"failed item {failure['index']} ({failure['input']!r}): {failure['error']}\n")
     if len(outcome["errors"]) > limit:
@@ -59,6 +62,37 @@ def write_resize(outcome: Outcome, out: IO[str]) -> None:
                 f"{record['source']} -> {record['destination']} "
                 f"({record['width']}x{record['height']}, {record['bytes']} bytes)\n"
             )
+
+
+def write_jsonl_line(index: int, result: Any, error: str | None, out: IO[str]) -> None:
+    """One ``fanout map`` line: ``{"index": i, "result": r}``, or ``{"index": i, "error": "..."}``."""
+    line = {"index": index, "error": error} if error is not None else {"index": index, "result": result}
+    out.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+def write_jsonl(outcome: Outcome, out: IO[str]) -> None:
+    """Every item in input order, a JSON line each."""
+    failed = {e["index"]: e["error"] for e in outcome["errors"]}
+    for index, value in enumerate(outcome["results"]):
+        write_jsonl_line(index, value, failed.get(index), out)
+
+
+def write_reduced(outcome: Outcome, out: IO[str]) -> None:
+    """The reduce's value, as one JSON document (nothing if the reduce failed)."""
+    if "reduced" in outcome:
+        out.write(json.dumps(outcome["reduced"], separators=(",", ":")) + "\n")
+
+
+#: How each kind of job prints its results (the kind is kept in the job's record).
+WRITERS: dict[str, Callable[[Outcome, IO[str]], None]] = {
+    "double": write_double,
+    "resize": write_resize,
+    "jsonl": write_jsonl,
+}
+
+
+def writer(kind: str) -> Callable[[Outcome, IO[str]], None]:
+    return WRITERS.get(kind, write_jsonl)
 
 
 @contextmanager

@@ -1,31 +1,51 @@
-"""Sending a job and waiting for its fan-in, always with a bound."""
+"""Sending a job and following it to its fan-in, always with a bound.
+
+Following a job is one loop, :func:`follow`: every poll is O(1) Redis commands
+(the callback's state and the count of finished batches), it ends early when
+nothing moves and no worker is left, and it rides out a Redis restart.  Both
+:func:`wait` (the whole outcome) and :func:`parts_as_completed` (results as
+batches finish) are built on it.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Protocol
 
 import redis
 from celery import Celery
+from celery.states import READY_STATES
 
-from orchestrator.canvas import Job
-from workers.errors import InfrastructureError, RunTimeout
-from workers.fanin import Outcome
+from orchestrator.canvas import Plan
+from orchestrator.discovery import WorkerInfo, list_workers, require_workers
+from workers import keys
+from workers.errors import ConfigError, InfrastructureError, RunTimeout
+from workers.fanin import Outcome, Part
 from workers.settings import Settings
 
-#: How long ``workers`` and the pre-flight check wait for replies, seconds.
-PING_TIMEOUT = 1.5
-#: With no progress for this long, check that some worker still answers.
+__all__ = [
+    "WorkerInfo",
+    "batches_done",
+    "callback_meta",
+    "check_redis",
+    "follow",
+    "list_workers",
+    "load_record",
+    "require_workers",
+    "send_job",
+    "submit",
+    "wait",
+]
+
+#: With no progress for this long, check that some worker still runs.
 STALL_CHECK_S = 10.0
 #: Seconds between polls: each is two O(1) commands, and a short interval keeps the
 #: time between the fan-in and the client noticing it small next to a fast run.
 POLL_S = 0.05
 #: How long a wait keeps trying a Redis that went away (long enough for a restart).
 REDIS_GRACE_S = 30.0
-JOB_KEY = "fanout:job:{}"
 
 
 def _redact(url: str) -> str:
@@ -55,35 +75,7 @@ def check_redis(settings: Settings) -> None:
             client.close()
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    name: str
-    concurrency: int
-
-
-def list_workers(app: Celery, timeout: float = PING_TIMEOUT) -> list[WorkerInfo]:
-    """The workers that answer within ``timeout``, with their pool sizes."""
-    stats = app.control.inspect(timeout=timeout).stats() or {}
-    return sorted(
-        (
-            WorkerInfo(name, int(s.get("pool", {}).get("max-concurrency", 0) or 0))
-            for name, s in stats.items()
-        ),
-        key=lambda w: w.name,
-    )
-
-
-def require_workers(app: Celery) -> list[WorkerInfo]:
-    workers = list_workers(app)
-    if not workers:
-        raise InfrastructureError(
-            f"no worker answered within {PING_TIMEOUT} s. Start one with "
-            "`celery -A workers worker`, or try `fanout demo`, which starts its own."
-        )
-    return workers
-
-
-def submit(app: Celery, job: Job, expires: int) -> str:
+def submit(app: Celery, job: Plan, expires: int) -> str:
     """Publish the job's chord and record it; return the header's group id.
 
     The header goes out in bulk (see orchestrator/publish.py: the same messages
@@ -94,7 +86,7 @@ def submit(app: Celery, job: Job, expires: int) -> str:
 
     group_id = publish_chord(app, job.signature)
     record = {**job.record(group_id), "sent_at": time.time()}
-    app.backend.client.set(JOB_KEY.format(job.job_id), json.dumps(record), ex=expires)
+    app.backend.client.set(keys.job(job.job_id), json.dumps(record), ex=expires)
     return group_id
 
 
@@ -103,12 +95,16 @@ Progress = Callable[[int, int], None]  # (batches done, batches in all)
 
 def batches_done(app: Celery, group_id: str) -> int:
     """How many header tasks have reported: one ZCARD, whatever the job's size."""
-    key = app.backend.get_key_for_group(group_id, ".j")
-    return int(app.backend.client.zcard(key))
+    return int(app.backend.client.zcard(join_key(app, group_id)))
+
+
+def join_key(app: Celery, group_id: str) -> str:
+    """Where the chord collects its header parts: a sorted set scored by batch number."""
+    return str(app.backend.get_key_for_group(group_id, ".j"))
 
 
 class Tracked(Protocol):
-    """What waiting needs to know about a job: a :class:`~orchestrator.canvas.Job`, or a stored record."""
+    """What following needs to know about a job: a :class:`~orchestrator.canvas.Plan`, or a stored record."""
 
     @property
     def job_id(self) -> str: ...
@@ -133,17 +129,16 @@ def callback_meta(app: Celery, job_id: str) -> dict[str, Any] | None:
     return meta
 
 
-def wait(
-    app: Celery, job: Tracked, group_id: str, timeout: float, progress: Progress | None = None
-) -> Outcome:
-    """Wait for ``job``'s fan-in for at most ``timeout`` seconds.
+def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generator[int, None, Outcome]:
+    """Poll ``job`` until its callback is done; yield the count of finished batches at each poll.
 
-    Each poll costs two O(1) Redis commands.  If nothing moves for a while and
-    no worker answers, the wait ends early with InfrastructureError rather
-    than running out the clock in silence.  If Redis goes away, the wait keeps
-    trying for up to REDIS_GRACE_S (a restart); once Redis is back it checks
-    that the job's state survived (it does not without persistence), and
-    says so instead of waiting for a run that can no longer complete.
+    Returns (as the generator's value) the callback's final state and result.
+    Each poll costs two O(1) Redis commands.  If nothing moves for
+    STALL_CHECK_S and no worker is running, it raises InfrastructureError
+    rather than running out the clock in silence.  If Redis goes away, it
+    keeps trying for up to REDIS_GRACE_S (a restart); once Redis is back it
+    checks that the job's state survived (it does not without persistence),
+    and says so instead of waiting for a run that can no longer complete.
     """
     start = time.monotonic()
     deadline = start + timeout
@@ -157,9 +152,8 @@ def wait(
                 _require_state(app, job, done)
             lost_since = None
             meta = callback_meta(app, job.job_id)
-            state = meta["status"] if meta else "PENDING"
-            if state in ("SUCCESS", "FAILURE", "REVOKED"):
-                break
+            if meta is not None and meta.get("status") in READY_STATES:
+                return _final(job, meta)
             done = batches_done(app, group_id)
         except redis.RedisError as exc:
             lost_since = lost_since or now
@@ -171,10 +165,9 @@ def wait(
                 ) from None
             time.sleep(POLL_S * 5)
             continue
+        yield done
         if done != last_done:
             last_done, last_change = done, now
-            if progress:
-                progress(done, job.batches)
         if now >= deadline:
             raise RunTimeout(
                 f"timed out after {timeout:g} s waiting for job {job.job_id}: "
@@ -186,23 +179,108 @@ def wait(
             try:
                 # A restart between two polls raises nothing: check the state is still there.
                 _require_state(app, job, done)
-                answering = list_workers(app)
+                running = list_workers(app)
             except redis.RedisError:
                 continue
-            if not answering:
+            if not running:
                 raise InfrastructureError(
-                    f"no worker answers and job {job.job_id} has not moved for "
+                    f"no worker is running and job {job.job_id} has not moved for "
                     f"{STALL_CHECK_S:g} s: {_pending(job, done)}. Start a worker "
-                    f"(`celery -A workers worker`), then `fanout status {job.job_id} --wait`."
+                    f"(`fanout worker`), then `fanout status {job.job_id} --wait`."
                 )
         time.sleep(min(POLL_S, max(0.0, deadline - now)))
-    assert meta is not None  # the loop ends only on a final state
+
+
+def _final(job: Tracked, meta: dict[str, Any]) -> Outcome:
+    state = meta["status"]
     if state != "SUCCESS":
         raise InfrastructureError(f"job {job.job_id} ended in {state}: {meta.get('result')!r}")
-    if progress:
-        progress(job.batches, job.batches)
     outcome: Outcome = meta["result"]
     return outcome
+
+
+def wait(
+    app: Celery, job: Tracked, group_id: str, timeout: float, progress: Progress | None = None
+) -> Outcome:
+    """Wait for ``job``'s fan-in for at most ``timeout`` seconds; see :func:`follow`."""
+    polls = follow(app, job, group_id, timeout)
+    last = -1
+    try:
+        while True:
+            done = next(polls)
+            if progress and done != last:
+                progress(min(done, job.batches), job.batches)
+            last = done
+    except StopIteration as stop:
+        outcome: Outcome = stop.value
+    if progress:
+        progress(job.batches, job.batches)
+    return outcome
+
+
+#: Past this many gaps between the batches already read, one read of the whole join is cheaper.
+MAX_RANGES = 32
+
+
+def parts_as_completed(app: Celery, job: Tracked, group_id: str, timeout: float) -> Iterator[Part | Outcome]:
+    """Yield each header part as it lands in the chord's join, then the final outcome.
+
+    Each batch is read once: when the count of finished batches changes, only
+    the batch numbers not read yet are fetched (one ZRANGEBYSCORE per gap,
+    pipelined).  The chord deletes its join once the callback is sent, so the
+    final outcome comes last; it holds every item, including those of parts
+    never seen here.
+    """
+    seen: set[int] = set()
+    key = join_key(app, group_id)
+    polls = follow(app, job, group_id, timeout)
+    last = 0
+    try:
+        while True:
+            done = next(polls)
+            if done == last:
+                continue
+            last = done
+            for number, part in _new_parts(app, key, seen, job.batches):
+                seen.add(number)
+                yield part
+    except StopIteration as stop:
+        yield stop.value
+
+
+def _new_parts(app: Celery, key: str, seen: set[int], batches: int) -> Iterable[tuple[int, Part]]:
+    gaps = _gaps(seen, batches)
+    client = app.backend.client
+    if len(gaps) > MAX_RANGES:
+        rows = client.zrange(key, 0, -1, withscores=True)
+    else:
+        with client.pipeline(transaction=False) as pipe:
+            for low, high in gaps:
+                pipe.zrangebyscore(key, low, high, withscores=True)
+            rows = [row for found in pipe.execute() for row in found]
+    for raw, score in rows:
+        number = int(score)
+        if number in seen:
+            continue
+        _, _, state, result = app.backend.decode(raw)
+        if state == "SUCCESS" and isinstance(result, dict):
+            yield number, result  # type: ignore[misc]
+
+
+def _gaps(seen: set[int], batches: int) -> list[tuple[int, int]]:
+    """The runs of batch numbers in 0..batches-1 not in ``seen``, as (first, last) pairs."""
+    gaps: list[tuple[int, int]] = []
+    first: int | None = None
+    for number in range(batches):
+        if number in seen:
+            if first is not None:
+                gaps.append((first, number - 1))
+                first = None
+        elif first is None:
+            first = number
+    if first is not None:
+        gaps.append((first, batches - 1))
+    return gaps
 
 
 def _require_state(app: Celery, job: Tracked, done: int) -> None:
@@ -216,6 +294,7 @@ def _require_state(app: Celery, job: Tracked, done: int) -> None:
 
 
 def _pending(job: Tracked, done: int) -> str:
+    done = min(done, job.batches)
     items_done = min(job.total, done * job.batch_size)
     return (
         f"{done} of {job.batches} batches done (about {items_done} of {job.total} items), "
@@ -224,18 +303,31 @@ def _pending(job: Tracked, done: int) -> str:
 
 
 def load_record(app: Celery, job_id: str) -> dict[str, Any] | None:
-    raw = app.backend.client.get(JOB_KEY.format(job_id))
+    raw = app.backend.client.get(keys.job(job_id))
     return json.loads(raw) if raw else None
+
+
+def check_limits(app: Celery, plan: Plan, settings: Settings) -> None:
+    """ConfigError if a task's own time limit would let Redis hand a running batch to a second worker."""
+    for name in plan.requires:
+        limit = getattr(app.tasks.get(name), "time_limit", None)
+        if limit and limit >= settings.visibility_timeout:
+            raise ConfigError(
+                f"task {name} has time_limit={limit} s, which must be below "
+                f"FANOUT_VISIBILITY_TIMEOUT={settings.visibility_timeout} s, or a running batch "
+                "would be handed to a second worker; raise FANOUT_VISIBILITY_TIMEOUT on every machine"
+            )
 
 
 def send_job(
     app: Celery,
-    job_factory: Callable[[int], Job],
+    job_factory: Callable[[int], Plan],
     total: int,
     batch_cap: int,
     batch_size: int | None,
-) -> tuple[Job, str, float]:
-    """Check Redis and workers, build the job and send it.
+    requires: Iterable[str] = (),
+) -> tuple[Plan, str, float]:
+    """Check Redis and that some worker has the tasks in ``requires``, build the job and send it.
 
     Returns the job, its header's group id, and ``time.perf_counter()`` just before sending.
     """
@@ -244,30 +336,9 @@ def send_job(
 
     settings = get_settings()
     check_redis(settings)
-    workers = require_workers(app)
-    processes = sum(w.concurrency for w in workers) or 1
+    able = require_workers(app, requires)
+    processes = sum(w.concurrency for w in able) or 1
     job = job_factory(batch_size or auto_batch_size(total, processes, batch_cap))
+    check_limits(app, job, settings)
     started = time.perf_counter()
     return job, submit(app, job, settings.result_expires), started
-
-
-def run_job(
-    app: Celery,
-    job_factory: Callable[[int], Job],
-    total: int,
-    batch_cap: int,
-    batch_size: int | None,
-    timeout: float,
-    show_progress: bool,
-    label: str,
-) -> tuple[Outcome, float]:
-    """Send the job (:func:`send_job`) and wait for its fan-in.
-
-    Returns the outcome and the seconds from sending to fan-in.
-    """
-    from orchestrator.render import progress_bar
-
-    job, group_id, started = send_job(app, job_factory, total, batch_cap, batch_size)
-    with progress_bar(show_progress, label, total, job.batch_size) as update:
-        outcome = wait(app, job, group_id, timeout, update)
-    return outcome, time.perf_counter() - started

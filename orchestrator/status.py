@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from celery.states import READY_STATES
 
 from orchestrator.run import batches_done, callback_meta, load_record
 from workers.errors import FanoutError, InfrastructureError
@@ -32,6 +33,7 @@ class StoredJob:
     batch_size: int
     batches: int
     sent_at: float | None
+    output: str = "jsonl"
 
     @classmethod
     def load(cls, app: Celery, job_id: str) -> StoredJob:
@@ -49,6 +51,7 @@ class StoredJob:
             batch_size=int(record["batch_size"]),
             batches=int(record["batches"]),
             sent_at=record.get("sent_at"),
+            output=str(record.get("output") or "jsonl"),
         )
 
 
@@ -97,7 +100,7 @@ def job_status(app: Celery, job_id: str) -> Status:
     """Where ``job_id`` stands now."""
     job = StoredJob.load(app, job_id)
     meta = callback_meta(app, job_id)
-    if meta is None or meta.get("status") not in ("SUCCESS", "FAILURE", "REVOKED"):
+    if meta is None or meta.get("status") not in READY_STATES:
         return Status(job, "running", batches_done(app, job.group_id), None, None)
     state = str(meta["status"])
     if state != "SUCCESS":

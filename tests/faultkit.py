@@ -59,7 +59,7 @@ def rigged_job(
     time_limits = {"time_limit": limits[0], "soft_time_limit": limits[1]} if limits else {}
     header = [
         app.signature(
-            "fanout.test.rigged_batch", args=(start, values[start : start + batch_size]), kwargs=kwargs
+            "fanout.test.rigged_batch", args=(start, values[start : start + batch_size], kwargs)
         ).set(immutable=True, ignore_result=True, queue=queue, **time_limits)
         for start in range(0, len(values), batch_size)
     ]

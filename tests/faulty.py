@@ -1,9 +1,9 @@
-"""Test-only header tasks that misbehave on purpose: slow items, items that kill or hang their process.
+"""Test-only work that misbehaves on purpose: slow items, items that kill or hang their process.
 
-Workers started by the fault tests load this module (``--include tests.faulty``).
-The tasks go through the same machinery as the real ones (late acks,
-:class:`~workers.attempts.HeaderRequest`, :func:`~workers.attempts.run_counted`);
-only the work is rigged.
+Workers started by the fault tests load this module (``--include tests.faulty``,
+as ``FANOUT_IMPORTS`` would).  It is a fanout task written as any user writes
+one, so it goes through the same machinery as every job (late acks, the header
+request, the attempt log, the soft time limit); only the work is rigged.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers.app import app
+import fanout
 from workers.doubling import double
-from workers.fanin import Part
-from workers.tasks import HEADER_REQUEST, attempt_log
 
 #: Values with a meaning to ``rigged_batch``.
 KILL = "kill"  # the item SIGKILLs its own pool process, every time
@@ -29,36 +26,28 @@ KILL_ONCE = "kill-once"  # ... only the first time (an OOM kill that does not re
 HANG = "hang"  # the item ignores the soft time limit, so the hard one kills it
 
 
-@app.task(  # type: ignore[untyped-decorator]
-    name="fanout.test.rigged_batch", bind=True, ignore_result=True, Request=HEADER_REQUEST
-)
-def rigged_batch(self: Task, start: int, values: list[Any], seconds: float = 0.0, marks: str = "") -> Part:
-    """Double ``values`` after ``seconds`` each; items named in ``values`` as [KILL, ...] misbehave.
+@fanout.task(name="fanout.test.rigged_batch")
+def rigged_batch(value: Any, seconds: float = 0.0, marks: str = "") -> int:
+    """Double ``value`` after ``seconds``; values given as [KILL, ...] and the like misbehave.
 
     ``marks`` is a directory where every run of an item leaves a file, so a test
     can count the runs.
     """
-
-    def work(value: Any) -> Any:
-        if marks:
-            fd, _ = _mark(Path(marks), value)
-            os.close(fd)
-        if isinstance(value, list) and value:
-            if value[0] == KILL:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if value[0] == KILL_ONCE and _mark(Path(marks), ["once", *value[1:]], exclusive=True)[0] >= 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if value[0] == HANG:
-                while True:
-                    with contextlib.suppress(SoftTimeLimitExceeded):
-                        time.sleep(100)
-            value = value[1]
-        time.sleep(seconds)
-        return double(value)
-
-    from workers.attempts import run_counted
-
-    return run_counted(work, start, values, attempt_log(self))
+    if marks:
+        fd, _ = _mark(Path(marks), value)
+        os.close(fd)
+    if isinstance(value, list) and value:
+        if value[0] == KILL:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if value[0] == KILL_ONCE and _mark(Path(marks), ["once", *value[1:]], exclusive=True)[0] >= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if value[0] == HANG:
+            while True:
+                with contextlib.suppress(SoftTimeLimitExceeded):
+                    time.sleep(100)
+        value = value[1]
+    time.sleep(seconds)
+    return double(value)
 
 
 def _mark(directory: Path, value: Any, exclusive: bool = False) -> tuple[int, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from celery import chord
 
-from orchestrator.canvas import auto_batch_size, build_double, build_resize
+from orchestrator.canvas import auto_batch_size, build, build_double, build_resize
 
 
 def test_building_a_job_subscribes_to_nothing() -> None:
@@ -26,6 +26,7 @@ def test_double_job_is_a_chord_of_batches_with_collect_as_callback() -> None:
     assert all(t.immutable and t.options.get("ignore_result") for t in header)
     assert sig.body.task == "fanout.collect"
     assert sig.body.kwargs["job"] == {"job_id": "job-1", "task": "double", "total": 10}
+    assert job.requires == ("fanout.double_batch",)
     assert sig.body.options["task_id"] == "job-1"
     assert (job.total, job.batches, job.batch_size) == (10, 3, 4)
     assert job.record("g")["group_id"] == "g"
@@ -36,10 +37,15 @@ def test_resize_job_carries_paths_not_pixels() -> None:
     job = build_resize(pairs, 256, "/out", batch_size=2, job_id="job-2")
     header = list(job.signature.tasks)
     assert [t.task for t in header] == ["fanout.resize_items"] * 3
-    start, items, options, out_dir = header[2].args
-    assert (start, items, out_dir) == (4, [["/in/4.jpg", "/out/4.jpg", 256, 256]], "/out")
+    start, items, kwargs = header[2].args
+    assert (start, items, kwargs["out_dir"]) == (4, [["/in/4.jpg", "/out/4.jpg", 256, 256]], "/out")
+    options = kwargs["options"]
     assert options["mode"] == "fit" and options["format"] == "keep" and options["upscale"] is False
-    assert job.signature.body.kwargs["job"]["out_dir"] == "/out"
+    # The manifest and contact sheet are resize's reduce step, run by the callback.
+    job_doc = job.signature.body.kwargs["job"]
+    assert job_doc["reduce"] == "fanout.resize_report"
+    assert job_doc["reduce_kwargs"] == {"out_dir": "/out", "job_id": "job-2", "per_image": 1, "sheet": True}
+    assert set(job.requires) == {"fanout.resize_items", "fanout.resize_report"}
 
 
 def test_batch_size_one_is_one_task_per_item() -> None:
@@ -59,3 +65,35 @@ def test_bad_batch_sizes_are_refused() -> None:
         build_double([1], batch_size=0)
     with pytest.raises(ValueError):
         build_resize([("a", "b")], 0, "/out", batch_size=1)
+
+
+def test_any_task_builds_the_same_chord_with_its_kwargs_and_reduce() -> None:
+    job = build(
+        "myjobs.score",
+        [{"a": 1}, {"a": 2}, {"a": 3}],
+        2,
+        kwargs={"scale": 2},
+        reduce="myjobs.summarize",
+        reduce_kwargs={"top": 3},
+        reduce_limits=(120, 110),
+        job_id="job-3",
+        output="jsonl",
+    )
+    header = list(job.signature.tasks)
+    assert [t.task for t in header] == ["myjobs.score"] * 2
+    assert [tuple(t.args) for t in header] == [
+        (0, [{"a": 1}, {"a": 2}], {"scale": 2}),
+        (2, [{"a": 3}], {"scale": 2}),
+    ]
+    body = job.signature.body
+    assert body.task == "fanout.collect" and body.options["task_id"] == "job-3"
+    assert body.kwargs["job"] == {
+        "job_id": "job-3",
+        "task": "myjobs.score",
+        "total": 3,
+        "reduce": "myjobs.summarize",
+        "reduce_kwargs": {"top": 3},
+    }
+    assert (body.options["time_limit"], body.options["soft_time_limit"]) == (120, 110)
+    assert job.requires == ("myjobs.score", "myjobs.summarize")
+    assert job.record("g")["output"] == "jsonl"

@@ -258,14 +258,14 @@ def test_the_job_carries_urls_sizes_and_options_never_credentials(monkeypatch: p
     job = build_resize_items(items, ResizeOptions(mode="fill").to_json(), "s3://out", 2, batch_size=1)
     header = list(job.signature.tasks)
     assert [t.task for t in header] == ["fanout.resize_items"] * 2
-    assert tuple(header[1].args) == (
+    start, rows, kwargs = header[1].args
+    assert (start, rows, kwargs["out_dir"]) == (
         1,
         [["s3://in/a.jpg", "s3://out/a-32.jpg", 32, 32]],
-        header[1].args[2],
         "s3://out",
     )
-    assert header[1].args[2]["mode"] == "fill"
-    assert job.signature.body.kwargs["job"]["per_image"] == 2
+    assert kwargs["options"]["mode"] == "fill"
+    assert job.signature.body.kwargs["job"]["reduce_kwargs"]["per_image"] == 2
     assert "do-not-send-me" not in json.dumps([t.args for t in header] + [job.signature.body.kwargs])
 
 

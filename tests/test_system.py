@@ -140,7 +140,7 @@ def test_cli_exit_3_when_no_worker_answers(cli_env: dict[str, str], redis_client
     env = dict(cli_env, FANOUT_REDIS_URL=other_database(cli_env, 2))
     proc = run_cli(env, "double", "1", timeout=30)
     assert proc.returncode == 3
-    assert "no worker answered" in proc.stderr
+    assert "no worker is running" in proc.stderr
 
 
 def test_cli_exit_2_on_a_bad_setting(cli_env: dict[str, str]) -> None:
@@ -152,7 +152,11 @@ def test_cli_exit_2_on_a_bad_setting(cli_env: dict[str, str]) -> None:
 def test_cli_workers_lists_the_worker(cli_env: dict[str, str], worker: LocalWorker) -> None:
     proc = run_cli(cli_env, "workers", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert {"name": worker.hostname, "concurrency": 2} in json.loads(proc.stdout)
+    found = {w["name"]: w for w in json.loads(proc.stdout)}
+    assert found[worker.hostname]["concurrency"] == 2
+    assert {"fanout.double_batch", "fanout.resize_items", "fanout.collect"} <= set(
+        found[worker.hostname]["tasks"]
+    )
 
 
 def test_demo_starts_its_own_worker_when_none_answers(

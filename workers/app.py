@@ -35,6 +35,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": _broker_url(settings.broker_url),
         # Celery's Redis backend, with a chord part's report retried through a Redis restart.
         "result_backend": f"workers.backend:RetryingRedisBackend+{_backend_url(settings.result_backend)}",
+        # The user's task modules (FANOUT_IMPORTS), imported by every worker at start-up.
+        "imports": settings.imports,
         # JSON only: a pickle message from the broker could run arbitrary code.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -95,6 +97,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 app = Celery("fanout", include=["workers.tasks"])
+# Each worker keeps a registration in Redis, so clients find workers without a broadcast.
+app.steps["consumer"].add("workers.registration:Registration")
 # Read lazily, on first use of the configuration: importing the app never fails,
 # and a bad setting surfaces where it can be reported (the CLI exits 2 with it).
 app.add_defaults(lambda: celery_config(get_settings()))

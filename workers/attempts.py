@@ -29,6 +29,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
+from workers import keys
 from workers.backend import retrying
 from workers.errors import ItemError
 from workers.fanin import Part, run_batch
@@ -65,11 +66,13 @@ def run_counted(
     items: Sequence[Any],
     log: AttemptLog,
     label: Callable[[Any], Any] = lambda item: item,
+    stop_on: tuple[type[BaseException], ...] = (),
+    stopped: str = "the batch was stopped",
 ) -> Part:
     """:func:`~workers.fanin.run_batch`, except that an item which killed its process
     :data:`MAX_KILLS` times is reported as failed instead of being run again."""
     if log.batch_started() == 1:
-        return run_batch(work, start, items, label)
+        return run_batch(work, start, items, label, stop_on, stopped)
 
     def guarded(numbered: tuple[int, Any]) -> Any:
         offset, item = numbered
@@ -91,7 +94,9 @@ def run_counted(
         log.item_finished(index)
         return result
 
-    return run_batch(guarded, start, list(enumerate(items)), lambda numbered: label(numbered[1]))
+    return run_batch(
+        guarded, start, list(enumerate(items)), lambda numbered: label(numbered[1]), stop_on, stopped
+    )
 
 
 class RedisAttemptLog:
@@ -99,8 +104,8 @@ class RedisAttemptLog:
 
     def __init__(self, client: Any, task_id: str, expires: int) -> None:
         self.client = client
-        self.runs_key = f"fanout:runs:{task_id}"
-        self.items_key = f"fanout:unfinished:{task_id}"
+        self.runs_key = keys.batch_runs(task_id)
+        self.items_key = keys.item_runs(task_id)
         self.expires = expires
 
     def batch_started(self) -> int:

@@ -15,6 +15,10 @@ class ConfigError(FanoutError):
     """The environment holds a setting fanout cannot use."""
 
 
+class InputError(FanoutError, ValueError):
+    """Input that cannot become work items, refused before anything is sent; the message names the culprit."""
+
+
 class ItemError(FanoutError):
     """One input item cannot be processed; the rest of the run goes on.
 

@@ -8,7 +8,7 @@ into one outcome in input order.  Nothing here knows about Celery.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from workers.errors import ItemError, TransientError
 
@@ -29,6 +29,8 @@ class Part(TypedDict):
 
 
 class Outcome(TypedDict):
+    """The fan-in of a whole job, in input order; ``reduced`` or ``reduce_error`` once a reduce ran."""
+
     job_id: str
     task: str
     total: int
@@ -36,6 +38,8 @@ class Outcome(TypedDict):
     failed: int
     results: list[Any]
     errors: list[ItemFailure]
+    reduced: NotRequired[Any]
+    reduce_error: NotRequired[str]
 
 
 def describe(exc: BaseException) -> str:
@@ -51,11 +55,16 @@ def run_batch(
     start: int,
     items: Sequence[Any],
     label: Callable[[Any], Any] = lambda item: item,
+    stop_on: tuple[type[BaseException], ...] = (),
+    stopped: str = "the batch was stopped",
 ) -> Part:
     """Apply ``work`` to each item; an item that raises becomes an error entry.
 
     Any exception from one item is that item's failure, never the batch's: a
-    header task must return, or Celery fails the whole chord.
+    header task must return, or Celery fails the whole chord.  An exception in
+    ``stop_on`` (a time limit, a cancel) ends the batch early instead: the items
+    done keep their results, the item it interrupted and those not started fail
+    with ``stopped`` as the reason.
     """
     results: list[Any] = []
     errors: list[ItemFailure] = []
@@ -63,6 +72,15 @@ def run_batch(
     for offset, item in enumerate(items):
         try:
             results.append(work(item))
+        except stop_on:
+            errors.append({"index": start + offset, "input": label(item), "error": f"{stopped} while it ran"})
+            rest = range(offset + 1, len(items))
+            errors.extend(
+                {"index": start + k, "input": label(items[k]), "error": f"not started: {stopped} first"}
+                for k in rest
+            )
+            results.extend([None] * (len(items) - offset))
+            break
         except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
             results.append(None)
             errors.append({"index": start + offset, "input": label(item), "error": describe(exc)})

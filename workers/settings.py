@@ -43,6 +43,15 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+def _modules(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of dotted module names."""
+    modules = tuple(m.strip() for m in (env.get(name) or "").split(",") if m.strip())
+    for module in modules:
+        if not all(part.isidentifier() for part in module.split(".")):
+            raise ConfigError(f"{name}: {module!r} is not a dotted module name (e.g. myjobs or pkg.tasks)")
+    return modules
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything fanout reads from the environment.
@@ -75,6 +84,9 @@ class Settings:
     restore_interval: int = 5
     #: Seconds to wait for a TCP connection to Redis before giving up.
     connect_timeout: float = 3.0
+    #: Modules of the user's that a worker imports at start-up, so it has their
+    #: ``@fanout.task`` functions (``FANOUT_IMPORTS=myjobs,other.module``).
+    imports: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +109,7 @@ class Settings:
             task_time_limit=time_limit,
             visibility_timeout=visibility,
             restore_interval=_int(env, "FANOUT_RESTORE_INTERVAL", cls.restore_interval),
+            imports=_modules(env, "FANOUT_IMPORTS"),
         )
 
 

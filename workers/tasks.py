@@ -1,103 +1,126 @@
-"""Celery tasks: thin adapters from JSON messages to the plain functions.
+"""The jobs that ship with fanout, as any user would write them, and the one chord callback.
 
-Header tasks (``double_batch``, ``resize_items``) never raise for a bad item:
-they return a :class:`~workers.fanin.Part` with the item's error, because one
-raising header task would make Celery fail the whole chord with ``ChordError``.
-Their results travel to the callback through the chord's own join, so they
-store no result of their own (``ignore_result``) and the client that sends
-them subscribes to none.
+``double`` and ``resize`` are plain functions made fanout tasks by
+:func:`workers.core.task`, exactly as a user's function is; the resize report
+(``manifest.json`` and the contact sheet) is resize's reduce step.  Nothing
+else here knows about either job.
+
+``collect`` is the chord callback of every job: it merges the header parts
+back into input order and, when the job names one, runs its reduce.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.app import app
-from workers.attempts import RedisAttemptLog, run_counted
+from workers.core import lookup, task
 from workers.doubling import double as double_value
-from workers.fanin import Outcome, Part, fail_batch, merge
+from workers.errors import TransientError
+from workers.fanin import ItemFailure, Outcome, describe, merge
 from workers.paths import inside_url
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
-from workers.settings import get_settings
 
-#: Retries of a batch whose items hit transient I/O errors, with backoff.
-MAX_RETRIES = 3
-#: Header tasks' request class: a hard time limit requeues the batch instead of failing the chord.
-HEADER_REQUEST = "workers.attempts:HeaderRequest"
+logger = logging.getLogger(__name__)
 
+#: Attempts of an item whose I/O failed in a way worth another try (network, storage).
+RESIZE_RETRIES = 3
 
-def attempt_log(task: Task) -> RedisAttemptLog:
-    """Where ``task``'s runs are counted, so a poison item is failed rather than retried forever."""
-    return RedisAttemptLog(task.app.backend.client, str(task.request.id), get_settings().result_expires)
+#: Doubling as a fanout task: big batches, since one item takes a microsecond.
+double_batch = task(name="fanout.double_batch", batch_size=10_000)(double_value)
 
 
 @app.task(name="fanout.double")
 def double(value: Any) -> int:
-    """Double one integer (for ``celery call`` and direct use)."""
+    """One integer doubled as a task of its own (for ``celery call`` and Celery's own canvas)."""
     return double_value(value)
 
 
-@app.task(name="fanout.double_batch", bind=True, ignore_result=True, Request=HEADER_REQUEST)
-def double_batch(self: Task, start: int, values: list[Any]) -> Part:
-    """Double ``values``, the input items ``start`` onwards."""
+def _source(item: list[Any]) -> Any:
+    return item[0] if isinstance(item, list) and item else item
+
+
+@task(
+    name="fanout.resize_items",
+    batch_size=8,
+    retries=RESIZE_RETRIES,
+    retry_on=(TransientError,),
+    backoff=1.0,
+    label=_source,
+)
+def resize_items(item: list[Any], options: dict[str, Any], out_dir: str | None = None) -> dict[str, Any]:
+    """Resize one ``[source_url, destination_url, width, height]`` item with ``options`` (ResizeOptions JSON).
+
+    With ``out_dir``, a destination that would land outside it is the item's
+    error, whatever the message says.  Outputs are written atomically (rename,
+    or one PUT), so running an item twice is harmless.
+    """
+    source, destination, width, height = item
+    if out_dir is not None:
+        destination = inside_url(str(destination), out_dir, str(source))
+    record = resize_to(str(source), str(destination), (int(width), int(height)), _options(options))
+    return dict(record)
+
+
+def _options(options: dict[str, Any]) -> ResizeOptions:
     try:
-        return run_counted(double_value, start, values, attempt_log(self))
-    except SoftTimeLimitExceeded:
-        return fail_batch(start, values, "time limit exceeded")
+        return ResizeOptions.from_json(options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad resize options: {exc}") from None
 
 
-@app.task(name="fanout.collect")
-def collect(parts: list[Part | None], job: dict[str, Any]) -> Outcome:
-    """The chord callback: merge the header parts into one outcome in input order.
+@task(name="fanout.resize_report")
+def resize_report(
+    results: list[Any],
+    errors: list[ItemFailure],
+    out_dir: str,
+    job_id: str = "",
+    per_image: int = 1,
+    sheet: bool = True,
+) -> dict[str, str | None]:
+    """Resize's reduce: write ``manifest.json`` and the contact sheet under ``out_dir``; return their URLs."""
+    outcome: Outcome = {
+        "job_id": job_id,
+        "task": "resize",
+        "total": len(results),
+        "succeeded": len(results) - len(errors),
+        "failed": len(errors),
+        "results": results,
+        "errors": errors,
+    }
+    # Written once: a redelivered callback finds the same manifest and leaves it.
+    return write_report(out_dir, outcome, per_image, sheet)
 
-    ``job`` carries ``job_id``, ``task`` and ``total``; for resize also
-    ``out_dir`` (a path or URL), where ``manifest.json`` and ``contact-sheet.png``
-    are written, and ``per_image``, the number of sizes made of each image.
+
+@app.task(name="fanout.collect", bind=True)
+def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> Outcome:
+    """The chord callback: merge the header parts into one outcome in input order, then reduce.
+
+    ``job`` carries ``job_id``, ``task`` and ``total``, and optionally ``reduce``
+    (a fanout task's name) with ``reduce_kwargs``.  A reduce that fails leaves
+    the outcome complete, with ``reduce_error`` saying why.
     """
     outcome = merge(parts, int(job["total"]), str(job["job_id"]), str(job["task"]))
-    out_dir = job.get("out_dir")
-    if out_dir:
-        # Written once: a redelivered callback finds the same manifest and leaves it.
-        write_report(str(out_dir), outcome, int(job.get("per_image", 1)), bool(job.get("sheet", True)))
+    name = job.get("reduce")
+    if name:
+        outcome.update(reduce_outcome(str(name), outcome, dict(job.get("reduce_kwargs") or {})))  # type: ignore[typeddict-item]
     return outcome
 
 
-@app.task(
-    name="fanout.resize_items", bind=True, ignore_result=True, max_retries=MAX_RETRIES, Request=HEADER_REQUEST
-)
-def resize_items(
-    self: Task, start: int, items: list[list[Any]], options: dict[str, Any], out_dir: str | None = None
-) -> Part:
-    """Resize ``items``, each ``[source_url, destination_url, width, height]``, with ``options``.
-
-    One item is one (image, size) pair; ``options`` is a :class:`ResizeOptions` as JSON.
-    With ``out_dir``, a destination that would land outside it is that item's error,
-    whatever the message says.
-    """
-
-    def label(item: list[Any]) -> str:
-        return str(item[0])
-
+def reduce_outcome(name: str, outcome: Outcome, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"reduced": value}`` from the reduce task ``name``, or ``{"reduce_error": reason}``."""
+    definition = lookup(name)
+    if definition is None:
+        return {"reduce_error": f"no task {name} on this worker (set FANOUT_IMPORTS on the workers)"}
     try:
-        spec = ResizeOptions.from_json(options)
-    except (TypeError, ValueError) as exc:
-        return fail_batch(start, items, f"bad resize options: {exc}", label)
-
-    def work(item: list[Any]) -> Any:
-        source, destination, width, height = item
-        if out_dir is not None:
-            destination = inside_url(str(destination), out_dir, str(source))
-        return resize_to(str(source), str(destination), (int(width), int(height)), spec)
-
-    try:
-        part = run_counted(work, start, items, attempt_log(self), label)
+        return {"reduced": definition.reduce(outcome["results"], outcome["errors"], kwargs)}
     except SoftTimeLimitExceeded:
-        return fail_batch(start, items, "time limit exceeded", label)
-    if part["transient"] and self.request.retries < MAX_RETRIES:
-        # Outputs are written atomically (rename, or one PUT), so redoing the batch is safe.
-        raise self.retry(countdown=2**self.request.retries)
-    return part
+        return {"reduce_error": f"{name}: the reduce ran past its soft time limit"}
+    except Exception as exc:
+        logger.warning("reduce %s raised", name, exc_info=True)
+        return {"reduce_error": f"{name}: {describe(exc)}"}

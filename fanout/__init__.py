@@ -1,0 +1,49 @@
+"""fanout: fan a batch of work out to Celery workers over Redis, and get it back in input order.
+
+::
+
+    import fanout
+
+    @fanout.task
+    def score(record: dict) -> float: ...
+
+    outcome = fanout.map(score, records)       # blocks; results in input order
+    outcome.results, outcome.errors            # errors by index, with the reason
+    job = fanout.submit(score, records)        # returns at once
+    for index, value in job.as_completed(): ...
+
+Workers import the modules that define tasks: ``FANOUT_IMPORTS=myjobs fanout worker``.
+"""
+
+from orchestrator.jobs import DEFAULT_TIMEOUT, Failure, Job, Outcome, Progress, map, submit
+from orchestrator.status import UnknownJob
+from workers.core import FanoutTask, task
+from workers.errors import (
+    ConfigError,
+    FanoutError,
+    InfrastructureError,
+    InputError,
+    ItemError,
+    RunTimeout,
+    TransientError,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ConfigError",
+    "Failure",
+    "FanoutError",
+    "FanoutTask",
+    "InfrastructureError",
+    "InputError",
+    "ItemError",
+    "Job",
+    "Outcome",
+    "Progress",
+    "RunTimeout",
+    "TransientError",
+    "UnknownJob",
+    "map",
+    "submit",
+    "task",
+]

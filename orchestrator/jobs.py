@@ -1,0 +1,279 @@
+"""Jobs as a library: send a fanout task over items, follow the job, read its outcome.
+
+This is what ``import fanout`` exposes (:func:`submit`, :func:`map`,
+:class:`Job`, :class:`Outcome`) and what every CLI command uses, so the
+guarantees are the same from Python and from the shell.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+from celery import Celery
+
+from orchestrator import run
+from orchestrator.canvas import Plan, build
+from orchestrator.status import StoredJob, job_status
+from workers import fanin
+from workers.core import FanoutTask, json_problem
+from workers.errors import InputError
+
+#: How long :meth:`Job.wait` and :func:`map` wait unless told, seconds.
+DEFAULT_TIMEOUT = 600.0
+
+BatchSize = int | Literal["auto"] | None
+
+
+def _app() -> Celery:
+    from workers.app import app
+
+    return app
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One item that failed: its index in the input, the input (or its label), and why."""
+
+    index: int
+    input: Any
+    error: str
+
+
+class Outcome:
+    """A finished job: results in input order (None where an item failed) and the failures by index."""
+
+    def __init__(self, data: fanin.Outcome) -> None:
+        self.data = data
+
+    job_id = property(lambda self: self.data["job_id"])
+    task = property(lambda self: self.data["task"])
+    total = property(lambda self: self.data["total"])
+    succeeded = property(lambda self: self.data["succeeded"])
+    failed = property(lambda self: self.data["failed"])
+    results = property(lambda self: self.data["results"])
+    #: The reduce's return value (None without a reduce, or if it failed: see ``reduce_error``).
+    reduced = property(lambda self: self.data.get("reduced"))
+    reduce_error = property(lambda self: self.data.get("reduce_error"))
+
+    @cached_property
+    def errors(self) -> list[Failure]:
+        return [Failure(int(e["index"]), e["input"], str(e["error"])) for e in self.data["errors"]]
+
+    @property
+    def ok(self) -> bool:
+        """Every item succeeded (and the reduce, if any)."""
+        return not self.failed and "reduce_error" not in self.data
+
+    def __repr__(self) -> str:
+        return (
+            f"<Outcome job {self.job_id} ({self.task}): {self.succeeded} of {self.total} succeeded, "
+            f"{self.failed} failed>"
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a job stands: ``state`` is "running" or Celery's final state of its fan-in (SUCCESS)."""
+
+    state: str
+    batches_done: int
+    batches: int
+    items_done: int
+    total: int
+
+
+class Job:
+    """A job sent to the workers.  Follow it from any process: ``Job.attach(job_id)``."""
+
+    def __init__(self, tracked: run.Tracked, group_id: str, app: Celery | None = None) -> None:
+        self.tracked = tracked
+        self.group_id = group_id
+        self.app = app or _app()
+
+    @property
+    def id(self) -> str:
+        return self.tracked.job_id
+
+    @property
+    def total(self) -> int:
+        return self.tracked.total
+
+    @property
+    def batches(self) -> int:
+        return self.tracked.batches
+
+    @property
+    def batch_size(self) -> int:
+        return self.tracked.batch_size
+
+    @property
+    def task(self) -> str:
+        return str(getattr(self.tracked, "task", ""))
+
+    @classmethod
+    def attach(cls, job_id: str, app: Celery | None = None) -> Job:
+        """The job ``job_id``, sent earlier from anywhere to this Redis (``UnknownJob`` if none)."""
+        app = app or _app()
+        stored = StoredJob.load(app, job_id)
+        return cls(stored, stored.group_id, app)
+
+    def progress(self) -> Progress:
+        """How far the job got: O(1) in Redis."""
+        status = job_status(self.app, self.id)
+        return Progress(status.state, status.batches_done, self.batches, status.items_done, self.total)
+
+    def wait(
+        self, timeout: float = DEFAULT_TIMEOUT, progress: Callable[[int, int], None] | None = None
+    ) -> Outcome:
+        """The outcome, once the fan-in is done; ``RunTimeout`` after ``timeout`` seconds.
+
+        ``progress(batches_done, batches)`` is called as batches finish.
+        """
+        return Outcome(run.wait(self.app, self.tracked, self.group_id, timeout, progress))
+
+    def as_completed(self, timeout: float = DEFAULT_TIMEOUT) -> Iterator[tuple[int, Any]]:
+        """``(index, result)`` for every item, each once, as its batch finishes (not in input order).
+
+        A failed item yields ``(index, Failure)``.  Items whose batches finished
+        before the first look, or that were lost, come with the final outcome.
+        """
+        yielded = bytearray(self.total)
+        for piece in run.parts_as_completed(self.app, self.tracked, self.group_id, timeout):
+            if "job_id" in piece:  # the final outcome
+                yield from _unseen(piece, 0, piece["results"], yielded)
+            else:
+                yield from _unseen(piece, piece["start"], piece["results"], yielded)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} ({self.task}): {self.total} items in {self.batches} batches>"
+
+
+def _unseen(
+    piece: fanin.Part | fanin.Outcome, start: int, results: list[Any], yielded: bytearray
+) -> Iterator[tuple[int, Any]]:
+    failures = {int(e["index"]): e for e in piece["errors"]}
+    for offset, value in enumerate(results):
+        index = start + offset
+        if not 0 <= index < len(yielded) or yielded[index]:
+            continue
+        yielded[index] = 1
+        failure = failures.get(index)
+        if failure is not None:
+            yield index, Failure(index, failure["input"], str(failure["error"]))
+        else:
+            yield index, value
+
+
+def check_items(items: Iterable[Any]) -> builtins.list[Any]:
+    """``items`` as a list, or InputError naming the first that JSON cannot carry."""
+    listed = builtins.list(items)
+    for index, item in enumerate(listed):
+        problem = json_problem(item)
+        if problem is not None:
+            raise InputError(f"item {index} is not JSON: {problem}; nothing was sent")
+    return listed
+
+
+def _task_of(value: Any, role: str) -> FanoutTask[Any, Any]:
+    if not isinstance(value, FanoutTask):
+        raise InputError(
+            f"{role} must be a fanout task (decorate the function with @fanout.task), "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def start(
+    factory: Callable[[int], Plan],
+    total: int,
+    batch_cap: int,
+    batch_size: int | None,
+    requires: Iterable[str],
+    app: Celery | None = None,
+) -> tuple[Job, float]:
+    """Check Redis and the workers, build the job at the chosen batch size, send it.
+
+    Returns the job and ``time.perf_counter()`` just before it was sent.
+    """
+    app = app or _app()
+    plan, group_id, sent = run.send_job(app, factory, total, batch_cap, batch_size, requires)
+    return Job(plan, group_id, app), sent
+
+
+def submit(
+    task: FanoutTask[Any, Any],
+    items: Iterable[Any],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    reduce: FanoutTask[Any, Any] | None = None,
+    reduce_kwargs: dict[str, Any] | None = None,
+    batch_size: BatchSize = "auto",
+) -> Job:
+    """Send ``task`` over ``items`` (JSON values) and return at once with the :class:`Job`.
+
+    ``kwargs`` go to every call, ``task(item, **kwargs)``.  With ``reduce``, a
+    worker runs ``reduce(results, errors, **reduce_kwargs)`` on the merged
+    outcome as the chord callback; its value is ``outcome.reduced``.
+    ``batch_size`` is items per task: "auto" spreads the items over the
+    workers' processes, at most the task's own ``batch_size``.
+    """
+    definition = _task_of(task, "task")
+    reducer = _task_of(reduce, "reduce") if reduce is not None else None
+    listed = check_items(items)
+    for name, value in (("kwargs", kwargs), ("reduce_kwargs", reduce_kwargs)):
+        if value is not None and (not isinstance(value, dict) or json_problem(value)):
+            raise InputError(f"{name} must be a dict of JSON values; nothing was sent")
+    if not listed:
+        raise InputError("no items: nothing to send")
+    size = _batch_size(batch_size)
+    reduce_limits = None
+    if reducer is not None and reducer.time_limit and reducer.soft_time_limit:
+        reduce_limits = (reducer.time_limit, reducer.soft_time_limit)
+
+    def factory(chosen: int) -> Plan:
+        return build(
+            definition.name,
+            listed,
+            chosen,
+            kwargs=kwargs,
+            reduce=reducer.name if reducer else None,
+            reduce_kwargs=reduce_kwargs,
+            reduce_limits=reduce_limits,
+        )
+
+    requires = [definition.name] + ([reducer.name] if reducer else [])
+    job, _ = start(factory, len(listed), definition.batch_size, size, requires)
+    return job
+
+
+def map(
+    task: FanoutTask[Any, Any],
+    items: Iterable[Any],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    reduce: FanoutTask[Any, Any] | None = None,
+    reduce_kwargs: dict[str, Any] | None = None,
+    batch_size: BatchSize = "auto",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Outcome:
+    """Run ``task`` over ``items`` on the workers and return the :class:`Outcome`, in input order.
+
+    Blocks for at most ``timeout`` seconds (``RunTimeout`` after that: the job
+    goes on, and ``Job.attach(id)`` finds it again).  See :func:`submit`.
+    """
+    job = submit(
+        task, items, kwargs=kwargs, reduce=reduce, reduce_kwargs=reduce_kwargs, batch_size=batch_size
+    )
+    return job.wait(timeout)
+
+
+def _batch_size(value: BatchSize) -> int | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"batch_size must be 'auto' or a whole number of at least 1, got {value!r}")
+    return value

@@ -1,0 +1,281 @@
+"""fanout tasks: a typed function, fanned out in batches by one generic header task.
+
+``@task`` turns a plain function of one item into a :class:`FanoutTask`.  It
+stays a plain function (calling it runs it here), and it registers one Celery
+task on the one app under the function's name.  That Celery task is the
+*header* of every job of this function: it runs one batch of consecutive
+items and returns a :class:`~workers.fanin.Part`.  Every job differs only in
+its work; the policy is declared once on the decorator and applied here:
+
+* each item runs once, its exception becomes that item's error (type and
+  message; the traceback goes to the worker log), never the batch's;
+* a result that is not JSON becomes that item's error, naming its type;
+* exceptions in ``retry_on`` retry that item in place, ``retries`` times at
+  most, with exponential backoff; the last attempt's error is the one reported;
+* the soft time limit ends the batch at the item it interrupts; the items done
+  keep their results, the rest fail with the reason;
+* a pool process killed mid-batch (OOM, hard time limit, kill -9) puts the
+  batch back on the queue, and an item that kills its process again and again
+  is failed instead of run forever (:mod:`workers.attempts`).
+
+The same decorator makes a *reduce* function: ``reduce(results, errors, **kwargs)``,
+run once on a worker by the chord callback, ``fanout.collect``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from workers.app import app, soft_limit
+from workers.attempts import RedisAttemptLog, run_counted
+from workers.errors import FanoutError, ItemError
+from workers.fanin import Part
+from workers.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The most items one batch of a user's task holds, unless its decorator says otherwise:
+#: small enough that a batch of items taking a tenth of a second each ends well within
+#: the default soft time limit (20 s), large enough to hide the per-task overhead (~1 ms).
+DEFAULT_BATCH_SIZE = 100
+#: The longest pause between two attempts of one item, seconds.
+MAX_BACKOFF_S = 30.0
+#: The header tasks' request class: a hard time limit requeues the batch instead of failing the chord.
+HEADER_REQUEST = "workers.attempts:HeaderRequest"
+
+_JSON_SCALARS = (int, float, str, bool, type(None))
+
+
+class NotJSON(ItemError):
+    """An item's input or result that JSON cannot carry."""
+
+
+class BadTask(FanoutError, TypeError):
+    """A function or option that cannot be made a fanout task."""
+
+
+def json_problem(value: Any) -> str | None:
+    """Why ``value`` is not JSON, or None if it is (ints, floats, strings, bools, None, lists, dicts)."""
+    if type(value) in _JSON_SCALARS:
+        return None
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        return f"{type(value).__name__} is not JSON ({exc})"
+    return None
+
+
+def default_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname``; for a script run as ``__main__``, its file's name stands for the module."""
+    module = fn.__module__
+    if module == "__main__":
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        path = getattr(main, "__file__", None)
+        module = spec.name if spec is not None else Path(path).stem if path else module
+    return f"{module}.{fn.__qualname__}"
+
+
+class FanoutTask(Generic[P, R]):
+    """A function that fanout can fan out: ``fanout.map(task, items)``.
+
+    Calling it calls the function, here and now.  ``name`` is what workers know
+    it by; a worker has it once the module defining it is imported there
+    (``FANOUT_IMPORTS``).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        name: str,
+        batch_size: int,
+        time_limit: int | None,
+        retries: int,
+        retry_on: tuple[type[BaseException], ...],
+        backoff: float,
+        label: Callable[[Any], Any] | None,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.batch_size = batch_size
+        self.time_limit = time_limit
+        self.retries = retries
+        self.retry_on = retry_on
+        self.backoff = backoff
+        self.label: Callable[[Any], Any] = label or (lambda item: item)
+        functools.update_wrapper(self, fn)
+        self.celery_task = _register(self)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<fanout task {self.name}>"
+
+    @property
+    def soft_time_limit(self) -> int | None:
+        return soft_limit(self.time_limit) if self.time_limit else None
+
+    def run_item(self, item: Any, kwargs: dict[str, Any]) -> Any:
+        """One item, with this task's retries; its result checked to be JSON."""
+        attempt = 0
+        while True:
+            try:
+                result = self.fn(item, **kwargs)
+            except self.retry_on as exc:
+                if attempt >= self.retries:
+                    raise
+                pause = min(self.backoff * 2**attempt, MAX_BACKOFF_S)
+                attempt += 1
+                logger.warning(
+                    "%s: item %r failed (%s); attempt %d of %d in %.1f s",
+                    self.name, self.label(item), exc, attempt + 1, self.retries + 1, pause,
+                )  # fmt: skip
+                time.sleep(pause)
+                continue
+            except (ItemError, SoftTimeLimitExceeded):
+                raise
+            except Exception:
+                logger.warning("%s: item %r raised", self.name, self.label(item), exc_info=True)
+                raise
+            problem = json_problem(result)
+            if problem is not None:
+                raise NotJSON(str(self.label(item)), f"result: {problem}")
+            return result
+
+    def run_batch(self, task: Task, start: int, items: list[Any], kwargs: dict[str, Any]) -> Part:
+        """The header task's work: ``items`` (input items ``start`` onwards), counted for poison items."""
+        log = RedisAttemptLog(task.app.backend.client, str(task.request.id), get_settings().result_expires)
+        soft = (
+            (task.request.timelimit or (None, None))[1]
+            or task.soft_time_limit
+            or app.conf.task_soft_time_limit
+        )
+        return run_counted(
+            lambda item: self.run_item(item, kwargs),
+            start,
+            items,
+            log,
+            self.label,
+            stop_on=(SoftTimeLimitExceeded,),
+            stopped=f"the batch reached its soft time limit ({soft} s)",
+        )
+
+    def reduce(self, results: list[Any], errors: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run as a reduce step: ``fn(results, errors, **kwargs)``, its value checked to be JSON."""
+        reduce: Callable[..., Any] = self.fn
+        value = reduce(results, errors, **kwargs)
+        problem = json_problem(value)
+        if problem is not None:
+            raise NotJSON(self.name, f"reduce value: {problem}")
+        return value
+
+
+def _register(definition: FanoutTask[Any, Any]) -> Any:
+    """Register ``definition``'s header task on the one app, under its name."""
+
+    def header(self: Task, start: int, items: list[Any], kwargs: dict[str, Any] | None = None) -> Part:
+        return definition.run_batch(self, start, items, kwargs or {})
+
+    header.__name__ = header.__qualname__ = definition.name.rsplit(".", 1)[-1]
+    header.__module__ = definition.fn.__module__
+    header.__doc__ = definition.fn.__doc__
+    limits: dict[str, Any] = {}
+    if definition.time_limit:
+        limits = {"time_limit": definition.time_limit, "soft_time_limit": definition.soft_time_limit}
+    return app.task(
+        name=definition.name,
+        bind=True,
+        # Parts travel to the callback through the chord's own join, not as results.
+        ignore_result=True,
+        Request=HEADER_REQUEST,
+        typing=False,
+        fanout_task=definition,
+        **limits,
+    )(header)
+
+
+@overload
+def task(fn: Callable[P, R], /) -> FanoutTask[P, R]: ...
+@overload
+def task(
+    *,
+    name: str | None = None,
+    batch_size: int | None = None,
+    time_limit: int | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (),
+    backoff: float = 1.0,
+    label: Callable[[Any], Any] | None = None,
+) -> Callable[[Callable[P, R]], FanoutTask[P, R]]: ...
+
+
+def task(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    batch_size: int | None = None,
+    time_limit: int | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (),
+    backoff: float = 1.0,
+    label: Callable[[Any], Any] | None = None,
+) -> FanoutTask[P, R] | Callable[[Callable[P, R]], FanoutTask[P, R]]:
+    """Make ``fn(item, **kwargs)`` a fanout task; as ``@task`` or ``@task(...)``.
+
+    ``name``: what workers know it by (default ``module.function``).
+    ``batch_size``: the most items one batch holds (auto batching stays below it).
+    ``time_limit``: seconds one batch may run before its process is killed (default:
+    ``FANOUT_TASK_TIME_LIMIT``); the soft limit, which stops the batch at its
+    current item, comes 10 s earlier.
+    ``retries``, ``retry_on``, ``backoff``: an item raising one of ``retry_on`` is run
+    again up to ``retries`` times, after ``backoff``, then twice that, and so on.
+    ``label``: how an item is named in its error (default: the item itself).
+    """
+    if batch_size is not None and batch_size < 1:
+        raise BadTask(f"batch_size must be at least 1, got {batch_size}")
+    if time_limit is not None and time_limit < 1:
+        raise BadTask(f"time_limit must be at least 1 second, got {time_limit}")
+    if retries < 0 or backoff < 0:
+        raise BadTask("retries and backoff cannot be negative")
+    if not isinstance(retry_on, tuple) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
+    ):
+        raise BadTask("retry_on must be a tuple of exception classes")
+
+    def decorate(func: Callable[P, R]) -> FanoutTask[P, R]:
+        if not callable(func):
+            raise BadTask(f"@fanout.task needs a function, got {type(func).__name__}")
+        return FanoutTask(
+            func,
+            name or default_name(func),
+            batch_size or DEFAULT_BATCH_SIZE,
+            time_limit,
+            retries,
+            retry_on,
+            backoff,
+            label,
+        )
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def lookup(name: str) -> FanoutTask[Any, Any] | None:
+    """The fanout task registered in this process as ``name``, if any."""
+    registered = app.tasks.get(name)
+    definition = getattr(registered, "fanout_task", None)
+    return definition if isinstance(definition, FanoutTask) else None

@@ -1,0 +1,34 @@
+"""Every Redis key fanout itself writes, named in one place.
+
+Celery's own keys (task results, the chord's join set) are named by Celery;
+these are fanout's, next to them in the result backend's database.
+"""
+
+from __future__ import annotations
+
+#: A job's record: what ``fanout status`` and ``Job.attach`` need to find it again (JSON).
+JOB = "fanout:job:{job_id}"
+#: Runs of one header batch, counted to cap poison items (workers/attempts.py).
+BATCH_RUNS = "fanout:runs:{task_id}"
+#: Per-item unfinished runs of one header batch (a hash: item index -> count).
+ITEM_RUNS = "fanout:unfinished:{task_id}"
+#: The set of worker host names that registered themselves (workers/registration.py).
+WORKERS = "fanout:workers"
+#: One worker's registration (JSON), kept alive by the worker, gone soon after it dies.
+WORKER = "fanout:worker:{hostname}"
+
+
+def job(job_id: str) -> str:
+    return JOB.format(job_id=job_id)
+
+
+def batch_runs(task_id: str) -> str:
+    return BATCH_RUNS.format(task_id=task_id)
+
+
+def item_runs(task_id: str) -> str:
+    return ITEM_RUNS.format(task_id=task_id)
+
+
+def worker(hostname: str) -> str:
+    return WORKER.format(hostname=hostname)
