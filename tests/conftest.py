@@ -25,6 +25,9 @@ from celery import Celery  # noqa: E402
 
 from orchestrator.local import LocalWorker  # noqa: E402
 
+#: Task modules of "users" (outside the fanout package) that the session's worker imports.
+USER_MODULES = "tests.userjobs,examples.wordcount"
+
 
 def _redis_answers() -> bool:
     try:
@@ -87,7 +90,8 @@ def worker(
     It reaches the test S3 server through the standard AWS variables.
     """
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {**os.environ, **s3_env}
+    # The user's task modules, loaded as a user's workers load them.
+    env = {**os.environ, **s3_env, "FANOUT_IMPORTS": USER_MODULES}
     local = LocalWorker(app, concurrency=2, name="test-worker", env=env, log_path=str(log))
     local.start(timeout=60)
     yield local

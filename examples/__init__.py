@@ -1,0 +1,1 @@
+"""Runnable examples of fanout's public API (``python -m examples.wordcount DIR``)."""

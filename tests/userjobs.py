@@ -1,0 +1,85 @@
+"""A user's own task module, outside the fanout package, written against the public API only.
+
+The session's worker imports it through ``FANOUT_IMPORTS`` (see tests/conftest.py), exactly as a
+user's workers would.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import fanout
+
+
+class Flaky(Exception):
+    """A failure worth another try."""
+
+
+@fanout.task
+def triple(value: int) -> int:
+    """Three times ``value``; anything else raises TypeError, which becomes the item's error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an int, got {type(value).__name__}")
+    return value * 3
+
+
+@fanout.task(batch_size=10_000)
+def double(value: int) -> int:
+    return value * 2
+
+
+@fanout.task
+def scale(record: dict[str, Any], factor: float = 1.0) -> float:
+    """A record's ``x`` times ``factor`` (given once per job through ``kwargs``)."""
+    return float(record["x"]) * factor
+
+
+@fanout.task
+def not_json(value: Any) -> Any:
+    """Returns a set: not JSON, so the item fails naming the type."""
+    return {value}
+
+
+@fanout.task
+def sleepy(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@fanout.task(time_limit=3)
+def sleepy_limited(seconds: float) -> float:
+    """Like ``sleepy``, with a 3 s hard limit per batch (so a soft limit at 2 s)."""
+    time.sleep(seconds)
+    return seconds
+
+
+_calls: dict[str, int] = {}
+
+
+@fanout.task(retries=2, retry_on=(Flaky,), backoff=0.01)
+def flaky(key: str) -> str:
+    """Fails with Flaky the first two times it sees ``key`` in this process, then succeeds."""
+    _calls[key] = _calls.get(key, 0) + 1
+    if _calls[key] <= 2:
+        raise Flaky(f"attempt {_calls[key]} of {key}")
+    return f"{key} after {_calls[key]} attempts"
+
+
+@fanout.task(retries=1, retry_on=(Flaky,), backoff=0.01)
+def always_flaky(key: str) -> str:
+    raise Flaky(f"{key} never works")
+
+
+@fanout.task
+def total(results: list[Any], errors: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """A reduce: the sum of the results that succeeded, and the failed indexes."""
+    return {
+        "sum": sum(r for r in results if r is not None) + offset,
+        "failed": [e["index"] for e in errors],
+    }
+
+
+@fanout.task
+def broken_reduce(results: list[Any], errors: list[dict[str, Any]]) -> int:
+    raise RuntimeError("the reduce itself fails")
