@@ -98,9 +98,10 @@ def batches_done(app: Celery, group_id: str) -> int:
     return int(app.backend.client.zcard(join_key(app, group_id)))
 
 
-def join_key(app: Celery, group_id: str) -> str:
+def join_key(app: Celery, group_id: str) -> bytes:
     """Where the chord collects its header parts: a sorted set scored by batch number."""
-    return str(app.backend.get_key_for_group(group_id, ".j"))
+    key: bytes = app.backend.get_key_for_group(group_id, ".j")
+    return key
 
 
 class Tracked(Protocol):
@@ -248,7 +249,7 @@ def parts_as_completed(app: Celery, job: Tracked, group_id: str, timeout: float)
         yield stop.value
 
 
-def _new_parts(app: Celery, key: str, seen: set[int], batches: int) -> Iterable[tuple[int, Part]]:
+def _new_parts(app: Celery, key: bytes, seen: set[int], batches: int) -> Iterable[tuple[int, Part]]:
     gaps = _gaps(seen, batches)
     client = app.backend.client
     if len(gaps) > MAX_RANGES:

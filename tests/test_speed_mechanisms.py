@@ -21,6 +21,7 @@ from orchestrator.local import LocalWorker
 from orchestrator.publish import _argsrepr, bulk_supported, header_of, publish_chord
 from orchestrator.run import submit, wait
 from tests.conftest import TEST_REDIS_URL
+from workers import tasks as _tasks  # noqa: F401 - the client knows the built-in tasks (and their limits)
 from workers.app import celery_config
 from workers.settings import Settings
 
