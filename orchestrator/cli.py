@@ -155,15 +155,23 @@ def finish(
     outcome: Any,
     elapsed: float,
     as_json: bool,
-    write_text: Callable[[Any], None],
+    write_text: Callable[[Any, Any], None],
     extra: dict[str, Any] | None = None,
 ) -> None:
     from orchestrator import render
 
     if as_json:
         render.write_json(render.as_document(outcome, elapsed, extra), sys.stdout)
+    elif sys.stdout.isatty():
+        # A person reads a terminal: the first lines and a summary, not 10,000 lines.
+        head = render.Head(sys.stdout, render.TERMINAL_LINES)
+        write_text(outcome, head)
+        if head.held_back:
+            click.echo(f"... and {head.held_back:,} more lines: redirect stdout, or use --json, for them all")
+        render.write_errors(outcome, sys.stderr, limit=render.TERMINAL_LINES)
+        click.echo(render.summary(outcome, elapsed), err=True)
     else:
-        write_text(outcome)
+        write_text(outcome, sys.stdout)
         render.write_errors(outcome, sys.stderr)
         click.echo(render.summary(outcome, elapsed), err=True)
     sys.exit(EXIT_ITEMS_FAILED if outcome["failed"] or outcome.get("reduce_error") else EXIT_OK)
@@ -222,7 +230,7 @@ def double(
         as_json,
         (DOUBLE,),
     )
-    finish(outcome, elapsed, as_json, lambda o: render.write_double(o, sys.stdout))
+    finish(outcome, elapsed, as_json, render.write_double)
 
 
 @main.command()
@@ -367,7 +375,7 @@ def resize(
         outcome,
         elapsed,
         as_json,
-        lambda o: render.write_resize(o, sys.stdout),
+        render.write_resize,
         {
             "skipped": len(plan.skipped),
             "manifest": manifest_url,
@@ -426,7 +434,7 @@ def status(job_id: str, as_json: bool, wait_: bool, timeout: float, progress: bo
             click.echo(current.line())
         sys.exit(EXIT_OK)
     writer = render.writer(current.job.output)
-    finish(outcome, elapsed, as_json, lambda o: writer(o, sys.stdout))
+    finish(outcome, elapsed, as_json, writer)
 
 
 @main.command()
@@ -582,8 +590,8 @@ def map_command(
         requires,
     )
     if reducer is not None and not as_json:
-        finish(outcome, elapsed, as_json, lambda o: render.write_reduced(o, sys.stdout))
-    finish(outcome, elapsed, as_json, lambda o: render.write_jsonl(o, sys.stdout))
+        finish(outcome, elapsed, as_json, render.write_reduced)
+    finish(outcome, elapsed, as_json, render.write_jsonl)
 
 
 def _stream(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -64,6 +64,32 @@ def write_resize(outcome: Outcome, out: IO[str]) -> None:
             )
 
 
+#: On a terminal, a run prints this many result lines and says how to get the rest.
+TERMINAL_LINES = 10
+
+
+class Head:
+    """A text stream that passes on the first ``limit`` lines and counts the ones it holds back."""
+
+    def __init__(self, out: IO[str], limit: int) -> None:
+        self.out = out
+        self.left = limit
+        self.held_back = 0
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            if self.left > 0:
+                self.out.write(line)
+                self.left -= line.endswith("\n")
+            else:
+                self.held_back += line.endswith("\n")
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+
 def write_jsonl_line(index: int, result: Any, error: str | None, out: IO[str]) -> None:
     """One ``fanout map`` line: ``{"index": i, "result": r}``, or ``{"index": i, "error": "..."}``."""
     line = {"index": index, "error": error} if error is not None else {"index": index, "result": result}
@@ -99,24 +125,41 @@ def writer(kind: str) -> Callable[[Outcome, IO[str]], None]:
 def progress_bar(
     enabled: bool, label: str, total_items: int, batch_size: int
 ) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr, fed with (batches done, batches in all)."""
+    """A rich progress bar on stderr, fed with (batches done, batches in all).
+
+    Once every batch is done the fan-in is a phase of its own: the count stays
+    full, the description says the callback is merging, and the clock runs on.
+    """
     if not enabled:
         yield lambda done, batches: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+    from rich.text import Text
+
+    class Clock(ProgressColumn):
+        """Time since the start, still running once the count is full (rich's own column stops there)."""
+
+        def render(self, task: Task) -> Text:
+            seconds = int(task.elapsed or 0)
+            return Text(
+                f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed"
+            )
 
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TimeElapsedColumn(),
+        Clock(),
         console=Console(stderr=True),
     ) as bar:
         task = bar.add_task(label, total=total_items)
 
         def update(done: int, batches: int) -> None:
-            items = total_items if done >= batches else min(total_items, done * batch_size)
-            bar.update(task, completed=items)
+            if done >= batches:
+                bar.update(task, completed=total_items, description=f"{label}: fan-in, merging the results")
+            else:
+                bar.update(task, completed=min(total_items, done * batch_size))
 
         yield update
+        bar.update(task, completed=total_items, description=f"{label}: done")

@@ -203,12 +203,18 @@ def _final(job: Tracked, meta: dict[str, Any]) -> Outcome:
 def wait(
     app: Celery, job: Tracked, group_id: str, timeout: float, progress: Progress | None = None
 ) -> Outcome:
-    """Wait for ``job``'s fan-in for at most ``timeout`` seconds; see :func:`follow`."""
+    """Wait for ``job``'s fan-in for at most ``timeout`` seconds; see :func:`follow`.
+
+    ``progress`` sees the count of finished batches only grow: the chord deletes
+    its join once every batch is in and the callback is sent, so a count that
+    drops means every batch is done and the fan-in has begun.
+    """
     polls = follow(app, job, group_id, timeout)
     last = -1
     try:
         while True:
-            done = next(polls)
+            polled = next(polls)
+            done = job.batches if polled < last else polled
             if progress and done != last:
                 progress(min(done, job.batches), job.batches)
             last = done
