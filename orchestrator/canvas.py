@@ -47,6 +47,10 @@ class Plan:
     output: str = "jsonl"
     #: Names of the fanout tasks a worker must have to run this job.
     requires: tuple[str, ...] = field(default=())
+    #: The input items, kept with the job so that its failed items can be sent again.
+    items: Sequence[Any] = field(default=(), repr=False)
+    #: How to build the job again (task, kwargs, reduce...): kept in its record for `fanout retry`.
+    spec: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batches(self) -> int:
@@ -62,6 +66,7 @@ class Plan:
             "batch_size": self.batch_size,
             "batches": self.batches,
             "output": self.output,
+            "spec": self.spec,
         }
 
 
@@ -92,12 +97,16 @@ def build(
     job_id: str | None = None,
     shown_as: str | None = None,
     output: str = "jsonl",
+    retry_of: str | None = None,
+    indexes: Sequence[int] | None = None,
 ) -> Plan:
     """The chord running fanout task ``task`` over ``items``, ``batch_size`` at a time.
 
     ``kwargs`` go to every call of the task (JSON, the same for the whole job);
     ``reduce`` names a fanout task the callback runs on the merged outcome, with
     ``reduce_kwargs`` and, if given, ``reduce_limits`` (hard, soft seconds).
+    ``retry_of`` names a finished job whose items at ``indexes`` these ``items``
+    are again: the callback merges the two outcomes in the original order.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -114,6 +123,9 @@ def build(
     if reduce:
         job["reduce"] = reduce
         job["reduce_kwargs"] = reduce_kwargs or {}
+    if retry_of:
+        job["retry_of"] = retry_of
+        job["indexes"] = list(indexes or ())
     body = app.signature(COLLECT, kwargs={"job": job}).set(task_id=job_id)
     if reduce_limits:
         body = body.set(time_limit=reduce_limits[0], soft_time_limit=reduce_limits[1])
@@ -121,7 +133,16 @@ def build(
     # (a Redis subscription), and building must not touch the network.
     signature = chord(group(header), body)
     requires = (task, reduce) if reduce else (task,)
-    return Plan(job_id, shown_as, len(items), batch_size, signature, output, requires)
+    spec = {
+        "task": task,
+        "kwargs": kwargs,
+        "reduce": reduce,
+        "reduce_kwargs": reduce_kwargs,
+        "reduce_limits": list(reduce_limits) if reduce_limits else None,
+        "shown_as": shown_as,
+        "output": output,
+    }
+    return Plan(job_id, shown_as, len(items), batch_size, signature, output, requires, items, spec)
 
 
 def build_double(values: Sequence[int], batch_size: int, job_id: str | None = None) -> Plan:
@@ -146,11 +167,13 @@ def build_resize_items(
     batch_size: int,
     job_id: str | None = None,
     sheet: bool = True,
+    skip_existing: bool = False,
 ) -> Plan:
     """A resize job of (source URL, destination URL, width, height) items, image-major.
 
     ``per_image`` is how many sizes each image has (consecutive items), so the
-    report can group the outputs by image; ``sheet`` asks it for a contact sheet.
+    report can group the outputs by image; ``sheet`` asks it for a contact sheet;
+    with ``skip_existing`` an output already there (and readable) is not made again.
     """
     if per_image < 1 or len(items) % per_image:
         raise ValueError("per_image must divide the items into whole images")
@@ -160,7 +183,7 @@ def build_resize_items(
         RESIZE,
         rows,
         batch_size,
-        kwargs={"options": options, "out_dir": out_dir},
+        kwargs={"options": options, "out_dir": out_dir, **({"skip_existing": True} if skip_existing else {})},
         reduce=RESIZE_REPORT,
         reduce_kwargs={"out_dir": out_dir, "job_id": job_id, "per_image": per_image, "sheet": sheet},
         job_id=job_id,

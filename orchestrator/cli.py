@@ -9,16 +9,21 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from orchestrator.inputs import InputError, parse_numbers, parse_size, plan_images, plan_outputs
-from workers.errors import ConfigError, InfrastructureError
+from workers.errors import ConfigError, FanoutError, InfrastructureError
 from workers.resizing import ANCHORS, FORMATS, MODES, ResizeOptions
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+#: Interrupted (Ctrl-C): the job was cancelled, or left running after a second Ctrl-C.
+EXIT_INTERRUPTED = 130
+#: How long Ctrl-C waits for the cancelled job's counts before leaving, seconds.
+CANCEL_WAIT_S = 30.0
 DEFAULT_TIMEOUT = 600.0
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,7 +73,24 @@ class BatchSize(click.ParamType):  # type: ignore[type-arg]
         return size
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every command that runs a job takes (see :func:`run_options`)."""
+
+    as_json: bool
+    timeout: float
+    batch_size: int | None
+    progress: bool | None
+    no_wait: bool
+    max_failures: str | None
+
+    @property
+    def show_progress(self) -> bool:
+        return sys.stderr.isatty() if self.progress is None else self.progress
+
+
 def run_options(func: F) -> F:
+    """Add the options of a command that runs a job; the command gets them as ``run: RunOptions``."""
     options = [
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
         click.option(
@@ -95,40 +117,88 @@ def run_options(func: F) -> F:
             is_flag=True,
             help="Send the job, print its id and return; see it later with `fanout status JOB_ID`.",
         ),
+        click.option(
+            "--max-failures",
+            metavar="N|P%",
+            help="Cancel the job once more than N items (or P% of them) have failed [default: no limit].",
+        ),
     ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        names = ("as_json", "timeout", "batch_size", "progress", "no_wait", "max_failures")
+        run = RunOptions(**{name: kwargs.pop(name) for name in names})
+        return func(*args, run=run, **kwargs)
+
+    command: Any = wrapper
     for option in reversed(options):
-        func = option(func)
-    return func
+        command = option(command)
+    return command  # type: ignore[no-any-return]
 
 
 def execute(
     job_factory: Callable[[int], Any],
     total: int,
     batch_cap: int,
-    batch_size: int | None,
-    timeout: float,
-    progress: bool,
+    run: RunOptions,
     label: str,
-    no_wait: bool = False,
-    as_json: bool = False,
     requires: tuple[str, ...] = (),
 ) -> tuple[Any, float]:
-    """Send the job and wait for it; with ``no_wait``, print its id and exit 0 once it is sent.
+    """Send the job and wait for it; with ``--no-wait``, print its id and exit 0 once it is sent.
 
     Returns the outcome (as stored, a dict) and the seconds from sending to the fan-in.
+    Ctrl-C while waiting cancels the job (see :func:`interrupted`).
     """
+    from orchestrator import jobs
+
+    job, sent = jobs.start(
+        job_factory, total, batch_cap, run.batch_size, requires, _app(), max_failures=run.max_failures
+    )
+    if run.no_wait:
+        announce(job, run.as_json)
+        sys.exit(EXIT_OK)
+    return follow(job, sent, run, label)
+
+
+def follow(job: Any, sent: float, run: RunOptions, label: str) -> tuple[Any, float]:
+    """Wait for ``job`` with a progress bar; Ctrl-C cancels it.  Returns the outcome and the seconds taken."""
     import time
 
-    from orchestrator import jobs
     from orchestrator.render import progress_bar
 
-    job, sent = jobs.start(job_factory, total, batch_cap, batch_size, requires, _app())
-    if no_wait:
-        announce(job, as_json)
-        sys.exit(EXIT_OK)
-    with progress_bar(progress, label, total, job.batch_size) as update:
-        outcome = job.wait(timeout, update)
+    try:
+        with progress_bar(run.show_progress, label, job.total, job.batch_size) as update:
+            outcome = job.wait(run.timeout, update)
+    except KeyboardInterrupt:
+        interrupted(job)
     return outcome.data, time.perf_counter() - sent
+
+
+def interrupted(job: Any) -> None:
+    """Ctrl-C on a waiting run: cancel the job, wait (briefly) for its counts, exit 130.
+
+    A second Ctrl-C leaves at once, saying how to follow or cancel the job.
+    """
+    click.echo(f"\ncancelling job {job.id} (Ctrl-C again to leave it running as it stops)", err=True)
+    try:
+        job.cancel()
+        outcome = job.wait(CANCEL_WAIT_S).data
+    except KeyboardInterrupt:
+        click.echo(
+            f"left job {job.id}: `fanout status {job.id}` follows it, `fanout cancel {job.id}` stops it",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except FanoutError as exc:
+        click.echo(f"fanout: error: {exc}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    cancelled = sum(1 for e in outcome["errors"] if e["error"] == outcome.get("stopped"))
+    click.echo(
+        f"job {job.id} cancelled: {outcome['succeeded']} done, {cancelled} cancelled, "
+        f"{outcome['failed'] - cancelled} failed",
+        err=True,
+    )
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def announce(job: Any, as_json: bool) -> None:
@@ -191,15 +261,7 @@ def main() -> None:
 @click.option("--range", "range_n", type=click.IntRange(min=0), help="Double 0..N-1 instead of NUMBERS.")
 @run_options
 @handles_errors
-def double(
-    numbers: tuple[str, ...],
-    range_n: int | None,
-    as_json: bool,
-    timeout: float,
-    batch_size: int | None,
-    progress: bool | None,
-    no_wait: bool,
-) -> None:
+def double(numbers: tuple[str, ...], range_n: int | None, run: RunOptions) -> None:
     """Double NUMBERS (integers of any size; '-' reads them from stdin)."""
     from orchestrator import render
     from orchestrator.canvas import DOUBLE, MAX_DOUBLE_BATCH, build_double
@@ -219,18 +281,9 @@ def double(
     if not values:
         raise click.UsageError("nothing to double: the input holds no numbers")
     outcome, elapsed = execute(
-        lambda size: build_double(values, size),
-        len(values),
-        MAX_DOUBLE_BATCH,
-        batch_size,
-        timeout,
-        _show(progress),
-        "doubling",
-        no_wait,
-        as_json,
-        (DOUBLE,),
+        lambda size: build_double(values, size), len(values), MAX_DOUBLE_BATCH, run, "doubling", (DOUBLE,)
     )
-    finish(outcome, elapsed, as_json, render.write_double)
+    finish(outcome, elapsed, run.as_json, render.write_double)
 
 
 @main.command()
@@ -296,6 +349,11 @@ def double(
     help="Colour that transparency is flattened onto for JPEG output.",
 )
 @click.option(
+    "--skip-existing",
+    is_flag=True,
+    help="Leave an output that already exists and opens as an image; the manifest lists it as skipped.",
+)
+@click.option(
     "--contact-sheet/--no-contact-sheet",
     "sheet",
     default=True,
@@ -316,11 +374,8 @@ def resize(
     upscale: bool,
     background: str,
     sheet: bool,
-    as_json: bool,
-    timeout: float,
-    batch_size: int | None,
-    progress: bool | None,
-    no_wait: bool,
+    skip_existing: bool,
+    run: RunOptions,
 ) -> None:
     """Resize the images in SOURCES into --out.
 
@@ -342,6 +397,7 @@ def resize(
         options = ResizeOptions(mode, anchor, fmt, quality, upscale, background)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    as_json = run.as_json
     plan = plan_images(sources, out_dir)
     out = storage.normalize(out_dir)
     if plan.skipped and not as_json:
@@ -352,15 +408,13 @@ def resize(
         Path(out).mkdir(parents=True, exist_ok=True)
     items = plan_outputs(plan.pairs, boxes, fmt)
     outcome, elapsed = execute(
-        lambda size: build_resize_items(items, options.to_json(), out, len(boxes), size, sheet=sheet),
+        lambda size: build_resize_items(
+            items, options.to_json(), out, len(boxes), size, sheet=sheet, skip_existing=skip_existing
+        ),
         len(items),
         MAX_RESIZE_BATCH,
-        batch_size,
-        timeout,
-        _show(progress),
+        run,
         "resizing",
-        no_wait,
-        as_json,
         (RESIZE, RESIZE_REPORT),
     )
     report = outcome.get("reduced") or {}
@@ -438,6 +492,79 @@ def status(job_id: str, as_json: bool, wait_: bool, timeout: float, progress: bo
 
 
 @main.command()
+@click.argument("job_id")
+@click.option("--terminate", is_flag=True, help="Also interrupt the items running now.")
+@click.option(
+    "--wait/--no-wait",
+    "wait_",
+    default=True,
+    show_default=True,
+    help="Wait for the job to end and print its counts.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds --wait waits.",
+)
+@handles_errors
+def cancel(job_id: str, terminate: bool, wait_: bool, timeout: float) -> None:
+    """Cancel job JOB_ID: queued batches never start, running ones stop at their next item.
+
+    The fan-in still completes: finished items keep their results, every other
+    item fails with "cancelled".  Works on a job sent from any machine.
+    """
+    from orchestrator import jobs
+    from orchestrator.run import check_redis
+    from orchestrator.status import UnknownJob
+    from workers.settings import get_settings
+
+    check_redis(get_settings())
+    try:
+        job = jobs.Job.attach(job_id, _app())
+    except UnknownJob as exc:
+        _fail(str(exc), EXIT_USAGE)
+    job.cancel(terminate=terminate)
+    click.echo(f"cancelling job {job_id}{' (interrupting running items)' if terminate else ''}", err=True)
+    if not wait_:
+        return
+    outcome = job.wait(timeout).data
+    cancelled = sum(1 for e in outcome["errors"] if e["error"] == outcome.get("stopped"))
+    click.echo(
+        f"job {job_id}: {outcome['succeeded']} done, {cancelled} cancelled, "
+        f"{outcome['failed'] - cancelled} failed ({outcome.get('stopped') or 'it had finished'})"
+    )
+
+
+@main.command()
+@click.argument("job_id")
+@run_options
+@handles_errors
+def retry(job_id: str, run: RunOptions) -> None:
+    """Send the failed and cancelled items of finished job JOB_ID again, as a new job.
+
+    Prints the merged outcome, in the original input order: earlier successes
+    carried over, the retried items' new results in their places (for resize,
+    into the same --out, with a new manifest.json).
+    """
+    from orchestrator import jobs, render
+    from orchestrator.run import check_redis
+    from workers.settings import get_settings
+
+    check_redis(get_settings())
+    job = jobs.retry(job_id, run.batch_size or "auto", _app())
+    click.echo(f"retrying {job.total} items of job {job_id} as job {job.id}", err=True)
+    if run.no_wait:
+        announce(job, run.as_json)
+        sys.exit(EXIT_OK)
+    import time
+
+    outcome, elapsed = follow(job, time.perf_counter(), run, f"retry of {job_id}")
+    finish(outcome, elapsed, run.as_json, render.writer(str(getattr(job.tracked, "output", "jsonl"))))
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the workers as JSON.")
 @handles_errors
 def workers(as_json: bool) -> None:
@@ -448,27 +575,20 @@ def workers(as_json: bool) -> None:
     from orchestrator.run import check_redis
     from workers.settings import get_settings
 
-    check_redis(get_settings())
-    found = list_workers(_app())
+    settings = get_settings()
+    check_redis(settings)
+    found = list_workers(_app(), settings.queue)
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "name": w.name,
-                        "concurrency": w.concurrency,
-                        "tasks": sorted(w.tasks),
-                        "queues": w.queues,
-                    }
-                    for w in found
-                ]
-            )
-        )
+        rows = [
+            {"name": w.name, "concurrency": w.concurrency, "tasks": sorted(w.tasks), "queues": list(w.queues)}
+            for w in found
+        ]
+        click.echo(json.dumps(rows))
     else:
         for w in found:
             click.echo(f"{w.name}\tconcurrency {w.concurrency}\t{len(w.tasks)} tasks")
     if not found:
-        _fail("no worker is running. Start one with `fanout worker`.", EXIT_INFRA)
+        _fail(f"no worker is running on queue {settings.queue}. Start one with `fanout worker`.", EXIT_INFRA)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -538,11 +658,7 @@ def map_command(
     kwargs_json: str | None,
     reduce_spec: str | None,
     stream: bool,
-    as_json: bool,
-    timeout: float,
-    batch_size: int | None,
-    progress: bool | None,
-    no_wait: bool,
+    run: RunOptions,
 ) -> None:
     """Run the @fanout.task MODULE:FUNCTION over every item of --input, on the workers.
 
@@ -553,7 +669,7 @@ def map_command(
     from orchestrator.canvas import build
     from orchestrator.inputs import load_task, parse_json_object, read_json_lines
 
-    if stream and as_json:
+    if stream and run.as_json:
         raise click.UsageError("--stream and --json cannot be combined")
     task = load_task(function, "MODULE:FUNCTION")
     reducer = load_task(reduce_spec, "--reduce") if reduce_spec else None
@@ -575,31 +691,19 @@ def map_command(
         )
 
     requires = (task.name, reducer.name) if reducer else (task.name,)
-    if stream and not no_wait:
-        _stream(factory, len(items), task.batch_size, batch_size, timeout, requires, reducer is not None)
-    outcome, elapsed = execute(
-        factory,
-        len(items),
-        task.batch_size,
-        batch_size,
-        timeout,
-        _show(progress),
-        task.name,
-        no_wait,
-        as_json,
-        requires,
-    )
-    if reducer is not None and not as_json:
-        finish(outcome, elapsed, as_json, render.write_reduced)
-    finish(outcome, elapsed, as_json, render.write_jsonl)
+    if stream and not run.no_wait:
+        _stream(factory, len(items), task.batch_size, run, requires, reducer is not None)
+    outcome, elapsed = execute(factory, len(items), task.batch_size, run, task.name, requires)
+    if reducer is not None and not run.as_json:
+        finish(outcome, elapsed, run.as_json, render.write_reduced)
+    finish(outcome, elapsed, run.as_json, render.write_jsonl)
 
 
 def _stream(
     factory: Callable[[int], Any],
     total: int,
     cap: int,
-    batch_size: int | None,
-    timeout: float,
+    run: RunOptions,
     requires: tuple[str, ...],
     reduced: bool,
 ) -> None:
@@ -608,13 +712,18 @@ def _stream(
 
     from orchestrator import jobs, render
 
-    job, sent = jobs.start(factory, total, cap, batch_size, requires, _app())
+    job, sent = jobs.start(
+        factory, total, cap, run.batch_size, requires, _app(), max_failures=run.max_failures
+    )
     failed = 0
-    for index, value in job.as_completed(timeout):
-        error = value.error if isinstance(value, jobs.Failure) else None
-        failed += error is not None
-        render.write_jsonl_line(index, None if error else value, error, sys.stdout)
-    outcome = job.wait(timeout)  # already done: one GET
+    try:
+        for index, value in job.as_completed(run.timeout):
+            error = value.error if isinstance(value, jobs.Failure) else None
+            failed += error is not None
+            render.write_jsonl_line(index, None if error else value, error, sys.stdout)
+    except KeyboardInterrupt:
+        interrupted(job)
+    outcome = job.wait(run.timeout)  # already done: one GET
     if reduced:
         render.write_reduced(outcome.data, sys.stdout)
     click.echo(render.summary(outcome.data, time.perf_counter() - sent), err=True)

@@ -30,8 +30,8 @@ class WorkerInfo:
         return task in self.tasks
 
 
-def list_workers(app: Celery) -> list[WorkerInfo]:
-    """The workers registered now, with their pool sizes and tasks, sorted by name."""
+def list_workers(app: Celery, queue: str | None = None) -> list[WorkerInfo]:
+    """The workers registered now (those consuming ``queue``, if given), sorted by name."""
     client = app.backend.client
     names = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in client.smembers(keys.WORKERS))
     if not names:
@@ -40,7 +40,8 @@ def list_workers(app: Celery) -> list[WorkerInfo]:
     gone = [name for name, raw in zip(names, records, strict=True) if raw is None]
     if gone:
         client.srem(keys.WORKERS, *gone)  # expired registrations: their workers stopped or died
-    return [_info(json.loads(raw)) for raw in records if raw is not None]
+    found = [_info(json.loads(raw)) for raw in records if raw is not None]
+    return [w for w in found if queue is None or queue in w.queues]
 
 
 def _info(record: dict[str, Any]) -> WorkerInfo:
@@ -52,13 +53,19 @@ def _info(record: dict[str, Any]) -> WorkerInfo:
     )
 
 
-def require_workers(app: Celery, tasks: Iterable[str] = ()) -> list[WorkerInfo]:
-    """The workers that have every task in ``tasks``; InfrastructureError, naming what is missing, if none."""
-    found = list_workers(app)
+def require_workers(app: Celery, tasks: Iterable[str] = (), queue: str | None = None) -> list[WorkerInfo]:
+    """The workers consuming ``queue`` that have every task in ``tasks``.
+
+    InfrastructureError, naming what is missing, if there are none.
+    """
+    found = list_workers(app, queue)
     if not found:
+        where = f" on queue {queue}" if queue else ""
+        others = len(list_workers(app)) if queue else 0
+        elsewhere = f" ({others} consume other queues: check FANOUT_QUEUE)" if others else ""
         raise InfrastructureError(
-            "no worker is running (none registered in Redis in the last "
-            f"{TTL_S} s). Start one with `fanout worker` (or `celery -A workers worker`), "
+            f"no worker is running{where} (none registered in Redis in the last {TTL_S} s){elsewhere}. "
+            "Start one with `fanout worker` (or `celery -A workers worker`), "
             "or try `fanout demo`, which starts its own."
         )
     able = found

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from celery import Celery
 from orchestrator import run
 from orchestrator.canvas import Plan, build
 from orchestrator.status import StoredJob, job_status
-from workers import fanin
+from workers import fanin, keys
 from workers.core import FanoutTask, json_problem
 from workers.errors import InputError
 
@@ -84,6 +84,8 @@ class Progress:
     batches: int
     items_done: int
     total: int
+    #: Why the job was stopped ("cancelled", "failure budget exceeded: ..."), if it was.
+    stopped: str | None = None
 
 
 class Job:
@@ -148,8 +150,79 @@ class Job:
             else:
                 yield from _unseen(piece, piece["start"], piece["results"], yielded)
 
+    def cancel(self, terminate: bool = False) -> None:
+        """Stop the job: queued batches never start, running ones stop at their next item.
+
+        With ``terminate``, the items running now are interrupted too.  The fan-in
+        still completes: finished items keep their results, every other item
+        fails with ``cancelled``.  Works from any process, on a job sent from anywhere.
+        """
+        cancel(self.app, self.group_id, terminate)
+
+    def retry_failed(self, batch_size: BatchSize = "auto") -> Job:
+        """Send this finished job's failed and cancelled items again, as a new job linked to this one.
+
+        The new job's outcome is this one's with the retried items' new results
+        in their places, in the original input order.
+        """
+        return retry(self.id, batch_size, self.app)
+
     def __repr__(self) -> str:
         return f"<Job {self.id} ({self.task}): {self.total} items in {self.batches} batches>"
+
+
+def cancel(app: Celery, group_id: str, terminate: bool = False) -> None:
+    """Set the job's stop reason (a budget's, set first, stays); ``terminate`` interrupts its items too."""
+    from workers.fanin import CANCELLED
+    from workers.settings import get_settings
+
+    app.backend.client.set(keys.stop(group_id), CANCELLED, nx=True, ex=get_settings().result_expires)
+    if terminate:
+        app.control.broadcast("fanout_interrupt", arguments={"group_id": group_id})
+
+
+def retry(job_id: str, batch_size: BatchSize = "auto", app: Celery | None = None) -> Job:
+    """:meth:`Job.retry_failed` for job ``job_id``."""
+    app = app or _app()
+    stored = StoredJob.load(app, job_id)
+    status = job_status(app, job_id)
+    if status.outcome is None:
+        raise InputError(f"job {job_id} has not finished: wait for it, or cancel it, before retrying")
+    outcome = status.outcome
+    indexes = [int(e["index"]) for e in outcome["errors"]]
+    if not indexes:
+        raise InputError(f"job {job_id} has no failed items to retry")
+    spec = stored.spec
+    inputs_of = str(spec.get("inputs_of") or job_id)  # a retry's items are its original job's
+    raw = app.backend.client.get(keys.inputs(inputs_of))
+    if raw is None or not spec.get("task"):
+        raise InputError(
+            f"the inputs of job {job_id} are no longer in Redis (kept FANOUT_RESULT_EXPIRES seconds): "
+            "send the job again"
+        )
+    inputs = run.unpack(raw)
+    items = [inputs[i] for i in indexes]
+    limits = spec.get("reduce_limits")
+
+    def factory(chosen: int) -> Plan:
+        return build(
+            str(spec["task"]),
+            items,
+            chosen,
+            kwargs=spec.get("kwargs"),
+            reduce=spec.get("reduce"),
+            reduce_kwargs=spec.get("reduce_kwargs"),
+            reduce_limits=(int(limits[0]), int(limits[1])) if limits else None,
+            shown_as=spec.get("shown_as"),
+            output=str(spec.get("output") or "jsonl"),
+            retry_of=job_id,
+            indexes=indexes,
+        )
+
+    requires = [str(spec["task"])] + ([str(spec["reduce"])] if spec.get("reduce") else [])
+    cap = int(spec.get("batch_cap") or stored.batch_size or 1)
+    job, _ = start(factory, len(items), cap, _batch_size(batch_size), requires, app, inputs_of=inputs_of)
+    return job
 
 
 def _unseen(
@@ -194,14 +267,46 @@ def start(
     batch_size: int | None,
     requires: Iterable[str],
     app: Celery | None = None,
+    max_failures: int | str | None = None,
+    inputs_of: str | None = None,
 ) -> tuple[Job, float]:
     """Check Redis and the workers, build the job at the chosen batch size, send it.
 
-    Returns the job and ``time.perf_counter()`` just before it was sent.
+    ``max_failures`` (a count, or a percentage as "P%") stops the job once more
+    items than that have failed.  Returns the job and ``time.perf_counter()``
+    just before it was sent.
     """
     app = app or _app()
-    plan, group_id, sent = run.send_job(app, factory, total, batch_cap, batch_size, requires)
+    budget = failure_budget(max_failures, total)
+
+    def planned(size: int) -> Plan:
+        plan = factory(size)
+        spec = {**plan.spec, "batch_cap": batch_cap}
+        if inputs_of:  # a retry: the items are a subset of another job's, kept there
+            return replace(plan, items=(), spec={**spec, "inputs_of": inputs_of})
+        return replace(plan, spec=spec)
+
+    plan, group_id, sent = run.send_job(app, planned, total, batch_cap, batch_size, requires, budget)
     return Job(plan, group_id, app), sent
+
+
+def failure_budget(value: int | str | None, total: int) -> int | None:
+    """The most failures allowed: ``value`` items, or ``"P%"`` of ``total``; None for no limit."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:
+                raise ValueError
+            return int(total * percent / 100)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise InputError(f"max_failures must be a count (N) or a percentage (P%), got {value!r}") from None
 
 
 def submit(
@@ -212,6 +317,7 @@ def submit(
     reduce: FanoutTask[Any, Any] | None = None,
     reduce_kwargs: dict[str, Any] | None = None,
     batch_size: BatchSize = "auto",
+    max_failures: int | str | None = None,
 ) -> Job:
     """Send ``task`` over ``items`` (JSON values) and return at once with the :class:`Job`.
 
@@ -219,7 +325,8 @@ def submit(
     worker runs ``reduce(results, errors, **reduce_kwargs)`` on the merged
     outcome as the chord callback; its value is ``outcome.reduced``.
     ``batch_size`` is items per task: "auto" spreads the items over the
-    workers' processes, at most the task's own ``batch_size``.
+    workers' processes, at most the task's own ``batch_size``.  ``max_failures``
+    (N, or "P%") cancels the job once more items than that have failed.
     """
     definition = _task_of(task, "task")
     reducer = _task_of(reduce, "reduce") if reduce is not None else None
@@ -246,7 +353,7 @@ def submit(
         )
 
     requires = [definition.name] + ([reducer.name] if reducer else [])
-    job, _ = start(factory, len(listed), definition.batch_size, size, requires)
+    job, _ = start(factory, len(listed), definition.batch_size, size, requires, max_failures=max_failures)
     return job
 
 
@@ -258,17 +365,29 @@ def map(
     reduce: FanoutTask[Any, Any] | None = None,
     reduce_kwargs: dict[str, Any] | None = None,
     batch_size: BatchSize = "auto",
+    max_failures: int | str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Outcome:
     """Run ``task`` over ``items`` on the workers and return the :class:`Outcome`, in input order.
 
     Blocks for at most ``timeout`` seconds (``RunTimeout`` after that: the job
-    goes on, and ``Job.attach(id)`` finds it again).  See :func:`submit`.
+    goes on, and ``Job.attach(id)`` finds it again).  A KeyboardInterrupt while
+    it waits cancels the job, then goes on up.  See :func:`submit`.
     """
     job = submit(
-        task, items, kwargs=kwargs, reduce=reduce, reduce_kwargs=reduce_kwargs, batch_size=batch_size
+        task,
+        items,
+        kwargs=kwargs,
+        reduce=reduce,
+        reduce_kwargs=reduce_kwargs,
+        batch_size=batch_size,
+        max_failures=max_failures,
     )
-    return job.wait(timeout)
+    try:
+        return job.wait(timeout)
+    except KeyboardInterrupt:
+        job.cancel()
+        raise
 
 
 def _batch_size(value: BatchSize) -> int | None:

@@ -26,10 +26,10 @@ leaves the chord incomplete exactly as a broker failure half-way through
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, chord, group
 from celery.canvas import Signature
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as json_dumps
@@ -74,9 +74,14 @@ def bulk_supported(app: Celery, header: Sequence[Signature]) -> bool:
     return bool(queue.exchange.type == "direct" and not queue.max_priority)
 
 
-def _apply_async(app: Celery, signature: Signature) -> str:
+def _apply_async(app: Celery, signature: Signature, before: Callable[[str], None] | None = None) -> str:
     """Celery's own path, for a header the bulk path does not cover."""
-    result = signature.apply_async()
+    group_id = str(uuid.uuid4())
+    if before is not None:
+        before(group_id)
+    header = group(list(signature.tasks), app=app)
+    header.options["task_id"] = group_id  # chord.run takes the header group's id from here
+    result = chord(header, signature.body, app=app).apply_async()
     consumer = getattr(app.backend, "result_consumer", None)
     if consumer is not None:
         # As before: the header results go to the callback, not to the client.
@@ -85,18 +90,26 @@ def _apply_async(app: Celery, signature: Signature) -> str:
     return str(result.parent.id)
 
 
-def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK) -> str:
+def publish_chord(
+    app: Celery,
+    signature: Signature,
+    chunk: int = DEFAULT_CHUNK,
+    before: Callable[[str], None] | None = None,
+) -> str:
     """Publish the chord ``signature`` (a group of task signatures and a callback); return its group id.
 
     The callback keeps the task id set on it (the job id), which is what the
-    orchestrator waits on.
+    orchestrator waits on.  ``before(group_id)`` runs before any header message
+    is sent (what a header task may need to find in Redis).
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
     header, callback = header_of(signature)
     if not bulk_supported(app, header):
-        return _apply_async(app, signature)
+        return _apply_async(app, signature, before)
     group_id = str(uuid.uuid4())
+    if before is not None:
+        before(group_id)
     body = callback.clone()
     # As chord.run does: the callback learns its group (and the reply queue) before
     # it is embedded in every header message.

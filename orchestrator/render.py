@@ -20,7 +20,7 @@ def as_document(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None
         "failed": outcome["failed"],
         "results": outcome["results"],
         "errors": outcome["errors"],
-        **{key: outcome[key] for key in ("reduced", "reduce_error") if key in outcome},
+        **{key: outcome[key] for key in ("reduced", "reduce_error", "stopped", "retry_of") if key in outcome},
         "elapsed_s": round(elapsed_s, 3),
         **(extra or {}),
     }
@@ -33,10 +33,18 @@ def write_json(document: dict[str, Any], out: IO[str]) -> None:
 
 def summary(outcome: Outcome, elapsed_s: float) -> str:
     rate = outcome["total"] / elapsed_s if elapsed_s > 0 else 0.0
-    return (
+    line = (
         f"{outcome['task']}: {outcome['total']} items, {outcome['succeeded']} succeeded, "
         f"{outcome['failed']} failed in {elapsed_s:.2f} s ({rate:,.0f} items/s), job {outcome['job_id']}"
     )
+    stopped = outcome.get("stopped")
+    if stopped == "cancelled":
+        line += f": CANCELLED ({sum(1 for e in outcome['errors'] if e['error'] == stopped)} items not run)"
+    elif stopped:
+        line += f": STOPPED, {stopped}"
+    if outcome.get("retry_of"):
+        line += f" (retry of job {outcome['retry_of']})"
+    return line
 
 
 def write_errors(outcome: Outcome, err: IO[str], limit: int = 50) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -75,19 +76,46 @@ def check_redis(settings: Settings) -> None:
             client.close()
 
 
-def submit(app: Celery, job: Plan, expires: int) -> str:
+def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None) -> str:
     """Publish the job's chord and record it; return the header's group id.
 
     The header goes out in bulk (see orchestrator/publish.py: the same messages
     as ``apply_async``, pipelined); the client keeps no subscription to any
-    header result.
+    header result.  The job's inputs are kept beside its record (compressed
+    JSON) for ``fanout retry``; a failure budget is in place before any header
+    task can run.
     """
     from orchestrator.publish import publish_chord
 
-    group_id = publish_chord(app, job.signature)
+    group_id = publish_chord(app, job.signature, before=_prepare(app, job, expires, max_failures))
     record = {**job.record(group_id), "sent_at": time.time()}
     app.backend.client.set(keys.job(job.job_id), json.dumps(record), ex=expires)
     return group_id
+
+
+def _prepare(app: Celery, job: Plan, expires: int, max_failures: int | None) -> Callable[[str], None]:
+    """What must be in Redis before the job's first header message is: its inputs and budget."""
+
+    def prepare(group_id: str) -> None:
+        client = app.backend.client
+        with client.pipeline(transaction=False) as pipe:
+            if job.items:
+                pipe.set(keys.inputs(job.job_id), pack(job.items), ex=expires)
+            if max_failures is not None:
+                pipe.set(keys.budget(group_id), f"{max_failures}/{job.total}", ex=expires)
+            pipe.execute()
+
+    return prepare
+
+
+def pack(items: Any) -> bytes:
+    """Items as kept in Redis: JSON, compressed (zlib level 1: fast, and ints shrink ~3x)."""
+    return zlib.compress(json.dumps(list(items), separators=(",", ":")).encode(), 1)
+
+
+def unpack(raw: bytes) -> list[Any]:
+    items: list[Any] = json.loads(zlib.decompress(raw))
+    return items
 
 
 Progress = Callable[[int, int], None]  # (batches done, batches in all)
@@ -333,6 +361,7 @@ def send_job(
     batch_cap: int,
     batch_size: int | None,
     requires: Iterable[str] = (),
+    max_failures: int | None = None,
 ) -> tuple[Plan, str, float]:
     """Check Redis and that some worker has the tasks in ``requires``, build the job and send it.
 
@@ -343,9 +372,9 @@ def send_job(
 
     settings = get_settings()
     check_redis(settings)
-    able = require_workers(app, requires)
+    able = require_workers(app, requires, settings.queue)
     processes = sum(w.concurrency for w in able) or 1
     job = job_factory(batch_size or auto_batch_size(total, processes, batch_cap))
     check_limits(app, job, settings)
     started = time.perf_counter()
-    return job, submit(app, job, settings.result_expires), started
+    return job, submit(app, job, settings.result_expires, max_failures), started

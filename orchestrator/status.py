@@ -7,15 +7,16 @@ the results do (``FANOUT_RESULT_EXPIRES``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
 from celery.states import READY_STATES
 
 from orchestrator.run import batches_done, callback_meta, load_record
+from workers import keys
 from workers.errors import FanoutError, InfrastructureError
-from workers.fanin import Outcome
+from workers.fanin import CANCELLED, Outcome
 
 
 class UnknownJob(FanoutError):
@@ -34,6 +35,7 @@ class StoredJob:
     batches: int
     sent_at: float | None
     output: str = "jsonl"
+    spec: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, app: Celery, job_id: str) -> StoredJob:
@@ -52,6 +54,7 @@ class StoredJob:
             batches=int(record["batches"]),
             sent_at=record.get("sent_at"),
             output=str(record.get("output") or "jsonl"),
+            spec=dict(record.get("spec") or {}),
         )
 
 
@@ -62,6 +65,17 @@ class Status:
     batches_done: int
     outcome: Outcome | None  # once state is SUCCESS
     finished_at: float | None
+    #: Why the job was stopped ("cancelled", "failure budget exceeded: ..."), if it was.
+    stopped: str | None = None
+
+    @property
+    def shown_state(self) -> str:
+        """The state as a person reads it: running, cancelling, SUCCESS, CANCELLED or STOPPED."""
+        if self.stopped is None:
+            return self.state
+        if self.outcome is None:
+            return "cancelling" if self.stopped == CANCELLED else "stopping"
+        return "CANCELLED" if self.stopped == CANCELLED else "STOPPED"
 
     @property
     def items_done(self) -> int:
@@ -80,7 +94,8 @@ class Status:
         return {
             "job_id": self.job.job_id,
             "task": self.job.task,
-            "state": self.state,
+            "state": self.shown_state,
+            "stopped": self.stopped,
             "total": self.job.total,
             "batches": self.job.batches,
             "batches_done": self.batches_done,
@@ -90,7 +105,7 @@ class Status:
 
     def line(self) -> str:
         return (
-            f"job {self.job.job_id} ({self.job.task}): {self.state}, {self.batches_done} of "
+            f"job {self.job.job_id} ({self.job.task}): {self.shown_state}, {self.batches_done} of "
             f"{self.job.batches} batches done (about {self.items_done} of {self.job.total} items), "
             f"{self.job.total - self.items_done} pending"
         )
@@ -101,13 +116,16 @@ def job_status(app: Celery, job_id: str) -> Status:
     job = StoredJob.load(app, job_id)
     meta = callback_meta(app, job_id)
     if meta is None or meta.get("status") not in READY_STATES:
-        return Status(job, "running", batches_done(app, job.group_id), None, None)
+        raw = app.backend.client.get(keys.stop(job.group_id))
+        stopped = raw.decode() if raw else None
+        return Status(job, "running", batches_done(app, job.group_id), None, None, stopped)
     state = str(meta["status"])
     if state != "SUCCESS":
         raise InfrastructureError(f"job {job_id} ended in {state}: {meta.get('result')!r}")
     done_at = meta.get("date_done")
     finished = _timestamp(done_at) if done_at else None
-    return Status(job, state, job.batches, meta["result"], finished)
+    outcome: Outcome = meta["result"]
+    return Status(job, state, job.batches, outcome, finished, outcome.get("stopped"))
 
 
 def _timestamp(value: Any) -> float | None:

@@ -85,7 +85,7 @@ def test_no_worker_with_the_task_is_an_infrastructure_error_and_nothing_is_sent(
         fanout.map(nowhere, [1, 2, 3])
     assert "no worker has task tests.test_api.nowhere (set FANOUT_IMPORTS on the workers" in str(caught.value)
     assert set(redis_client.keys("fanout:job:*")) == before
-    assert redis_client.llen("celery") == 0
+    assert redis_client.llen("fanout") == 0
 
 
 def test_an_item_is_retried_in_place_and_the_last_attempts_error_is_reported(worker: LocalWorker) -> None:

@@ -188,8 +188,8 @@ def _publish_raw(app: Celery, body: Any, serializer: str | None = None, **extra:
         producer = Producer(conn)  # type: ignore[no-untyped-call]
         producer.publish(  # type: ignore[no-untyped-call]
             body,
-            exchange=Exchange("celery", type="direct"),  # type: ignore[no-untyped-call]
-            routing_key="celery",
+            exchange=Exchange(app.conf.task_default_queue, type="direct"),  # type: ignore[no-untyped-call]
+            routing_key=app.conf.task_default_queue,
             serializer=serializer,
             headers=headers,
             **extra,
@@ -223,6 +223,8 @@ def test_a_pickle_message_is_refused_and_the_worker_lives_on(
     # Messages are taken in order: once a later one is done, the hostile ones were handled.
     assert app.send_task("fanout.double", args=[21]).get(timeout=30) == 42
     assert not planted.exists(), "the worker unpickled a message"
-    assert app.backend.client.llen("celery") == 0, "the hostile messages should have been taken and dropped"
+    assert app.backend.client.llen(app.conf.task_default_queue) == 0, (
+        "the hostile messages should have been taken and dropped"
+    )
     assert worker.process is not None and worker.process.poll() is None
     assert app.control.ping([worker.hostname], timeout=2)

@@ -82,7 +82,7 @@ def quiet_app(redis_client: redis.Redis) -> Iterator[tuple[Celery, redis.Redis]]
 def _queued(client: redis.Redis) -> list[dict[str, Any]]:
     """The messages waiting in the default queue, oldest first, bodies decoded."""
     messages = []
-    for raw in reversed(client.lrange("celery", 0, -1)):
+    for raw in reversed(client.lrange("fanout", 0, -1)):
         message = json.loads(raw)
         message["body"] = json.loads(base64.b64decode(message["body"]))
         messages.append(message)
@@ -131,7 +131,7 @@ def test_bulk_messages_match_what_apply_async_sends(quiet_app: tuple[Celery, red
     for child in result.parent.results:
         probe.backend.result_consumer.cancel_for(child.id)
     celery_sent = _queued(client)
-    client.delete("celery")
+    client.delete("fanout")
     group_id = publish_chord(probe, chord_sig(), chunk=2)
     bulk_sent = _queued(client)
 

@@ -35,6 +35,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": _broker_url(settings.broker_url),
         # Celery's Redis backend, with a chord part's report retried through a Redis restart.
         "result_backend": f"workers.backend:RetryingRedisBackend+{_backend_url(settings.result_backend)}",
+        # A queue of fanout's own (FANOUT_QUEUE), which its workers consume by default:
+        # another Celery app on the same database keeps to its `celery` queue.
+        "task_default_queue": settings.queue,
         # The user's task modules (FANOUT_IMPORTS), imported by every worker at start-up.
         "imports": settings.imports,
         # JSON only: a pickle message from the broker could run arbitrary code.
@@ -96,7 +99,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("fanout", include=["workers.tasks"])
+app = Celery("fanout", include=["workers.tasks", "workers.control"])
 # Each worker keeps a registration in Redis, so clients find workers without a broadcast.
 app.steps["consumer"].add("workers.registration:Registration")
 # Read lazily, on first use of the configuration: importing the app never fails,

@@ -67,7 +67,7 @@ def run_counted(
     log: AttemptLog,
     label: Callable[[Any], Any] = lambda item: item,
     stop_on: tuple[type[BaseException], ...] = (),
-    stopped: str = "the batch was stopped",
+    stopped: Callable[[BaseException], tuple[str, str]] = lambda exc: ("stopped", "stopped"),
 ) -> Part:
     """:func:`~workers.fanin.run_batch`, except that an item which killed its process
     :data:`MAX_KILLS` times is reported as failed instead of being run again."""

@@ -38,8 +38,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
+from workers.control import JobControl, JobStopped
 from workers.errors import FanoutError, ItemError
-from workers.fanin import Part
+from workers.fanin import Part, fail_batch
 from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -157,22 +158,51 @@ class FanoutTask(Generic[P, R]):
             return result
 
     def run_batch(self, task: Task, start: int, items: list[Any], kwargs: dict[str, Any]) -> Part:
-        """The header task's work: ``items`` (input items ``start`` onwards), counted for poison items."""
-        log = RedisAttemptLog(task.app.backend.client, str(task.request.id), get_settings().result_expires)
-        soft = (
-            (task.request.timelimit or (None, None))[1]
-            or task.soft_time_limit
-            or app.conf.task_soft_time_limit
-        )
-        return run_counted(
-            lambda item: self.run_item(item, kwargs),
-            start,
-            items,
-            log,
-            self.label,
-            stop_on=(SoftTimeLimitExceeded,),
-            stopped=f"the batch reached its soft time limit ({soft} s)",
-        )
+        """The header task's work: ``items`` (input items ``start`` onwards).
+
+        Counted for poison items, stopped by the soft time limit or by the job's
+        stop reason (cancel, failure budget), its failures counted against the budget.
+        """
+        client = task.app.backend.client
+        expires = get_settings().result_expires
+        group = task.request.group
+        control = JobControl(client, str(group), expires) if group else None
+        if control is not None and control.reason is not None:
+            return fail_batch(start, items, control.reason, self.label)  # queued when the job stopped
+        limits = task.request.timelimit or (None, None)
+        soft = limits[1] or task.soft_time_limit or app.conf.task_soft_time_limit
+
+        def stopped(exc: BaseException) -> tuple[str, str]:
+            reason = exc.reason if isinstance(exc, JobStopped) else control.stop_reason() if control else None
+            if reason is not None:  # cancelled (--terminate interrupts an item the same way)
+                return reason, reason
+            return (
+                f"the batch reached its soft time limit ({soft} s) while it ran",
+                f"not started: the batch reached its soft time limit ({soft} s) first",
+            )
+
+        def work(item: Any) -> Any:
+            if control is not None:
+                control.check()
+            return self.run_item(item, kwargs)
+
+        log = RedisAttemptLog(client, str(task.request.id), expires)
+        try:
+            part = run_counted(
+                work,
+                start,
+                items,
+                log,
+                self.label,
+                stop_on=(SoftTimeLimitExceeded, JobStopped),
+                stopped=stopped,
+            )
+        except SoftTimeLimitExceeded as exc:  # between two items: nothing to keep but the reason
+            return fail_batch(start, items, stopped(exc)[1], self.label)
+        if control is not None:
+            reason = control.reason
+            control.count_failures(sum(1 for e in part["errors"] if e["error"] != reason))
+        return part
 
     def reduce(self, results: list[Any], errors: list[Any], kwargs: dict[str, Any]) -> Any:
         """Run as a reduce step: ``fn(results, errors, **kwargs)``, its value checked to be JSON."""

@@ -12,6 +12,9 @@ from typing import Any, NotRequired, TypedDict
 
 from workers.errors import ItemError, TransientError
 
+#: The error of every item that a cancel kept from running.
+CANCELLED = "cancelled"
+
 
 class ItemFailure(TypedDict):
     index: int
@@ -40,6 +43,10 @@ class Outcome(TypedDict):
     errors: list[ItemFailure]
     reduced: NotRequired[Any]
     reduce_error: NotRequired[str]
+    #: Why the job stopped before all its items ran: "cancelled", "failure budget exceeded: ...".
+    stopped: NotRequired[str]
+    #: The job whose failed items this one ran again (its outcome is merged in).
+    retry_of: NotRequired[str]
 
 
 def describe(exc: BaseException) -> str:
@@ -56,15 +63,15 @@ def run_batch(
     items: Sequence[Any],
     label: Callable[[Any], Any] = lambda item: item,
     stop_on: tuple[type[BaseException], ...] = (),
-    stopped: str = "the batch was stopped",
+    stopped: Callable[[BaseException], tuple[str, str]] = lambda exc: ("stopped", "stopped"),
 ) -> Part:
     """Apply ``work`` to each item; an item that raises becomes an error entry.
 
     Any exception from one item is that item's failure, never the batch's: a
     header task must return, or Celery fails the whole chord.  An exception in
     ``stop_on`` (a time limit, a cancel) ends the batch early instead: the items
-    done keep their results, the item it interrupted and those not started fail
-    with ``stopped`` as the reason.
+    done keep their results; ``stopped(exc)`` gives the reasons for the item it
+    interrupted and for those not started.
     """
     results: list[Any] = []
     errors: list[ItemFailure] = []
@@ -72,12 +79,12 @@ def run_batch(
     for offset, item in enumerate(items):
         try:
             results.append(work(item))
-        except stop_on:
-            errors.append({"index": start + offset, "input": label(item), "error": f"{stopped} while it ran"})
-            rest = range(offset + 1, len(items))
+        except stop_on as exc:
+            interrupted, not_started = stopped(exc)
+            errors.append({"index": start + offset, "input": label(item), "error": interrupted})
             errors.extend(
-                {"index": start + k, "input": label(items[k]), "error": f"not started: {stopped} first"}
-                for k in rest
+                {"index": start + k, "input": label(items[k]), "error": not_started}
+                for k in range(offset + 1, len(items))
             )
             results.extend([None] * (len(items) - offset))
             break
@@ -138,4 +145,34 @@ def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> O
         "failed": len(errors),
         "results": results,
         "errors": errors,
+    }
+
+
+def merge_retry(previous: Outcome, again: Outcome, indexes: Sequence[int], job_id: str) -> Outcome:
+    """``previous`` with its items at ``indexes`` replaced by ``again``'s (item ``k`` is ``indexes[k]``).
+
+    The result is in the original input order: earlier successes carried over,
+    the retried items' new results or errors in their original places.
+    """
+    results = list(previous["results"])
+    failures = {e["index"]: e for e in previous["errors"]}
+    new_failures = {e["index"]: e for e in again["errors"]}
+    for k, index in enumerate(indexes):
+        failures.pop(index, None)
+        if k in new_failures:
+            failures[index] = {**new_failures[k], "index": index}
+            results[index] = None
+        else:
+            results[index] = again["results"][k]
+    errors = [failures[i] for i in sorted(failures)]
+    total = previous["total"]
+    return {
+        "job_id": job_id,
+        "task": previous["task"],
+        "total": total,
+        "succeeded": total - len(errors),
+        "failed": len(errors),
+        "results": results,
+        "errors": errors,
+        "retry_of": previous["job_id"],
     }

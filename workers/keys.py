@@ -12,6 +12,14 @@ JOB = "fanout:job:{job_id}"
 BATCH_RUNS = "fanout:runs:{task_id}"
 #: Per-item unfinished runs of one header batch (a hash: item index -> count).
 ITEM_RUNS = "fanout:unfinished:{task_id}"
+#: Why a job was stopped ("cancelled", "failure budget exceeded: ..."), by its chord's group id.
+STOP = "fanout:stop:{group_id}"
+#: A job's failure budget, "most failures allowed/items in the job", by group id.
+BUDGET = "fanout:budget:{group_id}"
+#: How many of a job's items have failed so far (counted only under a budget), by group id.
+FAILURES = "fanout:failures:{group_id}"
+#: A job's input items (zlib-compressed JSON), kept so that its failed items can be sent again.
+INPUTS = "fanout:inputs:{job_id}"
 #: The set of worker host names that registered themselves (workers/registration.py).
 WORKERS = "fanout:workers"
 #: One worker's registration (JSON), kept alive by the worker, gone soon after it dies.
@@ -28,6 +36,22 @@ def batch_runs(task_id: str) -> str:
 
 def item_runs(task_id: str) -> str:
     return ITEM_RUNS.format(task_id=task_id)
+
+
+def stop(group_id: str) -> str:
+    return STOP.format(group_id=group_id)
+
+
+def budget(group_id: str) -> str:
+    return BUDGET.format(group_id=group_id)
+
+
+def failures(group_id: str) -> str:
+    return FAILURES.format(group_id=group_id)
+
+
+def inputs(job_id: str) -> str:
+    return INPUTS.format(job_id=job_id)
 
 
 def worker(hostname: str) -> str:

@@ -52,6 +52,13 @@ def _modules(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return modules
 
 
+def _queue(env: Mapping[str, str], name: str, default: str) -> str:
+    queue = (env.get(name) or "").strip() or default
+    if any(c.isspace() or c == "," for c in queue):
+        raise ConfigError(f"{name}={queue!r}: a queue name has no spaces or commas")
+    return queue
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything fanout reads from the environment.
@@ -87,6 +94,10 @@ class Settings:
     #: Modules of the user's that a worker imports at start-up, so it has their
     #: ``@fanout.task`` functions (``FANOUT_IMPORTS=myjobs,other.module``).
     imports: tuple[str, ...] = ()
+    #: The queue fanout's tasks go to and its workers consume: a queue of its own,
+    #: so another Celery app on the same Redis database never takes fanout's
+    #: messages, nor fanout's workers its (``FANOUT_QUEUE``).
+    queue: str = "fanout"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -110,6 +121,7 @@ class Settings:
             visibility_timeout=visibility,
             restore_interval=_int(env, "FANOUT_RESTORE_INTERVAL", cls.restore_interval),
             imports=_modules(env, "FANOUT_IMPORTS"),
+            queue=_queue(env, "FANOUT_QUEUE", cls.queue),
         )
 
 

@@ -11,17 +11,19 @@ back into input order and, when the job names one, runs its reduce.
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from workers import keys, storage
 from workers.app import app
 from workers.core import lookup, task
 from workers.doubling import double as double_value
 from workers.errors import TransientError
-from workers.fanin import ItemFailure, Outcome, describe, merge
+from workers.fanin import ItemFailure, Outcome, describe, merge, merge_retry
 from workers.paths import inside_url
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
@@ -53,18 +55,52 @@ def _source(item: list[Any]) -> Any:
     backoff=1.0,
     label=_source,
 )
-def resize_items(item: list[Any], options: dict[str, Any], out_dir: str | None = None) -> dict[str, Any]:
+def resize_items(
+    item: list[Any], options: dict[str, Any], out_dir: str | None = None, skip_existing: bool = False
+) -> dict[str, Any]:
     """Resize one ``[source_url, destination_url, width, height]`` item with ``options`` (ResizeOptions JSON).
 
     With ``out_dir``, a destination that would land outside it is the item's
     error, whatever the message says.  Outputs are written atomically (rename,
-    or one PUT), so running an item twice is harmless.
+    or one PUT), so running an item twice is harmless.  With ``skip_existing``,
+    an output already there that opens as an image is left as it is and
+    reported with ``"skipped": true``.
     """
     source, destination, width, height = item
     if out_dir is not None:
         destination = inside_url(str(destination), out_dir, str(source))
-    record = resize_to(str(source), str(destination), (int(width), int(height)), _options(options))
+    box = (int(width), int(height))
+    if skip_existing:
+        found = existing_output(str(source), str(destination), box)
+        if found is not None:
+            return found
+    record = resize_to(str(source), str(destination), box, _options(options))
     return dict(record)
+
+
+def existing_output(source: str, destination: str, box: tuple[int, int]) -> dict[str, Any] | None:
+    """The record of an output already at ``destination`` that opens as an image, or None."""
+    from PIL import Image
+
+    try:
+        data = storage.read_bytes(destination)
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # the whole file is there and decodes (a crash mid-write leaves no such file)
+            width, height = im.size
+            fmt = str(im.format or "").lower()
+    except Exception:  # noqa: BLE001 - missing, partial or not an image: make it again
+        return None
+    return {
+        "source": source,
+        "destination": destination,
+        "box": list(box),
+        "width": width,
+        "height": height,
+        "format": fmt,
+        "bytes": len(data),
+        "seconds": 0.0,
+        "skipped": True,
+    }
 
 
 def _options(options: dict[str, Any]) -> ResizeOptions:
@@ -102,10 +138,23 @@ def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> Outcome:
     """The chord callback: merge the header parts into one outcome in input order, then reduce.
 
     ``job`` carries ``job_id``, ``task`` and ``total``, and optionally ``reduce``
-    (a fanout task's name) with ``reduce_kwargs``.  A reduce that fails leaves
-    the outcome complete, with ``reduce_error`` saying why.
+    (a fanout task's name) with ``reduce_kwargs``, and ``retry_of`` with
+    ``indexes`` (this job ran those items of an earlier job again: the two
+    outcomes are merged).  A reduce that fails leaves the outcome complete,
+    with ``reduce_error`` saying why.
     """
-    outcome = merge(parts, int(job["total"]), str(job["job_id"]), str(job["task"]))
+    job_id = str(job["job_id"])
+    outcome = merge(parts, int(job["total"]), job_id, str(job["task"]))
+    if job.get("retry_of"):
+        previous = self.app.backend.get_task_meta(str(job["retry_of"]))
+        if previous.get("status") == "SUCCESS":
+            outcome = merge_retry(previous["result"], outcome, list(job["indexes"]), job_id)
+        else:
+            outcome["stopped"] = f"the outcome of job {job['retry_of']} is gone (expired?): not merged"
+    if self.request.group:
+        raw = self.app.backend.client.get(keys.stop(str(self.request.group)))
+        if raw:
+            outcome["stopped"] = raw.decode()
     name = job.get("reduce")
     if name:
         outcome.update(reduce_outcome(str(name), outcome, dict(job.get("reduce_kwargs") or {})))  # type: ignore[typeddict-item]
