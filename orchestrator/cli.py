@@ -151,9 +151,13 @@ def execute(
     """
     from orchestrator import jobs
 
-    job, sent = jobs.start(
-        job_factory, total, batch_cap, run.batch_size, requires, _app(), max_failures=run.max_failures
-    )
+    try:
+        job, sent = jobs.start(
+            job_factory, total, batch_cap, run.batch_size, requires, _app(), max_failures=run.max_failures
+        )
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted while sending: whatever part of the job was sent is cancelled", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     if run.no_wait:
         announce(job, run.as_json)
         sys.exit(EXIT_OK)

@@ -126,7 +126,9 @@ class Job:
     def progress(self) -> Progress:
         """How far the job got: O(1) in Redis."""
         status = job_status(self.app, self.id)
-        return Progress(status.state, status.batches_done, self.batches, status.items_done, self.total)
+        return Progress(
+            status.state, status.batches_done, self.batches, status.items_done, self.total, status.stopped
+        )
 
     def wait(
         self, timeout: float = DEFAULT_TIMEOUT, progress: Callable[[int, int], None] | None = None

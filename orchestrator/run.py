@@ -23,7 +23,7 @@ from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
 from workers import keys
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
-from workers.fanin import Outcome, Part
+from workers.fanin import CANCELLED, Outcome, Part
 from workers.settings import Settings
 
 __all__ = [
@@ -87,25 +87,38 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     """
     from orchestrator.publish import publish_chord
 
-    group_id = publish_chord(app, job.signature, before=_prepare(app, job, expires, max_failures))
+    prepare = _prepare(app, job, expires, max_failures)
+    try:
+        group_id = publish_chord(app, job.signature, before=prepare)
+    except BaseException:
+        # Interrupted (Ctrl-C) or failed half-way: what was sent must not run for nobody.
+        if prepare.group_id is not None:
+            app.backend.client.set(keys.stop(prepare.group_id), CANCELLED, ex=expires)
+        raise
     record = {**job.record(group_id), "sent_at": time.time()}
     app.backend.client.set(keys.job(job.job_id), json.dumps(record), ex=expires)
     return group_id
 
 
-def _prepare(app: Celery, job: Plan, expires: int, max_failures: int | None) -> Callable[[str], None]:
+class _Prepare:
     """What must be in Redis before the job's first header message is: its inputs and budget."""
 
-    def prepare(group_id: str) -> None:
-        client = app.backend.client
+    def __init__(self, app: Celery, job: Plan, expires: int, max_failures: int | None) -> None:
+        self.app, self.job, self.expires, self.max_failures = app, job, expires, max_failures
+        self.group_id: str | None = None
+
+    def __call__(self, group_id: str) -> None:
+        self.group_id = group_id
+        client = self.app.backend.client
         with client.pipeline(transaction=False) as pipe:
-            if job.items:
-                pipe.set(keys.inputs(job.job_id), pack(job.items), ex=expires)
-            if max_failures is not None:
-                pipe.set(keys.budget(group_id), f"{max_failures}/{job.total}", ex=expires)
+            if self.job.items:
+                pipe.set(keys.inputs(self.job.job_id), pack(self.job.items), ex=self.expires)
+            if self.max_failures is not None:
+                pipe.set(keys.budget(group_id), f"{self.max_failures}/{self.job.total}", ex=self.expires)
             pipe.execute()
 
-    return prepare
+
+_prepare = _Prepare
 
 
 def pack(items: Any) -> bytes:

@@ -83,3 +83,19 @@ def total(results: list[Any], errors: list[dict[str, Any]], offset: int = 0) -> 
 @fanout.task
 def broken_reduce(results: list[Any], errors: list[dict[str, Any]]) -> int:
     raise RuntimeError("the reduce itself fails")
+
+
+@fanout.task
+def odd_fails(value: int, seconds: float = 0.0) -> int:
+    """``value`` after ``seconds``; an odd value fails (ValueError)."""
+    time.sleep(seconds)
+    if value % 2:
+        raise ValueError(f"{value} is odd")
+    return value
+
+
+@fanout.task
+def needs_file(path: str) -> str:
+    """Reads the file at ``path``: fails until it exists (a failure that a retry can mend)."""
+    with open(path) as fh:
+        return fh.read().strip()
