@@ -15,7 +15,7 @@
 Workers import the modules that define tasks: ``FANOUT_IMPORTS=myjobs fanout worker``.
 """
 
-from orchestrator.jobs import DEFAULT_TIMEOUT, Failure, Job, Outcome, Progress, map, submit
+from orchestrator.jobs import DEFAULT_TIMEOUT, BatchSize, Failure, Job, Outcome, Progress, map, submit
 from orchestrator.status import UnknownJob
 from workers.core import FanoutTask, task
 from workers.errors import (
@@ -30,6 +30,7 @@ from workers.errors import (
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "BatchSize",
     "ConfigError",
     "Failure",
     "FanoutError",

@@ -23,7 +23,7 @@ from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
 from workers import keys
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
-from workers.fanin import CANCELLED, Outcome, Part
+from workers.fanin import CANCELLED, Outcome, Part, flatten
 from workers.settings import Settings
 
 __all__ = [
@@ -291,7 +291,7 @@ def parts_as_completed(app: Celery, job: Tracked, group_id: str, timeout: float)
             last = done
             for number, part in _new_parts(app, key, seen, job.batches):
                 seen.add(number)
-                yield part
+                yield from flatten([part])
     except StopIteration as stop:
         yield stop.value
 

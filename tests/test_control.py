@@ -47,11 +47,13 @@ def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subpro
     )
 
 
+@pytest.mark.parametrize("batch_size", ["auto", 1])
 def test_cancel_stops_10000_queued_slow_items_within_2_s_plus_the_longest_item(
-    worker: LocalWorker, redis_client: redis.Redis
+    worker: LocalWorker, redis_client: redis.Redis, batch_size: fanout.BatchSize
 ) -> None:
+    # With one item per batch, 10,000 queued messages: taken off the queue, not drained by the workers.
     longest = 0.05
-    job = fanout.submit(userjobs.sleepy, [longest] * 10_000)
+    job = fanout.submit(userjobs.sleepy, [longest] * 10_000, batch_size=batch_size)
     wait_until(lambda: job.progress().batches_done >= 1, 60, "the first batch")
     cancelled_at = time.monotonic()
     job.cancel()

@@ -208,3 +208,23 @@ def test_a_unix_socket_url_is_spelled_for_kombu_and_the_backend(url: str) -> Non
     conf = celery_config(Settings.from_env({"FANOUT_REDIS_URL": url}))
     assert conf["broker_url"] == "redis+socket:///run/redis.sock"
     assert conf["result_backend"].endswith("socket:///run/redis.sock")
+
+
+def test_a_combined_part_counts_each_of_its_batches_once() -> None:
+    from workers.fanin import fail_batch, merge
+
+    first = {"start": 0, "results": [10, 20], "errors": [], "transient": 0}
+    combined = {
+        "start": 0,
+        "results": [],
+        "errors": [],
+        "transient": 0,
+        "parts": [fail_batch(2, ["c"], "cancelled"), fail_batch(3, ["d", "e"], "cancelled")],
+    }
+    outcome = merge([combined, first, first], 5, "job", "t")  # type: ignore[list-item]
+    assert outcome["results"] == [10, 20, None, None, None]
+    assert [(e["index"], e["error"]) for e in outcome["errors"]] == [
+        (2, "cancelled"),
+        (3, "cancelled"),
+        (4, "cancelled"),
+    ]

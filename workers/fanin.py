@@ -7,7 +7,7 @@ into one outcome in input order.  Nothing here knows about Celery.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NotRequired, TypedDict
 
 from workers.errors import ItemError, TransientError
@@ -29,6 +29,7 @@ class Part(TypedDict):
     results: list[Any]  # None where the item failed
     errors: list[ItemFailure]
     transient: int  # how many of the errors may pass on a retry
+    parts: NotRequired[list[Part]]  # several batches reported as one (see :func:`flatten`)
 
 
 class Outcome(TypedDict):
@@ -109,6 +110,19 @@ def fail_batch(
     }
 
 
+def flatten(parts: Iterable[Part | None]) -> Iterator[Part]:
+    """The parts, with the batches of a combined part (``"parts"``: several batches reported as one,
+    as a cancel reports the batches it took off the queue) in its place; empty ones left out."""
+    for part in parts:
+        if not part:
+            continue
+        inner = part.get("parts")
+        if inner:
+            yield from flatten(inner)
+        else:
+            yield part
+
+
 def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> Outcome:
     """Merge header parts into one outcome in input order.
 
@@ -119,9 +133,7 @@ def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> O
     results: list[Any] = [None] * total
     seen = [False] * total
     failures: dict[int, ItemFailure] = {}
-    for part in parts:
-        if not part:
-            continue
+    for part in flatten(parts):
         start = part["start"]
         for index, failure in ((e["index"], e) for e in part["errors"]):
             if 0 <= index < total and not seen[index]:
