@@ -42,9 +42,10 @@ def on_queue(plan: object, queue: str) -> None:
     signature.body.set(queue=queue)
 
 
-def busy(app: Celery, local: LocalWorker) -> bool:
+def running(app: Celery, local: LocalWorker) -> set[str]:
+    """The ids of the tasks ``local`` runs now."""
     replies = app.control.inspect([local.hostname], timeout=1).active() or {}
-    return bool(replies.get(local.hostname))
+    return {task["id"] for task in replies.get(local.hostname, [])}
 
 
 def test_kill_9_of_a_worker_mid_resize_loses_no_image(
@@ -62,7 +63,7 @@ def test_kill_9_of_a_worker_mid_resize_loses_no_image(
     on_queue(plan, queue)
     group_id = submit(app, plan, 600)
     deadline = time.monotonic() + 60
-    while not busy(app, doomed):
+    while not (in_flight := running(app, doomed)):
         assert time.monotonic() < deadline, "the doomed worker never got a batch"
         time.sleep(0.05)
     assert doomed.process is not None
@@ -72,6 +73,8 @@ def test_kill_9_of_a_worker_mid_resize_loses_no_image(
     assert (outcome["failed"], outcome["errors"]) == (0, [])
     assert [r["source"] for r in outcome["results"]] == [str(s) for s in sources]
     assert sorted(p.name for p in out.glob("[0-9]*.png")) == sorted(Path(d).name for _, d in pairs)
+    survivor_log = (tmp_path / "survivor-resize.log").read_text()
+    assert any(task_id in survivor_log for task_id in in_flight), "the lost batch was not redelivered"
     report = outcome.get("reduced") or {}
     assert report.get("manifest") == str(out / "manifest.json")
 
