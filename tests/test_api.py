@@ -8,8 +8,11 @@ into fanout's internals to send or follow a job.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +268,34 @@ def test_the_wordcount_example_runs_and_merges_the_counts(
     assert lines[0] == "3 files, 12 words (8 distinct)"
     assert lines[1].split() == ["4", "the"]
     assert lines[2].split() == ["2", "end"]
+
+
+def test_fanout_worker_imports_the_users_modules_and_registers_them(tmp_path: Path) -> None:
+    from orchestrator.discovery import list_workers
+    from tests.conftest import TEST_REDIS_URL
+    from tests.faultkit import app_for
+
+    base, db = TEST_REDIS_URL.rsplit("/", 1)
+    url = f"{base}/{int(db) - 3}"
+    app = app_for(url)
+    env = {**os.environ, "FANOUT_REDIS_URL": url}
+    env.pop("FANOUT_IMPORTS", None)
+    with open(tmp_path / "worker.log", "wb") as log:
+        process = subprocess.Popen(
+            fanout_command("worker", "--import", "tests.userjobs", "-c", "1", "--hostname", "cli@%h"),
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := [w for w in list_workers(app) if w.name.startswith("cli@")]):
+            assert process.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, "fanout worker never registered"
+            time.sleep(0.1)
+        assert found[0].concurrency == 1
+        assert {"tests.userjobs.triple", "fanout.double_batch"} <= set(found[0].tasks)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+        app.backend.client.flushdb()
+        app.backend.client.close()
+        app.close()

@@ -39,6 +39,8 @@ def lone_worker(tmp_path: Path, redis_client: redis.Redis) -> Iterator[tuple[Loc
             os.killpg(local.process.pid, signal.SIGKILL)
             local.process.wait(10)
         app.backend.client.flushdb()
+        app.backend.client.close()
+        app.close()
 
 
 def test_a_worker_killed_without_warning_drops_out_within_the_registration_ttl(
