@@ -669,8 +669,7 @@ def map_command(
     Prints JSON Lines in input order: {"index": i, "result": r} or {"index": i, "error": "..."}.
     The workers must have the task: FANOUT_IMPORTS=MODULE (or `fanout worker --import MODULE`).
     """
-    from orchestrator import render
-    from orchestrator.canvas import build
+    from orchestrator import jobs, render
     from orchestrator.inputs import load_task, parse_json_object, read_json_lines
 
     if stream and run.as_json:
@@ -681,43 +680,23 @@ def map_command(
     items = read_json_lines(input_file)
     if not items:
         raise click.UsageError("--input holds no items")
-
-    def factory(size: int) -> Any:
-        return build(
-            task.name,
-            items,
-            size,
-            kwargs=kwargs,
-            reduce=reducer.name if reducer else None,
-            reduce_limits=(reducer.time_limit, reducer.soft_time_limit)
-            if reducer and reducer.time_limit and reducer.soft_time_limit
-            else None,
-        )
-
-    requires = (task.name, reducer.name) if reducer else (task.name,)
+    work = jobs.prepare(task, items, kwargs=kwargs, reduce=reducer)
     if stream and not run.no_wait:
-        _stream(factory, len(items), task.batch_size, run, requires, reducer is not None)
-    outcome, elapsed = execute(factory, len(items), task.batch_size, run, task.name, requires)
+        _stream(work, run, reducer is not None)
+    outcome, elapsed = execute(work.factory, work.total, work.batch_cap, run, task.name, work.requires)
     if reducer is not None and not run.as_json:
         finish(outcome, elapsed, run.as_json, render.write_reduced)
     finish(outcome, elapsed, run.as_json, render.write_jsonl)
 
 
-def _stream(
-    factory: Callable[[int], Any],
-    total: int,
-    cap: int,
-    run: RunOptions,
-    requires: tuple[str, ...],
-    reduced: bool,
-) -> None:
+def _stream(work: Any, run: RunOptions, reduced: bool) -> None:
     """``fanout map --stream``: a line per item as its batch finishes, then the summary; exits."""
     import time
 
     from orchestrator import jobs, render
 
     job, sent = jobs.start(
-        factory, total, cap, run.batch_size, requires, _app(), max_failures=run.max_failures
+        work.factory, work.total, work.batch_cap, run.batch_size, work.requires, _app(), run.max_failures
     )
     failed = 0
     try:

@@ -336,6 +336,37 @@ def submit(
     workers' processes, at most the task's own ``batch_size``.  ``max_failures``
     (N, or "P%") cancels the job once more items than that have failed.
     """
+    work = prepare(task, items, kwargs=kwargs, reduce=reduce, reduce_kwargs=reduce_kwargs)
+    job, _ = start(
+        work.factory,
+        work.total,
+        work.batch_cap,
+        _batch_size(batch_size),
+        work.requires,
+        max_failures=max_failures,
+    )
+    return job
+
+
+@dataclass(frozen=True)
+class Work:
+    """A task over items, checked and ready to build at any batch size (see :func:`start`)."""
+
+    factory: Callable[[int], Plan]
+    total: int
+    batch_cap: int
+    requires: tuple[str, ...]
+
+
+def prepare(
+    task: FanoutTask[Any, Any],
+    items: Iterable[Any],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    reduce: FanoutTask[Any, Any] | None = None,
+    reduce_kwargs: dict[str, Any] | None = None,
+) -> Work:
+    """Check ``task``, ``items`` and the keyword arguments (InputError naming what is wrong)."""
     definition = _task_of(task, "task")
     reducer = _task_of(reduce, "reduce") if reduce is not None else None
     listed = check_items(items)
@@ -344,7 +375,6 @@ def submit(
             raise InputError(f"{name} must be a dict of JSON values; nothing was sent")
     if not listed:
         raise InputError("no items: nothing to send")
-    size = _batch_size(batch_size)
     reduce_limits = None
     if reducer is not None and reducer.time_limit and reducer.soft_time_limit:
         reduce_limits = (reducer.time_limit, reducer.soft_time_limit)
@@ -360,9 +390,8 @@ def submit(
             reduce_limits=reduce_limits,
         )
 
-    requires = [definition.name] + ([reducer.name] if reducer else [])
-    job, _ = start(factory, len(listed), definition.batch_size, size, requires, max_failures=max_failures)
-    return job
+    requires = (definition.name, reducer.name) if reducer else (definition.name,)
+    return Work(factory, len(listed), definition.batch_size, requires)
 
 
 def map(

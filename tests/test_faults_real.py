@@ -100,3 +100,33 @@ def test_the_soft_time_limit_stops_a_real_resize_at_its_item(
         (3, "not started: the batch reached its soft time limit (2 s) first"),
     ]
     assert sorted(p.name for p in out.glob("*.jpg")) == ["0.jpg", "1.jpg"]
+
+
+def test_as_completed_yields_every_index_once_when_a_worker_is_killed_mid_run(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    from orchestrator.jobs import Failure, Job
+    from tests.faultkit import rigged_job
+
+    queue = new_queue()
+    doomed = worker(app, queue, tmp_path, "doomed-stream", env=QUICK)
+    workers_started.append(doomed)
+    workers_started.append(worker(app, queue, tmp_path, "survivor-stream", env=QUICK))
+    values = list(range(40))
+    plan = rigged_job(app, values, 2, queue, seconds=0.3)
+    job = Job(plan, submit(app, plan, 600), app)
+    seen: list[int] = []
+    for index, value in job.as_completed(timeout=120):
+        assert not isinstance(value, Failure) and value == 2 * values[index]
+        seen.append(index)
+        if len(seen) == 4:  # under way: kill the doomed worker while it holds a batch
+            deadline = time.monotonic() + 30
+            while not (in_flight := running(app, doomed)):
+                assert time.monotonic() < deadline, "the doomed worker holds no batch"
+                time.sleep(0.02)
+            assert doomed.process is not None
+            os.kill(doomed.process.pid, signal.SIGKILL)
+            kill_all(doomed)
+    assert sorted(seen) == values and len(seen) == len(set(seen))
+    survivor_log = (tmp_path / "survivor-stream.log").read_text()
+    assert any(task_id in survivor_log for task_id in in_flight), "the lost batch was not redelivered"
