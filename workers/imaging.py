@@ -10,65 +10,16 @@ from workers.resizing import ResizeOptions, resize_to
 #: File name endings ``fanout resize`` treats as images when it walks a directory: those
 #: of the formats Pillow decodes (docs/formats.md).  A file named directly is sent whatever
 #: its name; Pillow identifies images by their content.
-IMAGE_SUFFIXES = frozenset(
-    [
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".mpo",
-        ".png",
-        ".apng",
-        ".gif",
-        ".webp",
-        ".avif",
-        ".bmp",
-        ".dib",
-        ".tif",
-        ".tiff",
-        ".jp2",
-        ".j2k",
-        ".jpc",
-        ".jpf",
-        ".jpx",
-        ".j2c",
-        ".ico",
-        ".cur",
-        ".icns",
-        ".tga",
-        ".pcx",
-        ".dcx",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".pnm",
-        ".pfm",
-        ".qoi",
-        ".sgi",
-        ".bw",
-        ".rgb",
-        ".rgba",
-        ".dds",
-        ".blp",
-        ".im",
-        ".msp",
-        ".xbm",
-        ".xpm",
-        ".psd",
-        ".fits",
-        ".fit",
-        ".ras",
-        ".pcd",
-        ".pxr",
-        ".spi",
-        ".eps",
-        ".fli",
-        ".flc",
-        ".ftc",
-        ".ftu",
-        ".gbr",
-    ]
-)
+# fmt: off
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".gif", ".webp", ".avif",
+    ".bmp", ".dib", ".tif", ".tiff", ".jp2", ".j2k", ".jpc", ".jpf", ".jpx", ".j2c",
+    ".ico", ".cur", ".icns", ".tga", ".pcx", ".dcx", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm",
+    ".qoi", ".sgi", ".bw", ".rgb", ".rgba", ".dds", ".blp", ".im", ".msp", ".xbm", ".xpm",
+    ".psd", ".fits", ".fit", ".ras", ".pcd", ".pxr", ".spi", ".eps", ".fli", ".flc",
+    ".ftc", ".ftu", ".gbr",
+})
+# fmt: on
 
 
 class ResizeRecord(TypedDict):
