@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 from PIL import Image
@@ -26,10 +26,11 @@ CONTACT_SHEET = "contact-sheet.png"
 log = logging.getLogger(__name__)
 
 
-def images(outcome: Outcome, per_image: int = 1) -> list[dict[str, Any]]:
+def images(outcome: Outcome, per_image: int = 1, tiles: bool = False) -> list[dict[str, Any]]:
     """The outcome grouped by image, in input order: ``index``, ``source``, ``ok``, ``outputs``, ``error``.
 
-    Outputs are listed without their ``tile``: tiles are scaffolding the callback deletes.
+    Outputs are listed without their ``tile`` unless ``tiles``: tiles are scaffolding
+    the callback deletes once the sheet is made.
     """
     per_image = max(1, per_image)
     failures = {e["index"]: e for e in outcome["errors"]}
@@ -37,7 +38,7 @@ def images(outcome: Outcome, per_image: int = 1) -> list[dict[str, Any]]:
     for image, first in enumerate(range(0, outcome["total"], per_image)):
         indices = range(first, min(first + per_image, outcome["total"]))
         outputs = [
-            {k: v for k, v in outcome["results"][i].items() if k != "tile"}
+            {k: v for k, v in outcome["results"][i].items() if tiles or k != "tile"}
             for i in indices
             if i not in failures and outcome["results"][i]
         ]
@@ -111,11 +112,6 @@ def contact_sheet_pages(outputs: list[dict[str, Any] | None]) -> Iterator[Image.
             yield compose(tiles, columns=columns, first=indices.start)
 
 
-def contact_sheet(items: list[dict[str, Any]]) -> Image.Image:
-    """The sheet's first page for manifest ``items``: each image's smallest output, failures marked."""
-    return next(contact_sheet_pages([_smallest(item) for item in items]))
-
-
 def _tiles_of(outcome: Outcome) -> list[str]:
     return [str(r["tile"]) for r in outcome["results"] if isinstance(r, dict) and r.get("tile")]
 
@@ -134,7 +130,10 @@ def write_report(out_dir: str, outcome: Outcome, per_image: int = 1, sheet: bool
     Returns the URLs: ``manifest``, ``contact_sheet`` (the first page or
     ``None``) and ``contact_sheets`` (every page).
     """
-    items = images(outcome, per_image)
+    items = images(outcome, per_image, tiles=True)
+    sheet_outputs = [_smallest(item) for item in items]
+    for item in items:
+        item["outputs"] = [{k: v for k, v in o.items() if k != "tile"} for o in item["outputs"]]
     manifest_url = storage.join(out_dir, MANIFEST)
     names = sheet_names(len(items)) if sheet else []
     document = manifest(outcome, per_image, items)
@@ -142,7 +141,7 @@ def write_report(out_dir: str, outcome: Outcome, per_image: int = 1, sheet: bool
     tiles = _tiles_of(outcome)
     if not _holds(manifest_url, document):
         try:
-            _write_pages(out_dir, names, [_smallest(item) for item in items])
+            _write_pages(out_dir, names, sheet_outputs)
         except Exception:  # the sheet is a convenience; the manifest is the record
             log.exception("could not write the contact sheet under %s", out_dir)
             document["contact_sheets"] = names = []
@@ -160,16 +159,25 @@ def write_report(out_dir: str, outcome: Outcome, per_image: int = 1, sheet: bool
 
 
 def _write_pages(out_dir: str, names: list[str], outputs: list[dict[str, Any] | None]) -> None:
+    """Write the sheet's pages; each is encoded while the next one's tiles are read (zlib frees the GIL)."""
     if not names:
         return
-    for name, page in zip(names, contact_sheet_pages(outputs), strict=True):
 
-        def write(fh: IO[bytes], page: Image.Image = page) -> None:
-            # Fast compression: the callback is on the run's critical path, and PNG's
-            # optimize pass took 1.7 s for a 400-image sheet (compress_level=1: 0.2 s).
-            page.save(fh, format="PNG", compress_level=1)
+    def write(name: str, page: Image.Image) -> None:
+        # Fast compression: the callback is on the run's critical path, and PNG's
+        # optimize pass took 1.7 s for a 400-image sheet (compress_level=1: 0.2 s).
+        storage.write_atomic(
+            storage.join(out_dir, name), lambda fh: page.save(fh, format="PNG", compress_level=1)
+        )
 
-        storage.write_atomic(storage.join(out_dir, name), write)
+    with ThreadPoolExecutor(1) as encoder:
+        pending: Future[None] | None = None
+        for name, page in zip(names, contact_sheet_pages(outputs), strict=True):
+            if pending is not None:
+                pending.result()  # at most two pages in memory
+            pending = encoder.submit(write, name, page)
+        if pending is not None:
+            pending.result()
 
 
 def _holds(url: str, document: dict[str, Any]) -> bool:
