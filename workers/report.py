@@ -77,6 +77,8 @@ def manifest(
 #: Threads reading tiles (and, for a missing tile, outputs) back: Pillow decodes
 #: without the GIL and object stores answer with latency.
 SHEET_THREADS = 4
+#: The same from an object store, where each read is mostly waiting on the network.
+REMOTE_SHEET_THREADS = 16
 
 
 def sheet_names(count: int) -> list[str]:
@@ -103,10 +105,12 @@ def _tile(output: dict[str, Any] | None) -> Image.Image | None:
     return tile if tile is not None else thumbnail(str(output["destination"]))
 
 
-def contact_sheet_pages(outputs: list[dict[str, Any] | None]) -> Iterator[Image.Image]:
+def contact_sheet_pages(
+    outputs: list[dict[str, Any] | None], threads: int = SHEET_THREADS
+) -> Iterator[Image.Image]:
     """Each page of the sheet for one output per image (``None``: failed), made one at a time."""
     columns, ranges = pages(len(outputs))
-    with ThreadPoolExecutor(SHEET_THREADS) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         for indices in ranges:
             tiles = list(pool.map(_tile, [outputs[i] for i in indices]))
             yield compose(tiles, columns=columns, first=indices.start)
@@ -172,7 +176,8 @@ def _write_pages(out_dir: str, names: list[str], outputs: list[dict[str, Any] | 
 
     with ThreadPoolExecutor(1) as encoder:
         pending: Future[None] | None = None
-        for name, page in zip(names, contact_sheet_pages(outputs), strict=True):
+        threads = SHEET_THREADS if storage.is_local(out_dir) else REMOTE_SHEET_THREADS
+        for name, page in zip(names, contact_sheet_pages(outputs, threads), strict=True):
             if pending is not None:
                 pending.result()  # at most two pages in memory
             pending = encoder.submit(write, name, page)
