@@ -27,10 +27,20 @@ def _ns(text: str) -> tuple[int, ...]:
 )
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per figure.")
 @click.option(
-    "--photos", type=click.IntRange(min=1), default=400, show_default=True, help="1920x1080 JPEGs to resize."
+    "--photos",
+    default="400,2000",
+    show_default=True,
+    help="Ns of 1920x1080 JPEGs to resize, each a row (whole commands, fresh processes).",
 )
 @click.option("--per-item", "per_item", default="1000,10000,100000", show_default=True, help="Ns, batch 1.")
 @click.option("--batched", default="10000,100000,1000000", show_default=True, help="Ns, auto batching.")
+@click.option(
+    "--dask-n",
+    "dask_n",
+    default="1000,10000",
+    show_default=True,
+    help="The per-item Ns at which Dask (one task per item) also runs.",
+)
 @click.option(
     "--publish-n",
     type=click.IntRange(min=1),
@@ -59,9 +69,10 @@ def main(
     workers: int,
     concurrency: int,
     runs: int,
-    photos: int,
+    photos: str,
     per_item: str,
     batched: str,
+    dask_n: str,
     publish_n: int,
     tutorial_n: int,
     loglevel: str,
@@ -81,8 +92,9 @@ def main(
         workers=workers,
         concurrency=concurrency,
         runs=runs,
-        photos=photos,
+        photos=_ns(photos),
         per_item_ns=_ns(per_item),
+        dask_ns=_ns(dask_n),
         batched_ns=_ns(batched),
         publish_n=publish_n,
         tutorial_n=tutorial_n,

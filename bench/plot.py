@@ -38,6 +38,16 @@ def plot(figures: Sequence[Figure], path: Path, title: str) -> Path | None:
                 # The reference's name without its per-N parameters ("chunks(1,000)").
                 label=f"reference: {refs[0].reference.split('(')[0]}",
             )
+        dask = [f for f in points if f.dask_rates]
+        if dask:
+            ax.plot(
+                [f.n for f in dask],
+                [f.dask_median for f in dask],
+                marker=marker,
+                linestyle="--",
+                color="tab:orange",
+                label=f"Dask LocalCluster, client.map: {name.split(',')[1].strip()}",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("items (N)")
