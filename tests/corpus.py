@@ -266,7 +266,7 @@ def formats(directory: Path, write: bool = True) -> list[FormatCase]:
             image.save(path, save.pop("save_as", None), **save)
         error = ""
         if fmt == "EPS" and not _ghostscript():
-            error = "Ghostscript"
+            error = "needs Ghostscript"
         cases.append(FormatCase(name, path, fmt, mode, error, size))
 
     def each(fmt: str, suffix: str, expected: dict[str, str], **save: Any) -> None:

@@ -71,6 +71,20 @@ def test_an_encoder_that_refuses_the_image_is_the_items_error_not_a_transient_on
     assert not (tmp_path / "out.tif").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [("BUFR", b"BUFR"), ("GRIB", b"GRIB\x00\x00\x00\x01"), ("HDF5", b"\x89HDF\r\n\x1a\n")],
+)
+def test_a_format_pillow_only_identifies_is_an_error_naming_the_missing_loader(
+    tmp_path: Path, name: str, header: bytes
+) -> None:
+    source = tmp_path / f"data.{name.lower()}"
+    source.write_bytes(header + b"\x00" * 64)
+    with pytest.raises(ImageError) as info:
+        resize_to(str(source), str(tmp_path / "out.png"), BOX, ResizeOptions())
+    assert info.value.reason == f"cannot decode: cannot find loader for this {name} file"
+
+
 # --- the corpus through a real worker, as one job --------------------------------
 
 

@@ -41,7 +41,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import IO, Any, NotRequired, TypedDict
 
-from PIL import Image, ImageColor, ImageMath, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageFile, ImageMath, ImageOps, UnidentifiedImageError
 
 from workers import storage
 from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
@@ -343,6 +343,8 @@ def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Ima
     """
     orientation = im.getexif().get(0x0112, 1)
     stored_w, stored_h = im.size
+    if stored_w < 1 or stored_h < 1:
+        raise ValueError(f"it declares {stored_w}x{stored_h} pixels")
     shown = (stored_h, stored_w) if orientation in _TRANSPOSED else (stored_w, stored_h)
     target = output_size(shown, box, options.mode, options.upscale)
     # The scale each displayed axis needs; fit and fill keep the aspect, exact does not.
@@ -383,6 +385,8 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
             # A damaged EXIF block is read as no EXIF (orientation 1), not a failed image.
             warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
             with Image.open(opened) as im:
+                if isinstance(im, ImageFile.StubImageFile):
+                    im.load()  # BUFR, GRIB, HDF5, WMF: raises naming the handler it lacks
                 fmt = output_format(im.format, options.format)
                 source_info = dict(im.info)
                 source_mode = im.mode
@@ -407,6 +411,8 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
         # A local read that hiccuped may pass again; anything else Pillow raises is the file's fault.
         if exc.errno in _TRANSIENT_ERRNOS:
             raise TransientError(f"{source}: {exc}") from exc
+        if "Ghostscript" in str(exc):
+            raise ImageError(source, "cannot decode EPS: Pillow needs Ghostscript (gs) installed") from None
         raise ImageError(source, f"cannot decode: {exc}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageError(source, f"corrupt image: {exc.__class__.__name__}: {exc}") from None
