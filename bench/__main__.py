@@ -114,9 +114,7 @@ def main(
     )
     png = plot(figures, out / "doubling.png", title)
     click.echo(table(figures))
-    click.echo(
-        f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no matplotlib: no plot)")
-    )
+    click.echo(f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no plot)"))
     sys.exit(0)
 
 
