@@ -85,6 +85,26 @@ def test_a_format_pillow_only_identifies_is_an_error_naming_the_missing_loader(
     assert info.value.reason == f"cannot decode: cannot find loader for this {name} file"
 
 
+@pytest.mark.parametrize(
+    ("choice", "modes"),
+    [("jpeg", {"L", "RGB", "CMYK"}), ("png", {"L", "LA", "RGB", "RGBA", "I;16"}), ("webp", {"RGB", "RGBA"})],
+)
+def test_every_image_of_the_corpus_converts_to_each_output_format(
+    tmp_path: Path, choice: str, modes: set[str]
+) -> None:
+    wrong = []
+    for case in formats(tmp_path / "in"):
+        if case.error:
+            continue
+        destination = tmp_path / "out" / f"{case.name}.{choice}"
+        resize_to(str(case.path), str(destination), BOX, ResizeOptions(format=choice, tile=False))
+        with Image.open(destination) as im:
+            size = output_size(case.size, BOX, "fit", False)
+            if (im.format, im.size) != (choice.upper(), size) or im.mode not in modes:
+                wrong.append(f"{case.name}: {im.format} {im.mode} {im.size}")
+    assert not wrong
+
+
 # --- the corpus through a real worker, as one job --------------------------------
 
 

@@ -245,7 +245,7 @@ def fit_mode(im: Image.Image, fmt: str, background: str, deep: bool = False) -> 
             return im.convert("F")
         # Into 8 bits: a 16-bit range scaled, anything else clipped.
         im = (im.point(lambda v: v * (1 / 256)) if deep else im).convert("L")
-    if im.mode == "F" or (im.mode not in modes and "F" in modes):
+    if "F" in modes and im.mode not in modes:
         return im.convert("F")  # SPIDER stores floats only
     if im.mode == "CMYK" and "CMYK" not in modes:
         im = im.convert("RGB")
