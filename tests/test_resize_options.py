@@ -363,6 +363,7 @@ def test_the_sheet_is_pasted_from_tiles_without_reading_any_output_back(tmp_path
     doc = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert doc["contact_sheets"] == [CONTACT_SHEET]
     assert all("tile" not in o for item in doc["items"] for o in item["outputs"])
+    assert all("tile" not in r for r in outcome["results"] if r)
 
 
 def test_a_missing_tile_is_made_from_the_output_read_back(tmp_path: Path) -> None:

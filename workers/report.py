@@ -132,7 +132,8 @@ def write_report(out_dir: str, outcome: Outcome, per_image: int = 1, sheet: bool
     finds the same manifest already there and leaves the files alone.
 
     Returns the URLs: ``manifest``, ``contact_sheet`` (the first page or
-    ``None``) and ``contact_sheets`` (every page).
+    ``None``) and ``contact_sheets`` (every page).  The ``tile`` of each result in
+    ``outcome`` is removed, as the tile itself is.
     """
     items = images(outcome, per_image, tiles=True)
     sheet_outputs = [_smallest(item) for item in items]
@@ -158,6 +159,9 @@ def write_report(out_dir: str, outcome: Outcome, per_image: int = 1, sheet: bool
         storage.remove_many(tiles)
     except Exception:  # leftover tiles are untidy, not wrong
         log.warning("could not delete the contact-sheet tiles under %s", out_dir, exc_info=True)
+    for result in outcome["results"]:
+        if isinstance(result, dict):
+            result.pop("tile", None)  # gone from the store, so gone from the results the client gets
     urls = [storage.join(out_dir, name) for name in names]
     return {"manifest": manifest_url, "contact_sheet": urls[0] if urls else None, "contact_sheets": urls}
 
