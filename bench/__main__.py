@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-SUITES = ("publish", "images", "per-item", "batched")
+SUITES = ("publish", "fanin", "images", "per-item", "batched")
 
 
 def _ns(text: str) -> tuple[int, ...]:
@@ -42,6 +42,13 @@ def _ns(text: str) -> tuple[int, ...]:
     help="The per-item Ns at which Dask (one task per item) also runs.",
 )
 @click.option(
+    "--fanin-n",
+    "fanin_n",
+    default="10000",
+    show_default=True,
+    help="Images whose tiles the fan-in benchmark pastes (the callback alone, in this process).",
+)
+@click.option(
     "--publish-n",
     type=click.IntRange(min=1),
     default=10_000,
@@ -73,13 +80,14 @@ def main(
     per_item: str,
     batched: str,
     dask_n: str,
+    fanin_n: str,
     publish_n: int,
     tutorial_n: int,
     loglevel: str,
     timeout: float,
     out: Path,
 ) -> None:
-    """Run SUITES (publish, images, per-item, batched; default all) against FANOUT_REDIS_URL.
+    """Run SUITES (publish, fanin, images, per-item, batched; default all) against FANOUT_REDIS_URL.
 
     Starts its own workers on that database (and refuses if others listen
     there), generates its inputs, and checks every result before it counts.
@@ -95,6 +103,7 @@ def main(
         photos=_ns(photos),
         per_item_ns=_ns(per_item),
         dask_ns=_ns(dask_n),
+        fanin_ns=_ns(fanin_n),
         batched_ns=_ns(batched),
         publish_n=publish_n,
         tutorial_n=tutorial_n,

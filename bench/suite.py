@@ -78,6 +78,7 @@ class Config:
     photos: tuple[int, ...]
     per_item_ns: tuple[int, ...]
     dask_ns: tuple[int, ...]
+    fanin_ns: tuple[int, ...]
     batched_ns: tuple[int, ...]
     publish_n: int
     tutorial_n: int
@@ -402,6 +403,53 @@ def bench_images(env: dict[str, str], config: Config, n: int, dask: bool) -> lis
     ]
 
 
+def bench_fanin(config: Config, n: int) -> Figure:
+    """The resize callback's own work for ``n`` images: pasting their tiles into pages, the manifest.
+
+    Run in this process on tiles made as the header tasks make them (from
+    256 px noisy outputs, the worst case for PNG), so the figure is the
+    callback alone, to hold against its soft time limit.
+    """
+    from PIL import Image
+
+    from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
+    from workers.fanin import merge
+    from workers.report import write_report
+
+    out = config.work_dir / "fanin"
+    seconds: list[float] = []
+    pages = 0
+    for _ in range(config.runs):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        results = []
+        for i in range(n):
+            destination = str(out / f"{i}.jpg")
+            picture = Image.effect_noise((256, 144), 40 + i % 50).convert("RGB")
+            make_tile(picture).save(tile_url(destination), "JPEG", quality=TILE_QUALITY)
+            results.append(
+                {"source": f"/in/{i}.jpg", "destination": destination, "box": [256, 256], "width": 256,
+                 "height": 144, "format": "JPEG", "bytes": 10_000, "seconds": 0.01,
+                 "tile": tile_url(destination)}
+            )  # fmt: skip
+        outcome = merge(
+            [{"start": 0, "results": results, "errors": [], "transient": 0}], n, "bench", "resize"
+        )
+        started = time.perf_counter()
+        written = write_report(str(out), outcome, 1, True)
+        seconds.append(time.perf_counter() - started)
+        pages = len(written["contact_sheets"])
+    shutil.rmtree(out, ignore_errors=True)
+    return Figure(
+        "resize fan-in: tiles pasted into pages + manifest",
+        n,
+        "img/s",
+        [n / s for s in seconds],
+        target="well within the callback's soft time limit (20 s) at 10,000",
+        extra={"seconds": [round(s, 3) for s in seconds], "pages": pages},
+    )
+
+
 # --------------------------------------------------------------------------- the whole suite
 
 
@@ -418,9 +466,15 @@ def run_suite(config: Config, selected: Sequence[str], report: Callable[[str], N
     dask = has_dask()
     if not dask:
         report("no Dask (pip install 'fanout[bench]'): the Dask column stays empty")
+    if "fanin" in selected:
+        for n in config.fanin_ns:
+            report(f"fanin: the resize callback for {n} images x {config.runs} runs")
+            figures.append(bench_fanin(config, n))
     if "publish" in selected:
         report(f"publish: {config.publish_n} header messages x {config.runs} runs, no worker consuming")
         figures.append(bench_publish(app, config))
+    if not {"images", "per-item", "batched"} & set(selected):
+        return figures
     with local_workers(app, config):
         if "images" in selected:
             for n in config.photos:
