@@ -1,4 +1,4 @@
-"""A corpus of broken and unusual image files, generated (nothing downloaded)."""
+"""Generated image corpora (nothing downloaded): broken, unusual, and every format x mode x codec."""
 
 from __future__ import annotations
 
