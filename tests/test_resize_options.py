@@ -349,6 +349,17 @@ def test_the_header_task_leaves_a_small_tile_beside_each_output_and_names_it(tmp
     assert not (tmp_path / ".x.png.tile.jpg").exists()
 
 
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"])
+@pytest.mark.parametrize(
+    ("size", "tile"), [((256, 144), (128, 72)), ((300, 7), (128, 3)), ((40, 30), (40, 30))]
+)
+def test_a_tile_is_rgb_within_a_cell_whatever_the_output_mode(
+    mode: str, size: tuple[int, int], tile: tuple[int, int]
+) -> None:
+    made = contact_sheet.make_tile(Image.new(mode, size))
+    assert (made.mode, made.size) == ("RGB", tile)
+
+
 def test_the_sheet_is_pasted_from_tiles_without_reading_any_output_back(tmp_path: Path) -> None:
     outcome = _resized(tmp_path, [RED, None, BLUE])
     for record in filter(None, outcome["results"]):
