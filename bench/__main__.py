@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-SUITES = ("publish", "images", "per-item", "batched")
+SUITES = ("publish", "fanin", "images", "per-item", "batched")
 
 
 def _ns(text: str) -> tuple[int, ...]:
@@ -27,10 +27,27 @@ def _ns(text: str) -> tuple[int, ...]:
 )
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per figure.")
 @click.option(
-    "--photos", type=click.IntRange(min=1), default=400, show_default=True, help="1920x1080 JPEGs to resize."
+    "--photos",
+    default="400,2000",
+    show_default=True,
+    help="Ns of 1920x1080 JPEGs to resize, each a row (whole commands, fresh processes).",
 )
 @click.option("--per-item", "per_item", default="1000,10000,100000", show_default=True, help="Ns, batch 1.")
 @click.option("--batched", default="10000,100000,1000000", show_default=True, help="Ns, auto batching.")
+@click.option(
+    "--dask-n",
+    "dask_n",
+    default="1000,10000",
+    show_default=True,
+    help="The per-item Ns at which Dask (one task per item) also runs.",
+)
+@click.option(
+    "--fanin-n",
+    "fanin_n",
+    default="10000",
+    show_default=True,
+    help="Images whose tiles the fan-in benchmark pastes (the callback alone, in this process).",
+)
 @click.option(
     "--publish-n",
     type=click.IntRange(min=1),
@@ -59,16 +76,18 @@ def main(
     workers: int,
     concurrency: int,
     runs: int,
-    photos: int,
+    photos: str,
     per_item: str,
     batched: str,
+    dask_n: str,
+    fanin_n: str,
     publish_n: int,
     tutorial_n: int,
     loglevel: str,
     timeout: float,
     out: Path,
 ) -> None:
-    """Run SUITES (publish, images, per-item, batched; default all) against FANOUT_REDIS_URL.
+    """Run SUITES (publish, fanin, images, per-item, batched; default all) against FANOUT_REDIS_URL.
 
     Starts its own workers on that database (and refuses if others listen
     there), generates its inputs, and checks every result before it counts.
@@ -81,8 +100,10 @@ def main(
         workers=workers,
         concurrency=concurrency,
         runs=runs,
-        photos=photos,
+        photos=_ns(photos),
         per_item_ns=_ns(per_item),
+        dask_ns=_ns(dask_n),
+        fanin_ns=_ns(fanin_n),
         batched_ns=_ns(batched),
         publish_n=publish_n,
         tutorial_n=tutorial_n,
@@ -102,9 +123,7 @@ def main(
     )
     png = plot(figures, out / "doubling.png", title)
     click.echo(table(figures))
-    click.echo(
-        f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no matplotlib: no plot)")
-    )
+    click.echo(f"\nresults: {out / 'results.json'}" + (f", plot: {png}" if png else " (no plot)"))
     sys.exit(0)
 
 

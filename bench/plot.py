@@ -9,7 +9,7 @@ from bench.suite import Figure
 
 
 def plot(figures: Sequence[Figure], path: Path, title: str) -> Path | None:
-    """Draw the doubling curves to ``path``; None if matplotlib is not installed."""
+    """Draw the doubling curves to ``path``; None if matplotlib is not installed or nothing to draw."""
     try:
         import matplotlib
 
@@ -17,8 +17,11 @@ def plot(figures: Sequence[Figure], path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    names = ("double, one task per item", "double, batched (auto)")
+    if not any(f.name in names for f in figures):
+        return None  # no doubling suite in this run: nothing to draw
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for name, marker in (("double, one task per item", "o"), ("double, batched (auto)", "s")):
+    for name, marker in zip(names, ("o", "s"), strict=True):
         points = sorted((f for f in figures if f.name == name), key=lambda f: f.n)
         if not points:
             continue
@@ -37,6 +40,16 @@ def plot(figures: Sequence[Figure], path: Path, title: str) -> Path | None:
                 color="grey",
                 # The reference's name without its per-N parameters ("chunks(1,000)").
                 label=f"reference: {refs[0].reference.split('(')[0]}",
+            )
+        dask = [f for f in points if f.dask_rates]
+        if dask:
+            ax.plot(
+                [f.n for f in dask],
+                [f.dask_median for f in dask],
+                marker=marker,
+                linestyle="--",
+                color="tab:orange",
+                label=f"Dask LocalCluster, client.map: {name.split(',')[1].strip()}",
             )
     ax.set_xscale("log")
     ax.set_yscale("log")

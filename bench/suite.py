@@ -2,24 +2,28 @@
 
 Every benchmark starts its own ``celery worker`` processes (LocalWorker),
 generates its own input (nothing is downloaded) and checks that the results
-are complete and in input order before a figure counts.  Rates are items per
+are complete and in input order before a figure counts.
+
+Images are measured as a user waits for them: the wall time of a whole
+command, each a fresh process (``fanout resize``; the reference scripts of
+:mod:`bench.reference`: a process pool running fanout's own resize function,
+one running Pillow's ``thumbnail``, and Dask).  Doubling rates are items per
 second over the CLI's own ``elapsed_s`` (from sending the header to the
-fan-in), so the fixed start-up of a ``fanout`` process (interpreter, imports,
-asking the workers for their pool sizes) is left out on both sides; the wall
-time of the whole command is recorded beside it.
+fan-in), and Dask's over its map with the cluster already up, so start-up is
+left out on both sides there; wall times are recorded beside them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +46,11 @@ class Figure:
     reference_rates: Rates = field(default_factory=list)
     target: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    dask_rates: Rates = field(default_factory=list)
+
+    @property
+    def dask_median(self) -> float:
+        return statistics.median(self.dask_rates) if self.dask_rates else 0.0
 
     @property
     def median(self) -> float:
@@ -56,6 +65,8 @@ class Figure:
         doc["median"] = self.median
         doc["reference_median"] = self.reference_median
         doc["ratio"] = self.median / self.reference_median if self.reference_median else None
+        doc["dask_median"] = self.dask_median
+        doc["dask_ratio"] = self.median / self.dask_median if self.dask_median else None
         return doc
 
 
@@ -64,8 +75,10 @@ class Config:
     workers: int
     concurrency: int
     runs: int
-    photos: int
+    photos: tuple[int, ...]
     per_item_ns: tuple[int, ...]
+    dask_ns: tuple[int, ...]
+    fanin_ns: tuple[int, ...]
     batched_ns: tuple[int, ...]
     publish_n: int
     tutorial_n: int
@@ -127,37 +140,48 @@ _PEAK_RSS = (
 )
 
 
-def fanout_cli(env: dict[str, str], args: Sequence[str], timeout: float) -> tuple[dict[str, Any], float, int]:
-    """Run ``fanout ARGS --json``; return its document, wall seconds and peak RSS in KiB.
+def timed(env: dict[str, str], command: Sequence[str], timeout: float) -> tuple[bytes, float, int]:
+    """Run ``command`` as a fresh process; return its stdout, wall seconds and peak RSS in KiB.
 
     stdout goes to a file: a million results is a large document.
     """
-    command = [
-        sys.executable,
-        "-c",
-        _PEAK_RSS,
-        sys.executable,
-        "-m",
-        "orchestrator",
-        *args,
-        "--json",
-        "--no-progress",
-        "--timeout",
-        str(timeout),
-    ]
+    wrapped = [sys.executable, "-c", _PEAK_RSS, *command]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         try:
-            code = subprocess.run(command, env=env, stdout=out, stderr=err, timeout=timeout + 60).returncode
+            code = subprocess.run(wrapped, env=env, stdout=out, stderr=err, timeout=timeout + 60).returncode
         except subprocess.TimeoutExpired:
-            raise SystemExit(f"bench: fanout {' '.join(args)} did not finish in {timeout + 60:g} s") from None
+            raise SystemExit(f"bench: {' '.join(command)} did not finish in {timeout + 60:g} s") from None
         wall = time.perf_counter() - started
         out.seek(0)
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
         if code != 0:
-            raise SystemExit(f"bench: fanout {' '.join(args)} exited {code}: " + "\n".join(lines[-20:]))
-        return json.loads(out.read()), wall, int(lines[-1])
+            raise SystemExit(f"bench: {' '.join(command)} exited {code}: " + "\n".join(lines[-20:]))
+        return out.read(), wall, int(lines[-1])
+
+
+def fanout_cli(env: dict[str, str], args: Sequence[str], timeout: float) -> tuple[dict[str, Any], float, int]:
+    """Run ``fanout ARGS --json``; return its document, wall seconds and peak RSS in KiB."""
+    command = [
+        sys.executable, "-m", "orchestrator", *args, "--json", "--no-progress", "--timeout", str(timeout),
+    ]  # fmt: skip
+    out, wall, rss = timed(env, command, timeout)
+    return json.loads(out), wall, rss
+
+
+def reference(env: dict[str, str], args: Sequence[str], timeout: float) -> tuple[dict[str, Any], float]:
+    """Run ``python -m bench.reference ARGS``; return its JSON line and wall seconds."""
+    out, wall, _ = timed(env, [sys.executable, "-m", "bench.reference", *args], timeout)
+    return json.loads(out.decode().strip().splitlines()[-1]), wall
+
+
+def has_dask() -> bool:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- doubling
@@ -181,6 +205,20 @@ def bench_double(env: dict[str, str], config: Config, n: int, batch: str) -> tup
         walls.append(round(wall, 3))
         rss.append(peak)
     return rates, {"wall_s": walls, "client_peak_rss_kib": rss}
+
+
+def dask_double(env: dict[str, str], config: Config, n: int) -> tuple[Rates, dict[str, Any]]:
+    """One Dask task per number on a LocalCluster of single-threaded processes: rates over the map."""
+    rates: Rates = []
+    extra: dict[str, list[float]] = {"dask_wall_s": [], "dask_start_s": []}
+    for _ in range(config.runs):
+        doc, wall = reference(
+            env, ["dask-double", str(n), "--processes", str(config.processes)], config.timeout
+        )
+        rates.append(n / doc["job_s"])
+        extra["dask_wall_s"].append(round(wall, 3))
+        extra["dask_start_s"].append(doc["start_s"])
+    return rates, extra
 
 
 def tutorial_group(app: Celery, n: int, timeout: float) -> float:
@@ -268,109 +306,148 @@ def _drain(client: Any) -> None:
 # --------------------------------------------------------------------------- images
 
 
-def _thumbnail(pair: tuple[str, str]) -> None:
-    """What a user would write: Pillow's ``thumbnail`` with its defaults, saved as JPEG."""
-    from PIL import Image
-
-    source, destination = pair
-    with Image.open(source) as im:
-        im.thumbnail((256, 256))
-        im.save(destination, "JPEG", quality=85)
-
-
-def _resize_image(pair: tuple[str, str]) -> None:
-    from workers.imaging import resize_image
-
-    resize_image(pair[0], pair[1], 256)
-
-
-def pool_rate(work: Callable[[tuple[str, str]], None], pairs: list[tuple[str, str]], processes: int) -> float:
-    """Images per second through a ``ProcessPoolExecutor``, timed from its creation."""
-    started = time.perf_counter()
-    with ProcessPoolExecutor(processes) as pool:
-        for _ in pool.map(work, pairs, chunksize=max(1, len(pairs) // (processes * 8))):
-            pass
-    return len(pairs) / (time.perf_counter() - started)
-
-
-def photos(config: Config) -> Path:
+def photos(config: Config, n: int) -> Path:
     from orchestrator.samples import make_photos
 
-    directory = config.work_dir / f"photos-{config.photos}"
-    if len(list(directory.glob("*.jpg"))) != config.photos:
-        make_photos(directory, config.photos)
+    directory = config.work_dir / f"photos-{n}"
+    if len(list(directory.glob("*.jpg"))) != n:
+        make_photos(directory, n)
     return directory
 
 
-def bench_images(env: dict[str, str], config: Config) -> list[Figure]:
-    source = photos(config)
-    files = sorted(str(p) for p in source.glob("*.jpg"))
+def bench_images(env: dict[str, str], config: Config, n: int, dask: bool) -> list[Figure]:
+    """``fanout resize`` against its references, every one a whole command in a fresh process."""
+    source = photos(config, n)
     out = config.work_dir / "out"
-    pairs = [(f, str(out / "pool" / Path(f).name)) for f in files]
-    (out / "pool").mkdir(parents=True, exist_ok=True)
-    ours: Rates = []
-    walls: list[float] = []
-    thumb: Rates = []
-    same_work: Rates = []
-    bare: Rates = []
-    for run in range(config.runs):
-        thumb.append(pool_rate(_thumbnail, pairs, config.processes))
-        same_work.append(pool_rate(_resize_image, pairs, config.processes))
-        doc, wall, _ = fanout_cli(
-            env,
-            ["resize", str(source), "--out", str(out / f"fanout-{run}"), "--max-side", "256"],
-            config.timeout,
-        )
-        if doc["failed"] or doc["total"] != len(files):
+    processes = ["--processes", str(config.processes)]
+    walls: dict[str, list[float]] = {k: [] for k in ("fanout", "bare", "same", "thumbnail", "dask")}
+    elapsed: list[float] = []
+    dask_job: list[float] = []
+    dask_start: list[float] = []
+
+    def fresh(name: str) -> str:
+        target = out / name
+        shutil.rmtree(target, ignore_errors=True)
+        return str(target)
+
+    def resized(doc: dict[str, Any]) -> None:
+        if doc["failed"] or doc["total"] != n:
             raise SystemExit(f"bench: resize failed for {doc['failed']} of {doc['total']} images")
-        ours.append(doc["total"] / doc["elapsed_s"])
-        walls.append(round(wall, 3))
-        doc, _, _ = fanout_cli(
-            env,
-            [
-                "resize",
-                str(source),
-                "--out",
-                str(out / f"bare-{run}"),
-                "--max-side",
-                "256",
-                "--no-contact-sheet",
-            ],
-            config.timeout,
+
+    for _ in range(config.runs):
+        doc, wall = reference(
+            env, ["pool-thumbnail", str(source), fresh("thumbnail"), *processes], config.timeout
         )
-        if doc["failed"] or doc["total"] != len(files):
-            raise SystemExit(f"bench: resize failed for {doc['failed']} of {doc['total']} images")
-        bare.append(doc["total"] / doc["elapsed_s"])
+        walls["thumbnail"].append(wall)
+        doc, wall = reference(env, ["pool-resize", str(source), fresh("same"), *processes], config.timeout)
+        walls["same"].append(wall)
+        args = ["resize", str(source), "--max-side", "256"]
+        doc, wall, _ = fanout_cli(env, [*args, "--out", fresh("fanout")], config.timeout)
+        resized(doc)
+        walls["fanout"].append(wall)
+        elapsed.append(doc["elapsed_s"])
+        doc, wall, _ = fanout_cli(env, [*args, "--out", fresh("bare"), "--no-contact-sheet"], config.timeout)
+        resized(doc)
+        walls["bare"].append(wall)
+        if dask:
+            doc, wall = reference(
+                env, ["dask-resize", str(source), fresh("dask"), *processes], config.timeout
+            )
+            walls["dask"].append(wall)
+            dask_job.append(doc["job_s"])
+            dask_start.append(doc["start_s"])
+    shutil.rmtree(out, ignore_errors=True)
+
+    def rates(key: str) -> Rates:
+        return [n / wall for wall in walls[key]]
+
+    extra = {
+        "wall_s": {k: [round(w, 3) for w in v] for k, v in walls.items()},
+        "fanout_elapsed_s": elapsed,
+        "dask_job_s": dask_job,
+        "dask_start_s": dask_start,
+    }
+    pool = f"ProcessPoolExecutor({config.processes})"
     return [
         Figure(
-            f"resize {len(files)} photos 1920x1080 -> 256",
-            len(files),
+            f"`fanout resize` {n} photos -> 256, manifest + sheet (whole command)",
+            n,
             "img/s",
-            ours,
-            f"ProcessPoolExecutor({config.processes}) + thumbnail",
-            thumb,
-            ">= 1.2x reference and >= 200 img/s (2 cores); >= 0.9x (16 cores)",
-            {"wall_s": walls},
+            rates("fanout"),
+            f"{pool} + fanout's resize",
+            rates("same"),
+            ">= 0.9x",
+            extra,
+            rates("dask"),
         ),
         Figure(
-            f"resize {len(files)} photos -> 256, --no-contact-sheet",
-            len(files),
+            f"`fanout resize` {n} photos -> 256, manifest + sheet (whole command)",
+            n,
             "img/s",
-            bare,
-            f"ProcessPoolExecutor({config.processes}) + thumbnail",
-            thumb,
-            "the same, without the callback reading every output back for the sheet",
+            rates("fanout"),
+            f"{pool} + thumbnail",
+            rates("thumbnail"),
+            ">= 1.2x",
+            {},
+            rates("dask"),
         ),
         Figure(
-            f"resize {len(files)} photos, same resize_image",
-            len(files),
+            "same, --no-contact-sheet (whole command)",
+            n,
             "img/s",
-            ours,
-            f"ProcessPoolExecutor({config.processes}) + resize_image",
-            same_work,
-            "Celery's cost over a bare pool doing identical work",
+            rates("bare"),
+            f"{pool} + fanout's resize",
+            rates("same"),
+            "the sheet's cost: the difference from the first row",
         ),
     ]
+
+
+def bench_fanin(config: Config, n: int) -> Figure:
+    """The resize callback's own work for ``n`` images: pasting their tiles into pages, the manifest.
+
+    Run in this process on tiles made as the header tasks make them (from
+    256 px noisy outputs, the worst case for PNG), so the figure is the
+    callback alone, to hold against its soft time limit.
+    """
+    from PIL import Image
+
+    from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
+    from workers.fanin import merge
+    from workers.report import write_report
+
+    out = config.work_dir / "fanin"
+    seconds: list[float] = []
+    pages = 0
+    for _ in range(config.runs):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        results = []
+        for i in range(n):
+            destination = str(out / f"{i}.jpg")
+            picture = Image.effect_noise((256, 144), 40 + i % 50).convert("RGB")
+            make_tile(picture).save(tile_url(destination), "JPEG", quality=TILE_QUALITY)
+            results.append(
+                {"source": f"/in/{i}.jpg", "destination": destination, "box": [256, 256], "width": 256,
+                 "height": 144, "format": "JPEG", "bytes": 10_000, "seconds": 0.01,
+                 "tile": tile_url(destination)}
+            )  # fmt: skip
+        outcome = merge(
+            [{"start": 0, "results": results, "errors": [], "transient": 0}], n, "bench", "resize"
+        )
+        started = time.perf_counter()
+        written = write_report(str(out), outcome, 1, True)
+        seconds.append(time.perf_counter() - started)
+        pages = len(written["contact_sheets"])
+    shutil.rmtree(out, ignore_errors=True)
+    return Figure(
+        "resize fan-in: tiles pasted into pages + manifest",
+        n,
+        "img/s",
+        [n / s for s in seconds],
+        target="well within the callback's soft time limit (20 s) at 10,000",
+        extra={"seconds": [round(s, 3) for s in seconds], "pages": pages},
+    )
 
 
 # --------------------------------------------------------------------------- the whole suite
@@ -382,30 +459,50 @@ def run_suite(config: Config, selected: Sequence[str], report: Callable[[str], N
     env = dict(os.environ)
     figures: list[Figure] = []
     config.work_dir.mkdir(parents=True, exist_ok=True)
+    # The reference programs (python -m bench.reference) and Dask's worker processes import
+    # bench and workers from this checkout.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    dask = has_dask()
+    if not dask:
+        report("no Dask (pip install 'fanout[bench]'): the Dask column stays empty")
+    if "fanin" in selected:
+        for n in config.fanin_ns:
+            report(f"fanin: the resize callback for {n} images x {config.runs} runs")
+            figures.append(bench_fanin(config, n))
     if "publish" in selected:
         report(f"publish: {config.publish_n} header messages x {config.runs} runs, no worker consuming")
         figures.append(bench_publish(app, config))
+    if not {"images", "per-item", "batched"} & set(selected):
+        return figures
     with local_workers(app, config):
         if "images" in selected:
-            report(f"images: {config.photos} photos x {config.runs} runs")
-            figures.extend(bench_images(env, config))
+            for n in config.photos:
+                report(f"images: {n} photos x {config.runs} runs, whole commands")
+                figures.extend(bench_images(env, config, n, dask))
         if "per-item" in selected:
             for n in config.per_item_ns:
                 report(f"per-item: {n} tasks (batch 1) x {config.runs} runs")
                 rates, extra = bench_double(env, config, n, "1")
-                reference: Rates = []
+                tutorial: Rates = []
                 if n == config.tutorial_n:
-                    reference = [tutorial_group(app, n, config.timeout) for _ in range(config.runs)]
+                    tutorial = [tutorial_group(app, n, config.timeout) for _ in range(config.runs)]
+                dask_rates: Rates = []
+                if dask and n in config.dask_ns:
+                    report(f"per-item: {n} Dask tasks x {config.runs} runs")
+                    dask_rates, dask_extra = dask_double(env, config, n)
+                    extra.update(dask_extra)
                 figures.append(
                     Figure(
                         "double, one task per item",
                         n,
                         "items/s",
                         rates,
-                        "tutorial group(...).get()" if reference else "",
-                        reference,
+                        "tutorial group(...).get()" if tutorial else "",
+                        tutorial,
                         ">= 1,500 items/s, flat in N",
                         extra,
+                        dask_rates,
                     )
                 )
         if "batched" in selected:
@@ -432,13 +529,18 @@ def run_suite(config: Config, selected: Sequence[str], report: Callable[[str], N
 def table(figures: Sequence[Figure]) -> str:
     """The results as a Markdown table: median (min-max) of the runs."""
     lines = [
-        "| benchmark | N | fanout | reference | ratio | target |",
-        "| --- | ---: | ---: | --- | ---: | --- |",
+        "| benchmark | N | fanout | reference | ratio | Dask | fanout / Dask | target |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for f in figures:
         ratio = f"{f.median / f.reference_median:.2f}x" if f.reference_median else "-"
         ref = f"{f.reference}: {spread(f.reference_rates)}" if f.reference_rates else "-"
-        lines.append(f"| {f.name} | {f.n:,} | {spread(f.rates)} {f.unit} | {ref} | {ratio} | {f.target} |")
+        dask = spread(f.dask_rates) if f.dask_rates else "-"
+        dask_ratio = f"{f.median / f.dask_median:.2f}x" if f.dask_median else "-"
+        lines.append(
+            f"| {f.name} | {f.n:,} | {spread(f.rates)} {f.unit} | {ref} | {ratio} | {dask} | {dask_ratio} "
+            f"| {f.target} |"
+        )
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from workers.core import FanoutTask
 from workers.errors import ConfigError, InfrastructureError
 from workers.errors import InputError as InputError  # re-exported: where the CLI's input errors live
 from workers.imaging import IMAGE_SUFFIXES
-from workers.resizing import FORMATS, SUFFIXES
+from workers.resizing import FORMATS, SUFFIXES, kept_suffix
 
 
 def parse_number(token: str, position: int) -> int:
@@ -120,7 +120,8 @@ def plan_outputs(
 
     With several sizes each output name gains ``-<size>`` (``a-1024.jpg``,
     ``a-256.jpg``); with ``fmt`` other than ``keep`` the suffix follows the
-    format (``a.webp``).  Names that would still collide get distinct ones.
+    format (``a.webp``), as it does for ``keep`` where the source's format is
+    written as PNG (``a.psd`` -> ``a.png``).  Names that would still collide get distinct ones.
     """
     if not sizes:
         raise InputError("give at least one size (--size or --max-side)")
@@ -129,7 +130,7 @@ def plan_outputs(
     taken: set[str] = set()
     for source, destination in pairs:
         stem, ext = posixpath.splitext(destination)
-        ext = suffix or ext
+        ext = suffix or kept_suffix(ext)  # keep: the source's, unless it is written as PNG
         for size in sizes:
             tag = f"-{size_label(size)}" if len(sizes) > 1 else ""
             items.append((source, _unique(f"{stem}{tag}{ext}", taken), size[0], size[1]))

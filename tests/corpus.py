@@ -1,13 +1,15 @@
-"""A corpus of broken and unusual image files, generated (nothing downloaded)."""
+"""Generated image corpora (nothing downloaded): broken, unusual, and every format x mode x codec."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from orchestrator.samples import make_photo
 
@@ -81,3 +83,295 @@ def unusual(directory: Path) -> dict[str, Path]:
             directory / f"orient-{orientation}.jpg", (400, 200), seed=orientation, orientation=orientation
         )
     return paths
+
+
+# --------------------------------------------------------------------------- formats x modes x codecs
+
+#: Every generated source is this size; ``fanout resize --max-side 24`` makes it 24 x 16.
+SOURCE_SIZE = (48, 32)
+
+
+@dataclass(frozen=True)
+class FormatCase:
+    """One generated file and what resizing it with ``format keep`` must give.
+
+    ``mode`` is the output's mode as Pillow reads it back; ``error`` (when set)
+    is a fragment of the reason a case that cannot work fails with.
+    """
+
+    name: str
+    path: Path
+    fmt: str  # the output's format as Pillow reads it back
+    mode: str
+    error: str = ""
+    size: tuple[int, int] = SOURCE_SIZE  # the source's size as Pillow opens it
+
+
+def _picture() -> Image.Image:
+    """A small RGB picture with colour, edges and a gradient, the same every time."""
+    im = Image.merge(
+        "RGB",
+        [
+            Image.linear_gradient("L").resize(SOURCE_SIZE),
+            Image.linear_gradient("L").rotate(90).resize(SOURCE_SIZE),
+            Image.radial_gradient("L").resize(SOURCE_SIZE),
+        ],
+    )
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((4, 4, 20, 14), fill=(250, 20, 20))
+    draw.ellipse((26, 10, 44, 28), fill=(20, 20, 240))
+    return im
+
+
+def _alpha() -> Image.Image:
+    """An alpha channel: opaque centre, fully transparent corners, partial in between."""
+    alpha = Image.radial_gradient("L").resize(SOURCE_SIZE).point(lambda v: 255 - v)
+    ImageDraw.Draw(alpha).rectangle((0, 0, 6, 6), fill=0)
+    return alpha
+
+
+def sources() -> dict[str, Image.Image]:
+    """The picture in every mode a format may store (``P+t``: palette with a transparent index)."""
+    rgb = _picture()
+    grey = rgb.convert("L")
+    rgba = rgb.copy()
+    rgba.putalpha(_alpha())
+    la = grey.copy()
+    la.putalpha(_alpha())
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    transparent = palette.copy()
+    transparent.paste(0, (0, 0, 8, 8))
+    transparent.info["transparency"] = 0
+    wide = grey.convert("I")
+    return {
+        "1": grey.convert("1"),
+        "L": grey,
+        "LA": la,
+        "P": palette,
+        "P+t": transparent,
+        "RGB": rgb,
+        "RGBA": rgba,
+        "I;16": wide.point(lambda v: v * 257).convert("I;16"),
+        "I": wide.point(lambda v: v * 1000),
+        "F": grey.convert("F").point(lambda v: v / 255),
+        "CMYK": rgb.convert("CMYK"),
+    }
+
+
+def _png16_rgb() -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow reads these but writes only 8 bits per channel)."""
+    width, height = SOURCE_SIZE
+    data = _picture().tobytes()  # 8-bit RGB, row after row
+    stride = width * 3
+    rows = b"".join(
+        b"\x00" + b"".join(struct.pack(">H", v * 257) for v in data[y * stride : (y + 1) * stride])
+        for y in range(height)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _bmp_rle(bits: int) -> bytes:
+    """A palette BMP compressed with RLE8 (``bits`` 8) or RLE4 (4), which Pillow reads but does not write."""
+    width, height = SOURCE_SIZE
+    colours = 1 << bits
+    grey = _picture().convert("L").tobytes()
+    data = bytearray()
+    for y in range(height - 1, -1, -1):  # bottom-up
+        levels = [v * colours // 256 for v in grey[y * width : (y + 1) * width]]
+        x = 0
+        while x < width:
+            run = 1
+            while x + run < width and run < 255 and levels[x + run] == levels[x]:
+                run += 1
+            # An encoded run: count, then the index (RLE4: two indices packed, both the same here).
+            data += bytes((run, levels[x] if bits == 8 else levels[x] << 4 | levels[x]))
+            x += run
+        data += b"\x00\x00"  # end of line
+    data += b"\x00\x01"  # end of bitmap
+    palette = b"".join(bytes((v, v, v, 0)) for v in (i * 255 // (colours - 1) for i in range(colours)))
+    info = struct.pack(
+        "<IiiHHIIiiII", 40, width, height, 1, bits, 1 if bits == 8 else 2, len(data), 2835, 2835, colours, 0
+    )
+    offset = 14 + len(info) + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset)
+    return header + info + palette + bytes(data)
+
+
+def _xpm() -> bytes:
+    """A two-colour XPM: a format Pillow reads but cannot write."""
+    width, height = SOURCE_SIZE
+    grey = _picture().convert("L").tobytes()
+    rows = ",\n".join(
+        '"' + "".join("#" if v > 127 else "." for v in grey[y * width : (y + 1) * width]) + '"'
+        for y in range(height)
+    )
+    head = f'"{width} {height} 2 1",\n". c #000000",\n"# c #ffffff",\n'
+    return f"/* XPM */\nstatic char *x[] = {{\n{head}{rows}\n}};\n".encode()
+
+
+def _icns() -> bytes:
+    """An ICNS holding one 32 x 32 PNG icon (Pillow's own writer makes every size up to 1024)."""
+    icon = io.BytesIO()
+    _picture().convert("RGBA").resize((32, 32)).save(icon, "PNG")
+    entry = b"icp5" + struct.pack(">I", 8 + len(icon.getvalue())) + icon.getvalue()
+    return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+def _frames(im: Image.Image, count: int = 3) -> list[Image.Image]:
+    return [im.rotate(20 * i) if im.mode != "P" else im.copy() for i in range(count)]
+
+
+def _ghostscript() -> bool:
+    from PIL import EpsImagePlugin
+
+    return bool(EpsImagePlugin.has_ghostscript())
+
+
+def formats(directory: Path, write: bool = True) -> list[FormatCase]:
+    """Every format Pillow reads and writes, in each mode it stores, with each codec option.
+
+    Files are 48 x 32 pixels, a few KB each (400 KB in all); with ``write``
+    false only the cases are listed (for parametrizing).
+    """
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+    src = sources()
+    cases: list[FormatCase] = []
+
+    def add(
+        name: str,
+        suffix: str,
+        image: Image.Image | bytes,
+        fmt: str,
+        mode: str,
+        size: tuple[int, int] = SOURCE_SIZE,
+        **save: Any,
+    ) -> None:
+        path = directory / f"{name}{suffix}"
+        if not write:
+            pass
+        elif isinstance(image, bytes):
+            path.write_bytes(image)
+        else:
+            image.save(path, save.pop("save_as", None), **save)
+        error = ""
+        if fmt == "EPS" and not _ghostscript():
+            error = "needs Ghostscript"
+        cases.append(FormatCase(name, path, fmt, mode, error, size))
+
+    def each(fmt: str, suffix: str, expected: dict[str, str], **save: Any) -> None:
+        tag = fmt.lower()
+        for mode, out in expected.items():
+            add(f"{tag}-{mode.replace(';', '')}", suffix, src[mode], fmt, out, save_as=fmt, **save)
+
+    # PNG: every mode it stores, tRNS in 1/L/RGB/16-bit, 16-bit RGB, a 4-bit palette, APNG.
+    each("PNG", ".png", {"1": "L", "L": "L", "LA": "LA", "P": "RGB", "P+t": "RGBA", "RGB": "RGB",
+                         "RGBA": "RGBA", "I;16": "I;16"})  # fmt: skip
+    add("png-1-trns", ".png", src["1"], "PNG", "LA", transparency=0)
+    add("png-L-trns", ".png", src["L"], "PNG", "LA", transparency=src["L"].tobytes()[0])
+    add("png-RGB-trns", ".png", src["RGB"], "PNG", "RGBA", transparency=tuple(src["RGB"].tobytes()[:3]))
+    add(
+        "png-I16-trns",
+        ".png",
+        src["I;16"],
+        "PNG",
+        "LA",
+        transparency=int.from_bytes(src["I;16"].tobytes()[:2], "little"),
+    )
+    add("png-RGB-16bit", ".png", _png16_rgb(), "PNG", "RGB")
+    add(
+        "png-P-4bit",
+        ".png",
+        src["RGB"].convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+        "PNG",
+        "RGB",
+        bits=4,
+    )
+    add("png-apng", ".png", src["RGBA"], "PNG", "RGBA", save_all=True, append_images=_frames(src["RGBA"])[1:])
+
+    # JPEG: the modes it stores, progressive, and MPO (several pictures; the first is kept as JPEG).
+    each("JPEG", ".jpg", {"L": "L", "RGB": "RGB", "CMYK": "CMYK"})
+    add("jpeg-1", ".jpg", src["1"], "JPEG", "L")
+    add("jpeg-progressive", ".jpg", src["RGB"], "JPEG", "RGB", progressive=True)
+    add("mpo-RGB", ".mpo", src["RGB"], "JPEG", "RGB", save_as="MPO", save_all=True,
+        append_images=_frames(src["RGB"])[1:])  # fmt: skip
+
+    # GIF: palette, transparency, greyscale, animation with and without transparency.
+    each("GIF", ".gif", {"P": "P", "P+t": "P", "L": "P", "1": "P"})
+    add("gif-animated", ".gif", src["P"], "GIF", "P", save_all=True,
+        append_images=[src["RGB"].rotate(30), src["RGB"].rotate(60)], duration=80, loop=0)  # fmt: skip
+    add("gif-animated-trns", ".gif", src["P+t"], "GIF", "P", save_all=True,
+        append_images=[src["P+t"].copy()], duration=80, transparency=0, disposal=2)  # fmt: skip
+
+    # TIFF: each mode, crossed with each compression that mode takes; several pages.
+    tiff = {
+        "1": ("L", ["raw", "group3", "group4", "packbits", "tiff_lzw", "tiff_adobe_deflate"]),
+        "L": ("L", ["raw", "packbits", "tiff_lzw", "tiff_adobe_deflate", "jpeg"]),
+        "LA": ("LA", ["raw", "tiff_lzw"]),
+        "P": ("RGB", ["raw", "tiff_lzw"]),
+        "RGB": ("RGB", ["raw", "packbits", "tiff_lzw", "tiff_adobe_deflate", "jpeg"]),
+        "RGBA": ("RGBA", ["raw", "packbits", "tiff_lzw", "tiff_adobe_deflate"]),
+        "I;16": ("I;16", ["raw", "tiff_lzw", "tiff_adobe_deflate"]),
+        "I": ("I", ["raw", "tiff_lzw"]),
+        "F": ("F", ["raw", "tiff_lzw"]),
+        "CMYK": ("CMYK", ["raw", "tiff_lzw", "jpeg"]),
+    }
+    for mode, (out, compressions) in tiff.items():
+        for compression in compressions:
+            add(f"tiff-{mode.replace(';', '')}-{compression}", ".tif", src[mode], "TIFF", out,
+                compression=compression)  # fmt: skip
+    add("tiff-pages", ".tif", src["RGB"], "TIFF", "RGB", save_all=True, append_images=_frames(src["RGB"])[1:])
+
+    # WebP: lossy, lossless, alpha, animation; greyscale is stored as RGB.
+    each("WEBP", ".webp", {"RGB": "RGB", "RGBA": "RGBA", "L": "RGB"})
+    add("webp-lossless", ".webp", src["RGBA"], "WEBP", "RGBA", lossless=True)
+    add("webp-animated", ".webp", src["RGBA"], "WEBP", "RGBA", save_all=True,
+        append_images=_frames(src["RGBA"])[1:], duration=80)  # fmt: skip
+
+    # BMP and DIB: the modes Pillow writes, and RLE8/RLE4, which only it reads.
+    each("BMP", ".bmp", {"1": "L", "L": "L", "P": "RGB", "RGB": "RGB", "RGBA": "RGB"})
+    add("bmp-rle8", ".bmp", _bmp_rle(8), "BMP", "L")  # a grey palette of 256 is read as L
+    add("bmp-rle4", ".bmp", _bmp_rle(4), "BMP", "RGB")
+    each("DIB", ".dib", {"RGB": "RGB"})
+
+    # Icons: ICO in its modes and with several sizes; ICNS (sizes fixed by Pillow) becomes PNG.
+    each("ICO", ".ico", {"RGBA": "RGBA", "RGB": "RGB", "LA": "LA", "P": "RGB"})
+    add("ico-sizes", ".ico", src["RGBA"], "ICO", "RGBA", sizes=[(16, 16), (32, 32), (48, 48)])
+    add("icns-RGBA", ".icns", _icns(), "PNG", "RGBA", size=(32, 32))
+
+    # The other formats Pillow both reads and writes, in the modes each stores.
+    each("PCX", ".pcx", {"1": "L", "L": "L", "P": "RGB", "RGB": "RGB"})
+    each("TGA", ".tga", {"1": "L", "L": "L", "LA": "LA", "P": "RGB", "RGB": "RGB", "RGBA": "RGBA"})
+    add("tga-rle", ".tga", src["RGBA"], "TGA", "RGBA", compression="tga_rle")
+    each("SGI", ".sgi", {"L": "L", "RGB": "RGB", "RGBA": "RGBA"})
+    add("sgi-rle", ".sgi", src["RGB"], "SGI", "RGB", rle=True)  # ignored if Pillow writes only raw
+    each("PPM", ".ppm", {"1": "L", "L": "L", "RGB": "RGB", "I;16": "I", "F": "F"})
+    each("QOI", ".qoi", {"RGB": "RGB", "RGBA": "RGBA"})
+    each("DDS", ".dds", {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA"})
+    for pixel_format in ("DXT1", "DXT3", "DXT5"):
+        add(f"dds-{pixel_format.lower()}", ".dds", src["RGBA"], "DDS", "RGBA", pixel_format=pixel_format)
+    each("JPEG2000", ".jp2", {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "I;16": "I;16"})
+    add("jpeg2000-j2k", ".j2k", src["RGB"], "JPEG2000", "RGB", save_as="JPEG2000")
+    each("AVIF", ".avif", {"L": "L", "RGB": "RGB", "RGBA": "RGBA"})
+    each("IM", ".im", {"1": "L", "L": "L", "LA": "LA", "P": "RGB", "RGB": "RGB", "RGBA": "RGBA",
+                       "I;16": "I;16", "I": "I", "F": "F", "CMYK": "CMYK"})  # fmt: skip
+    each("SPIDER", ".spi", {"F": "F", "L": "F"})
+    each("MSP", ".msp", {"1": "1"})
+    each("XBM", ".xbm", {"1": "1"})
+    add("blp-blp2", ".blp", src["P"], "BLP", "RGB", save_as="BLP")
+    add("blp-blp1", ".blp", src["P"], "BLP", "RGB", save_as="BLP", blp_version="BLP1")
+    each("EPS", ".eps", {"L": "L", "RGB": "RGB", "CMYK": "CMYK"})
+
+    # Read-only: written as PNG by keep.
+    add("xpm-read-only", ".xpm", _xpm(), "PNG", "RGB")  # read as a palette image
+    return cases

@@ -16,10 +16,10 @@ from PIL import Image, ImageCms, PngImagePlugin
 from orchestrator.canvas import build_resize_items
 from orchestrator.inputs import InputError, parse_size, plan_images, plan_outputs
 from orchestrator.samples import make_photo
-from workers import storage
-from workers.contact_sheet import CELL, MARKER, cell_origin, compose
+from workers import contact_sheet, storage
+from workers.contact_sheet import CELL, GAP, MARKER, PAGE_MAX, cell_origin, compose, pages
 from workers.errors import ImageError
-from workers.fanin import merge
+from workers.fanin import Outcome, merge
 from workers.report import CONTACT_SHEET, MANIFEST, images, write_report
 from workers.resizing import ResizeOptions, output_size, render, resize_to
 
@@ -317,6 +317,95 @@ def test_report_groups_outputs_by_image_and_writes_manifest_and_sheet(tmp_path: 
         for index, colour in ((0, RED), (1, MARKER), (2, BLUE)):
             x, y = cell_origin(index, columns)
             assert sheet.getpixel((x + middle, y + middle)) == colour, index
+
+
+def _resized(tmp_path: Path, colours: list[tuple[int, int, int] | None]) -> Outcome:
+    """An outcome as the header tasks leave it: one output (and its tile) per colour; ``None`` fails."""
+    results: list[object] = []
+    errors = []
+    for i, colour in enumerate(colours):
+        if colour is None:
+            results.append(None)
+            errors.append({"index": i, "input": f"s{i}", "error": "corrupt image"})
+            continue
+        src = tmp_path / "in" / f"{i}.png"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (300, 200), colour).save(src)
+        results.append(resize_to(str(src), str(tmp_path / "out" / f"{i}.png"), (200, 200), ResizeOptions()))
+    part = {"start": 0, "results": results, "errors": errors, "transient": 0}
+    return merge([part], len(colours), "job", "resize")  # type: ignore[list-item]
+
+
+def test_the_header_task_leaves_a_small_tile_beside_each_output_and_names_it(tmp_path: Path) -> None:
+    record = _resized(tmp_path, [RED])["results"][0]
+    tile = Path(record["tile"])
+    assert tile.parent == tmp_path / "out" and tile.name == ".0.png.tile.jpg"
+    with Image.open(tile) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (CELL, round(CELL * 2 / 3)))
+        assert close(im.getpixel((CELL // 2, 20)), RED)
+    assert tile.stat().st_size < 5_000
+    options = ResizeOptions(tile=False)
+    assert "tile" not in resize_to(record["source"], str(tmp_path / "x.png"), (50, 50), options)
+    assert not (tmp_path / ".x.png.tile.jpg").exists()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"])
+@pytest.mark.parametrize(
+    ("size", "tile"), [((256, 144), (128, 72)), ((300, 7), (128, 3)), ((40, 30), (40, 30))]
+)
+def test_a_tile_is_rgb_within_a_cell_whatever_the_output_mode(
+    mode: str, size: tuple[int, int], tile: tuple[int, int]
+) -> None:
+    made = contact_sheet.make_tile(Image.new(mode, size))
+    assert (made.mode, made.size) == ("RGB", tile)
+
+
+def test_the_sheet_is_pasted_from_tiles_without_reading_any_output_back(tmp_path: Path) -> None:
+    outcome = _resized(tmp_path, [RED, None, BLUE])
+    for record in filter(None, outcome["results"]):
+        Path(record["destination"]).unlink()  # nothing left to read back: only the tiles
+    written = write_report(str(tmp_path / "out"), outcome)
+    assert written["contact_sheets"] == [str(tmp_path / "out" / CONTACT_SHEET)]
+    with Image.open(tmp_path / "out" / CONTACT_SHEET) as sheet:
+        for index, colour in ((0, RED), (1, MARKER), (2, BLUE)):
+            x, y = cell_origin(index, 2)
+            assert close(sheet.getpixel((x + CELL // 2, y + CELL // 2)), colour), index
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [CONTACT_SHEET, MANIFEST]  # tiles gone
+    doc = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert doc["contact_sheets"] == [CONTACT_SHEET]
+    assert all("tile" not in o for item in doc["items"] for o in item["outputs"])
+    assert all("tile" not in r for r in outcome["results"] if r)
+
+
+def test_a_missing_tile_is_made_from_the_output_read_back(tmp_path: Path) -> None:
+    outcome = _resized(tmp_path, [GREEN])
+    Path(outcome["results"][0]["tile"]).unlink()
+    write_report(str(tmp_path / "out"), outcome)
+    with Image.open(tmp_path / "out" / CONTACT_SHEET) as sheet:
+        x, y = cell_origin(0, 1)
+        assert close(sheet.getpixel((x + CELL // 2, y + CELL // 2)), GREEN)
+
+
+def test_a_large_run_gets_a_sheet_in_pages_a_viewer_opens_named_by_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert all(
+        max(compose([None] * len(r), columns=c).size) <= PAGE_MAX for c, rs in [pages(10_000)] for r in rs
+    )
+    monkeypatch.setattr(contact_sheet, "PAGE_MAX", 2 * (CELL + GAP) + GAP)  # two rows a page
+    colours: list[tuple[int, int, int] | None] = [RED] * 20
+    colours[12] = None  # the first of the second page: columns_for(20) == 6
+    outcome = _resized(tmp_path, colours)
+    written = write_report(str(tmp_path / "out"), outcome)
+    names = ["contact-sheet-1.png", "contact-sheet-2.png"]
+    assert written["contact_sheets"] == [str(tmp_path / "out" / n) for n in names]
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["contact_sheets"] == names
+    with Image.open(tmp_path / "out" / names[1]) as page:
+        assert page.height <= contact_sheet.PAGE_MAX
+        x, y = cell_origin(0, 6)
+        assert page.getpixel((x + CELL // 2, y + CELL // 2)) == MARKER
+        x, y = cell_origin(1, 6)
+        assert close(page.getpixel((x + CELL // 2, y + CELL // 2)), RED)
 
 
 def test_a_corrupt_image_fails_at_once_rather_than_as_transient(tmp_path: Path) -> None:

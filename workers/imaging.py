@@ -7,8 +7,19 @@ from typing import TypedDict
 
 from workers.resizing import ResizeOptions, resize_to
 
-#: File name endings ``fanout resize`` treats as images when it walks a directory.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+#: File name endings ``fanout resize`` treats as images when it walks a directory: those
+#: of the formats Pillow decodes (docs/formats.md).  A file named directly is sent whatever
+#: its name; Pillow identifies images by their content.
+# fmt: off
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".gif", ".webp", ".avif",
+    ".bmp", ".dib", ".tif", ".tiff", ".jp2", ".j2k", ".jpc", ".jpf", ".jpx", ".j2c",
+    ".ico", ".cur", ".icns", ".tga", ".pcx", ".dcx", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm",
+    ".qoi", ".sgi", ".bw", ".rgb", ".rgba", ".dds", ".blp", ".im", ".msp", ".xbm", ".xpm",
+    ".psd", ".fits", ".fit", ".ras", ".pcd", ".pxr", ".spi", ".eps", ".fli", ".flc",
+    ".ftc", ".ftu", ".gbr",
+})
+# fmt: on
 
 
 class ResizeRecord(TypedDict):
@@ -29,7 +40,7 @@ def resize_image(source: str | Path, destination: str | Path, max_side: int) -> 
     that cannot work and :class:`~workers.errors.TransientError` for I/O worth
     another try.
     """
-    record = resize_to(str(source), str(destination), (max_side, max_side), ResizeOptions())
+    record = resize_to(str(source), str(destination), (max_side, max_side), ResizeOptions(tile=False))
     return {
         "source": record["source"],
         "destination": record["destination"],

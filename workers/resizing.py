@@ -17,20 +17,34 @@ metadata (EXIF, XMP, text chunks) is dropped.  Alpha is flattened onto
 ``background`` when the output format (JPEG) has none.  JPEG sources are
 decoded at a reduced scale (``draft``) when the box is much smaller, and
 Pillow's decompression-bomb limit stays on.
+
+``format keep`` writes the source's format in a mode it stores (:data:`WRITES`),
+with save parameters chosen for the output, never carried over from the source:
+a Group 4 TIFF is resampled in greyscale and written with LZW; transparency
+becomes an alpha channel before resampling and is written the way the output
+format holds it.  A format Pillow reads but cannot write (PSD, ICNS as sized
+by Pillow, ...) is written as PNG.  docs/formats.md lists every case.
+
+With ``options.tile`` each output also leaves its contact-sheet tile (a small
+JPEG beside it, see :func:`workers.contact_sheet.tile_url`), made from the
+image already in memory; the record names it and the chord callback pastes it.
 """
 
 from __future__ import annotations
 
 import errno
+import io
+import logging
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import IO, Any, TypedDict
+from typing import IO, Any, NotRequired, TypedDict
 
-from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageFile, ImageMath, ImageOps, UnidentifiedImageError
 
 from workers import storage
+from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
 from workers.errors import ConfigError, ImageError, TransientError
 
 MODES = ("fit", "fill", "exact")
@@ -50,6 +64,59 @@ ANCHORS: dict[str, tuple[float, float]] = {
 FORMATS: dict[str, str | None] = {"keep": None, "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 #: File name ending for each output format when it differs from the source's.
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+
+#: The modes each format Pillow writes stores as they are; an output in another mode
+#: is converted to the nearest of them (see :func:`fit_mode`).  GIF and BLP take
+#: RGB(A) and make the palette themselves (GIF: a transparent index from alpha).
+WRITES: dict[str, frozenset[str]] = {
+    name: frozenset(modes.split())
+    for name, modes in {
+        "AVIF": "L RGB RGBA",
+        "BLP": "P",
+        "BMP": "L RGB",  # Pillow writes RGBA as 32-bit BMP that readers, Pillow included, show opaque
+        "DDS": "L LA RGB RGBA",
+        "DIB": "L RGB",
+        "EPS": "L RGB CMYK",
+        "GIF": "L RGB RGBA",
+        "ICO": "L LA RGB RGBA",
+        "IM": "L LA RGB RGBA I;16 I F CMYK",
+        "JPEG": "L RGB CMYK",
+        "JPEG2000": "L LA RGB RGBA I;16 CMYK",
+        "MSP": "1",
+        "PCX": "L RGB",
+        "PNG": "L LA RGB RGBA I;16",
+        "PPM": "L RGB I F",
+        "QOI": "RGB RGBA",
+        "SGI": "L RGB RGBA",
+        "SPIDER": "F",
+        "TGA": "L LA RGB RGBA",
+        "TIFF": "L LA RGB RGBA I;16 I F CMYK",
+        "WEBP": "RGB RGBA",
+        "XBM": "1",
+    }.items()
+}
+#: What ``keep`` writes for a source format it cannot write as it is: MPO (a
+#: multi-picture JPEG) keeps its first picture as a plain JPEG; anything else
+#: Pillow reads but cannot write (PSD, XPM, ...), or writes only in fixed square
+#: sizes (ICNS), becomes PNG.
+KEEP_AS = {"MPO": "JPEG"}
+FALLBACK_FORMAT = "PNG"
+#: ICO stores sides up to 256 pixels; a larger output is reduced to fit.
+ICO_MAX = 256
+#: TIFF compressions carried over from the source, with the output modes each can
+#: encode (``None``: any).  Anything else, or a mode the codec cannot take (Group 4
+#: after resampling a 1-bit page in greyscale), is written with LZW.
+_TIFF_COMPRESSIONS: dict[str, frozenset[str] | None] = {
+    "raw": None,
+    "tiff_lzw": None,
+    "packbits": None,
+    "tiff_adobe_deflate": None,
+    "tiff_deflate": None,
+    "jpeg": frozenset({"L", "RGB", "CMYK"}),
+}
+_TIFF_DEFAULT = "tiff_lzw"
+
+log = logging.getLogger(__name__)
 
 #: errno values worth another try: the file system or network hiccuped.
 _TRANSIENT_ERRNOS = frozenset(
@@ -75,6 +142,8 @@ class ResizeOptions:
     quality: int = 85
     upscale: bool = False
     background: str = "#ffffff"
+    #: Leave each output's contact-sheet tile beside it (``--no-contact-sheet`` need not).
+    tile: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,6 +174,7 @@ class OutputRecord(TypedDict):
     format: str
     bytes: int
     seconds: float
+    tile: NotRequired[str]  # the contact-sheet tile's URL, when options.tile
 
 
 def output_size(size: tuple[int, int], box: tuple[int, int], mode: str, upscale: bool) -> tuple[int, int]:
@@ -127,8 +197,21 @@ def output_size(size: tuple[int, int], box: tuple[int, int], mode: str, upscale:
 
 
 def output_format(source_format: str | None, choice: str) -> str:
-    """The Pillow format written for ``choice`` (``keep``: the source's, PNG if it has none)."""
-    return FORMATS[choice] or source_format or "PNG"
+    """The Pillow format written for ``choice``; ``keep``: the source's if Pillow writes it, else PNG."""
+    chosen = FORMATS[choice]
+    if chosen:
+        return chosen
+    fmt = KEEP_AS.get(source_format or "", source_format)
+    return fmt if fmt in WRITES else FALLBACK_FORMAT
+
+
+def kept_suffix(suffix: str) -> str:
+    """The name ending ``keep`` gives a source named ``*suffix``: its own, or ``.png`` if written as PNG."""
+    Image.init()
+    fmt = Image.registered_extensions().get(suffix.lower())
+    if fmt is None or output_format(fmt, "keep") == KEEP_AS.get(fmt, fmt):
+        return suffix
+    return ".png"
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -143,21 +226,113 @@ def flatten(im: Image.Image, background: str) -> Image.Image:
     return base
 
 
-def _for_format(im: Image.Image, fmt: str, background: str) -> Image.Image:
-    """``im`` in a mode ``fmt`` can store, alpha flattened where the format has none."""
-    if im.mode == "I":
-        if fmt == "PNG":
+def fit_mode(im: Image.Image, fmt: str, background: str, deep: bool = False) -> Image.Image:
+    """``im`` in a mode ``fmt`` stores: depth, colour and alpha kept as far as ``fmt`` holds them.
+
+    ``im`` is a working image from :func:`render` (L, LA, RGB, RGBA, I, F or
+    CMYK); ``deep`` says it came from a 16-bit source.  Alpha is flattened onto
+    ``background`` where ``fmt`` has none.
+    """
+    modes = WRITES.get(fmt, WRITES[FALLBACK_FORMAT])
+    if im.mode in ("I", "F"):
+        if im.mode == "I" and deep and "I;16" in modes:
             return im.convert("I;16")  # back to the 16 bits it came with
-        im = im.point(lambda v: v * (1 / 256)).convert("L")  # 16-bit range into 8 bits
-    if fmt == "JPEG":
-        if _has_alpha(im):
-            return flatten(im, background)
-        return im if im.mode in ("RGB", "L", "CMYK") else im.convert("RGB")
-    if fmt == "WEBP" and im.mode not in ("RGB", "RGBA"):
-        return im.convert("RGBA" if _has_alpha(im) else "RGB")
-    if fmt == "PNG" and im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        if im.mode in modes:
+            return im
+        if im.mode == "I" and "I;16" in modes:
+            return im.convert("I;16")
+        if "F" in modes:
+            return im.convert("F")
+        # Into 8 bits: a 16-bit range scaled, anything else clipped.
+        im = (im.point(lambda v: v * (1 / 256)) if deep else im).convert("L")
+    if "F" in modes and im.mode not in modes:
+        return im.convert("F")  # SPIDER stores floats only
+    if im.mode == "CMYK" and "CMYK" not in modes:
+        im = im.convert("RGB")
+    if im.mode in ("LA", "RGBA") and im.mode not in modes:
+        if im.mode == "LA" and "RGBA" in modes:
+            return im.convert("RGBA")
+        grey = im.mode == "LA"
+        im = flatten(im, background)
+        if grey:
+            im = im.convert("L")
+    if im.mode in modes:
+        return im
+    if im.mode == "L" and "RGB" in modes:
         return im.convert("RGB")
+    if "L" in modes:
+        return im.convert("L")
+    if "1" in modes:
+        return im.convert("L").convert("1")  # dithered, as Pillow does
+    if "P" in modes:
+        return im.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    return im.convert("RGB")
+
+
+def _transparency_as_alpha(im: Image.Image) -> Image.Image:
+    """``im`` with a tRNS-style transparent colour (``info["transparency"]``) turned into an alpha channel.
+
+    Resampling blends neighbours, so a single transparent colour would not survive
+    it; an alpha channel does.  16-bit grey goes to 8-bit grey with alpha: the
+    transparency is what a viewer sees first.
+    """
+    key = im.info.get("transparency")
+    if key is None or im.mode in ("P", "LA", "RGBA", "PA"):
+        return im
+    if im.mode.startswith("I"):
+        wide = im.convert("I")
+        alpha = ImageMath.lambda_eval(lambda args: (args["im"] != key) * 255, im=wide).convert("L")
+        grey = wide.point(lambda v: v * (1 / 256)).convert("L")
+        grey.putalpha(alpha)
+        return grey
+    if im.mode in ("1", "L"):
+        return im.convert("LA")
+    if im.mode == "RGB" and isinstance(key, tuple):
+        return im.convert("RGBA")
     return im
+
+
+def _working_mode(im: Image.Image) -> Image.Image:
+    """``im`` in a mode Lanczos resamples well: L, LA, RGB, RGBA, I, F or CMYK."""
+    im = _transparency_as_alpha(im)
+    if im.mode.startswith("I;16"):
+        # 16-bit greyscale cannot be resampled as it is; 32-bit integer can.
+        return im.convert("I")
+    if im.mode == "1":
+        # A bilevel page shrinks to grey: resampled in two levels it would be noise.
+        return im.convert("L")
+    if im.mode in ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK"):
+        return im
+    # Palette (nearest pixels only, so work in full colour), PA, La, RGBa, RGBX, YCbCr, ...
+    return im.convert("RGBA" if _has_alpha(im) or "A" in im.mode else "RGB")
+
+
+def _colour_space(mode: str) -> str:
+    if mode == "CMYK":
+        return "CMYK"
+    return "L" if Image.getmodebase(mode) == "L" else "RGB"
+
+
+def save_params(
+    fmt: str, out: Image.Image, source_info: dict[Any, Any], options: ResizeOptions
+) -> dict[str, Any]:
+    """Pillow's save parameters for ``out`` in ``fmt``: set here for the output, never carried over."""
+    params: dict[str, Any] = {}
+    if fmt in ("JPEG", "WEBP", "AVIF"):
+        params["quality"] = options.quality
+    elif fmt == "PNG":
+        params["compress_level"] = 6
+    elif fmt == "TIFF":
+        compression = source_info.get("compression")
+        fits = _TIFF_COMPRESSIONS.get(compression or "", frozenset())
+        params["compression"] = compression if fits is None or out.mode in fits else _TIFF_DEFAULT
+        if params["compression"] == "jpeg":
+            params["quality"] = options.quality
+    elif fmt == "TGA" and source_info.get("compression") == "tga_rle":
+        params["compression"] = "tga_rle"
+    elif fmt == "ICO":
+        params["sizes"] = [out.size]  # its own size only, not Pillow's default ladder of squares
+    return params
 
 
 def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Image.Image:
@@ -168,6 +343,8 @@ def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Ima
     """
     orientation = im.getexif().get(0x0112, 1)
     stored_w, stored_h = im.size
+    if stored_w < 1 or stored_h < 1:
+        raise ValueError(f"it declares {stored_w}x{stored_h} pixels")
     shown = (stored_h, stored_w) if orientation in _TRANSPOSED else (stored_w, stored_h)
     target = output_size(shown, box, options.mode, options.upscale)
     # The scale each displayed axis needs; fit and fill keep the aspect, exact does not.
@@ -179,14 +356,7 @@ def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Ima
         need = (need[1], need[0])
     if need[0] < stored_w and need[1] < stored_h:
         im.draft(None, need)  # JPEG only: DCT scaling to no less than ``need``; a no-op elsewhere
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith("I;16"):
-        # 16-bit greyscale cannot be resampled as it is; 32-bit integer can
-        # (a PNG is written back as 16-bit, see _for_format).
-        im = im.convert("I")
-    if im.mode in ("P", "1"):
-        # Resampling a palette picks nearest pixels; work in full colour instead.
-        im = im.convert("RGBA" if _has_alpha(im) else "RGB")
+    im = _working_mode(ImageOps.exif_transpose(im))
     if options.mode == "fill":
         return ImageOps.fit(im, target, Image.Resampling.LANCZOS, centering=ANCHORS[options.anchor])
     if im.size == target:
@@ -215,9 +385,20 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
             # A damaged EXIF block is read as no EXIF (orientation 1), not a failed image.
             warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
             with Image.open(opened) as im:
+                if isinstance(im, ImageFile.StubImageFile):
+                    im.load()  # BUFR, GRIB, HDF5, WMF: raises naming the handler it lacks
                 fmt = output_format(im.format, options.format)
-                icc = im.info.get("icc_profile")
-                out = _for_format(render(im, box, options), fmt, options.background)
+                source_info = dict(im.info)
+                source_mode = im.mode
+                out = fit_mode(
+                    render(im, box, options), fmt, options.background, deep=source_mode.startswith("I;16")
+                )
+                if fmt == "ICO" and max(out.size) > ICO_MAX:
+                    out.thumbnail((ICO_MAX, ICO_MAX), Image.Resampling.LANCZOS)
+                # Nothing of the source's info reaches the encoder: Pillow's savers read
+                # compression, transparency, palette and more from it (Group 4 on greyscale,
+                # an int tRNS on RGB).  What the output keeps is passed explicitly below.
+                out.info = {}
     except FileNotFoundError:
         raise ImageError(source, "no such file") from None
     except IsADirectoryError:
@@ -230,20 +411,26 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
         # A local read that hiccuped may pass again; anything else Pillow raises is the file's fault.
         if exc.errno in _TRANSIENT_ERRNOS:
             raise TransientError(f"{source}: {exc}") from exc
+        if "Ghostscript" in str(exc):
+            raise ImageError(source, "cannot decode EPS: Pillow needs Ghostscript (gs) installed") from None
         raise ImageError(source, f"cannot decode: {exc}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageError(source, f"corrupt image: {exc.__class__.__name__}: {exc}") from None
 
-    params: dict[str, Any] = {}
-    if icc:
+    params = save_params(fmt, out, source_info, options)
+    icc = source_info.get("icc_profile")
+    if icc and _colour_space(out.mode) == _colour_space(source_mode):
         params["icc_profile"] = icc  # the only metadata kept: without it colours shift
-    if fmt in ("JPEG", "WEBP"):
-        params["quality"] = options.quality
-    if fmt == "PNG":
-        params["compress_level"] = 6
 
     def write(fh: IO[bytes]) -> None:
-        out.save(fh, format=fmt, **params)
+        # Encoded in memory first: an encoder that refuses the image is the image's
+        # error, never a transient write failure worth a retry.
+        encoded = io.BytesIO()
+        try:
+            out.save(encoded, format=fmt, **params)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ImageError(source, f"cannot encode as {fmt} ({out.mode}): {exc}") from None
+        fh.write(encoded.getbuffer())
 
     try:
         size = storage.write_atomic(destination, write)
@@ -251,7 +438,7 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes the item's error
         raise _io_error(source, exc, f"write {destination}") from None
-    return {
+    record: OutputRecord = {
         "source": source,
         "destination": destination,
         "box": [box[0], box[1]],
@@ -259,8 +446,18 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
         "height": out.height,
         "format": fmt,
         "bytes": size,
-        "seconds": round(time.perf_counter() - started, 4),
+        "seconds": 0.0,
     }
+    if options.tile:
+        url = tile_url(destination)
+        try:
+            tile = make_tile(out)
+            storage.write_atomic(url, lambda fh: tile.save(fh, format="JPEG", quality=TILE_QUALITY))
+            record["tile"] = url
+        except Exception:  # a missing tile is read back from the output instead
+            log.warning("could not write the contact-sheet tile %s", url, exc_info=True)
+    record["seconds"] = round(time.perf_counter() - started, 4)
+    return record
 
 
 def _io_error(source: str, exc: BaseException, doing: str) -> ImageError | TransientError:

@@ -18,6 +18,7 @@ PUT, which a store makes visible whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -190,3 +191,22 @@ def list_files(url: str, exclude: str | None = None) -> list[str]:
     if exclude is not None:
         urls = [u for u in urls if not (u == exclude or u.startswith(exclude.rstrip("/") + "/"))]
     return urls
+
+
+def remove_many(urls: list[str]) -> None:
+    """Delete the files or objects at ``urls``; ones already gone are fine.
+
+    Objects go in bulk requests (S3 deletes up to 1,000 keys per request).
+    """
+    local = [u for u in urls if is_local(u)]
+    for url in local:
+        Path(url).unlink(missing_ok=True)
+    remote: dict[str, list[str]] = {}
+    for url in urls:
+        if not is_local(url):
+            remote.setdefault(scheme(url), []).append(url)
+    for group in remote.values():
+        fs, _ = filesystem(group[0])
+        paths = [filesystem(u)[1] for u in group]
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(paths)
