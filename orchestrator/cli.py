@@ -362,7 +362,7 @@ def double(numbers: tuple[str, ...], range_n: int | None, run: RunOptions) -> No
     "sheet",
     default=True,
     show_default=True,
-    help="Write contact-sheet.png next to manifest.json (the callback reads every output back for it).",
+    help="Write contact-sheet.png (pages for large runs) next to manifest.json, from tiles the workers make.",
 )
 @run_options
 @handles_errors
@@ -398,7 +398,8 @@ def resize(
     if not boxes:
         raise click.UsageError("give a size: --size N|WxH (repeatable) or --max-side N")
     try:
-        options = ResizeOptions(mode, anchor, fmt, quality, upscale, background)
+        # No sheet, no tiles: the workers make each image's tile only for the sheet.
+        options = ResizeOptions(mode, anchor, fmt, quality, upscale, background, tile=sheet)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     as_json = run.as_json
@@ -425,9 +426,12 @@ def resize(
     manifest_url = report.get("manifest") or storage.join(out, MANIFEST)
     # None when not asked for, or the callback logged why; the manifest is the record.
     sheet_url: str | None = report.get("contact_sheet")
+    pages: list[str] = list(report.get("contact_sheets") or ([sheet_url] if sheet_url else []))
     if not as_json:
         click.echo(f"manifest: {manifest_url}", err=True)
-        if sheet:
+        if sheet and len(pages) > 1:
+            click.echo(f"contact sheet: {len(pages)} pages, {pages[0]} ... {pages[-1]}", err=True)
+        elif sheet:
             click.echo(f"contact sheet: {sheet_url or 'not written (see the worker log)'}", err=True)
     finish(
         outcome,
@@ -438,6 +442,7 @@ def resize(
             "skipped": len(plan.skipped),
             "manifest": manifest_url,
             "contact_sheet": sheet_url,
+            "contact_sheets": pages,
             "images": images(outcome, len(boxes)),
         },
     )
