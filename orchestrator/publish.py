@@ -21,10 +21,19 @@ about 0.4 ms of client CPU per message (2,400 messages/s at best).
 A failed pipeline raises; the header may then be partly published, which
 leaves the chord incomplete exactly as a broker failure half-way through
 ``apply_async`` would, and the wait reports it instead of hanging.
+
+The framing uses private helpers of kombu's Redis channel (``_lookup``,
+``_inplace_augment_message``, ``_q_for_pri``), pinned to the kombu minor
+version the tests ran (pyproject.toml).  Their presence and parameters are
+checked at run time: where one is missing or has another shape (another kombu),
+the chord goes through Celery's own ``apply_async``, slower but public, and
+the reason is logged once per process.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -74,6 +83,61 @@ def bulk_supported(app: Celery, header: Sequence[Signature]) -> bool:
     return bool(queue.exchange.type == "direct" and not queue.max_priority)
 
 
+log = logging.getLogger(__name__)
+
+#: The kombu channel methods the bulk path calls, with the leading parameters it passes.
+CHANNEL_HELPERS: dict[str, tuple[str, ...]] = {
+    "_lookup": ("exchange", "routing_key"),
+    "_inplace_augment_message": ("message", "exchange", "routing_key"),
+    "_q_for_pri": ("queue", "pri"),
+    "prepare_message": ("body", "priority", "content_type", "content_encoding", "headers", "properties"),
+    "conn_or_acquire": ("client",),
+}
+
+_fallback_logged = False
+
+
+def channel_mismatch(channel: Any) -> str | None:
+    """Why ``channel`` cannot frame messages for the bulk path, or None when it can.
+
+    Each helper in :data:`CHANNEL_HELPERS` must exist and take the parameters
+    the bulk path passes, in that order.
+    """
+    for name, expected in CHANNEL_HELPERS.items():
+        helper = getattr(channel, name, None)
+        if not callable(helper):
+            return f"kombu's channel has no {name}()"
+        try:
+            parameters = list(inspect.signature(helper).parameters.values())
+        except (TypeError, ValueError):
+            return f"kombu's {name}() has no readable signature"
+        positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if positional[: len(expected)] != list(expected):
+            return f"kombu's {name}({', '.join(positional)}) is not {name}({', '.join(expected)})"
+    return None
+
+
+def _log_fallback_once(reason: str) -> None:
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning(
+            "bulk publishing is off, chords go through apply_async (slower): %s "
+            "(kombu %s; fanout was tested with the version pyproject.toml pins)",
+            reason,
+            _kombu_version(),
+        )
+
+
+def _kombu_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kombu")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _apply_async(app: Celery, signature: Signature) -> str:
     """Celery's own path, for a header the bulk path does not cover."""
     result = signature.apply_async()
@@ -93,63 +157,94 @@ def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK)
     """
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
-    header, callback = header_of(signature)
+    header, _ = header_of(signature)
     if not bulk_supported(app, header):
         return _apply_async(app, signature)
-    group_id = str(uuid.uuid4())
-    body = callback.clone()
-    # As chord.run does: the callback learns its group (and the reply queue) before
-    # it is embedded in every header message.
-    body.freeze(body.options.get("task_id"), group_id=group_id)
-    body_dict = dict(body)
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        route = app.amqp.router.route({}, header[0].task, (), {})
+        queue = route["queue"]
+        # Celery publishes to a direct exchange's queue through the anonymous exchange.
+        exchange, routing_key = "", queue.name
+        redis_key, reason = _bulk_target(channel, exchange, routing_key)
+        if redis_key is not None:
+            return _publish_bulk(app, signature, channel, redis_key, exchange, routing_key, chunk)
+    # Outside the connection block: apply_async takes a connection of its own.
+    _log_fallback_once(reason or "unknown")
+    return _apply_async(app, signature)
 
+
+def _bulk_target(channel: Any, exchange: str, routing_key: str) -> tuple[str | None, str | None]:
+    """The Redis list the header goes to, or None and the reason the bulk path cannot be used."""
+    reason = channel_mismatch(channel)
+    if reason is not None:
+        return None, reason
+    targets = channel._lookup(exchange, routing_key)
+    if not (isinstance(targets, list | tuple) and len(targets) == 1):
+        return None, f"kombu's _lookup() gave {targets!r}, not one queue"
+    redis_key = channel._q_for_pri(targets[0], 0)
+    if not isinstance(redis_key, str):
+        return None, f"kombu's _q_for_pri() gave {redis_key!r}, not a key"
+    return redis_key, None
+
+
+def _publish_bulk(
+    app: Celery,
+    signature: Signature,
+    channel: Any,
+    redis_key: str,
+    exchange: str,
+    routing_key: str,
+    chunk: int,
+) -> str:
+    """Frame every header message on ``channel`` and LPUSH them to ``redis_key``, ``chunk`` at a time."""
+    header, callback = header_of(signature)
     conf = app.conf
     amqp = app.amqp
     task = app.tasks.get(header[0].task)
     # A task's own limits when it sets them, else the app's, as Task.apply_async does.
     time_limit = getattr(task, "time_limit", None) or conf.task_time_limit
     soft_time_limit = getattr(task, "soft_time_limit", None) or conf.task_soft_time_limit
+    group_id = str(uuid.uuid4())
+    body = callback.clone()
+    # As chord.run does: the callback learns its group (and the reply queue) before
+    # it is embedded in every header message.
+    body.freeze(body.options.get("task_id"), group_id=group_id)
+    body_dict = dict(body)
     # The chord counts its header tasks from here; set before any of them can finish.
     app.backend.set_chord_size(group_id, len(header))
 
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        route = amqp.router.route({}, header[0].task, (), {})
-        queue = route["queue"]
-        # Celery publishes to a direct exchange's queue through the anonymous exchange.
-        exchange, routing_key = "", queue.name
-        (target,) = channel._lookup(exchange, routing_key)
-        with channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-        pending = 0
-        for index, sig in enumerate(header):
-            task_id = sig.options.get("task_id") or str(uuid.uuid4())
-            args = tuple(sig.args)
-            headers, properties, payload, _ = amqp.as_task_v2(
-                task_id,
-                sig.task,
-                args,
-                sig.kwargs,
-                group_id=group_id,
-                group_index=index,
-                chord=body_dict,
-                reply_to=app.thread_oid,
-                time_limit=sig.options.get("time_limit", time_limit),
-                soft_time_limit=sig.options.get("soft_time_limit", soft_time_limit),
-                ignore_result=bool(sig.options.get("ignore_result", False)),
-                argsrepr=_argsrepr(args),
-                kwargsrepr="{}",
-            )
-            content_type, content_encoding, data = serialize(payload, serializer="json")  # type: ignore[no-untyped-call]
-            properties["delivery_mode"] = 2  # persistent, as Celery's default
-            message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
-            # Base64 body, delivery tag and delivery info, as basic_publish frames it.
-            channel._inplace_augment_message(message, exchange, routing_key)
-            pipe.lpush(channel._q_for_pri(target, 0), json_dumps(message))  # type: ignore[no-untyped-call]
-            pending += 1
-            if pending >= chunk:
-                pipe.execute()
-                pending = 0
-        if pending:
+    with channel.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+    pending = 0
+    for index, sig in enumerate(header):
+        task_id = sig.options.get("task_id") or str(uuid.uuid4())
+        args = tuple(sig.args)
+        headers, properties, payload, _ = amqp.as_task_v2(
+            task_id,
+            sig.task,
+            args,
+            sig.kwargs,
+            group_id=group_id,
+            group_index=index,
+            chord=body_dict,
+            reply_to=app.thread_oid,
+            time_limit=sig.options.get("time_limit", time_limit),
+            soft_time_limit=sig.options.get("soft_time_limit", soft_time_limit),
+            ignore_result=bool(sig.options.get("ignore_result", False)),
+            argsrepr=_argsrepr(args),
+            kwargsrepr="{}",
+        )
+        content_type, content_encoding, data = serialize(payload, serializer="json")  # type: ignore[no-untyped-call]
+        properties["delivery_mode"] = 2  # persistent, as Celery's default
+        message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
+        # Base64 body, delivery tag and delivery info, as basic_publish frames it.
+        channel._inplace_augment_message(message, exchange, routing_key)
+        pipe.lpush(redis_key, json_dumps(message))  # type: ignore[no-untyped-call]
+        pending += 1
+        if pending >= chunk:
             pipe.execute()
+            pending = 0
+    if pending:
+        pipe.execute()
     return group_id
