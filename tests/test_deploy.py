@@ -293,9 +293,9 @@ FANOUT_SERVICES = {COMPOSE: ("worker", "flower", "orchestrator"), WORKER_COMPOSE
 
 
 def documented_settings() -> set[str]:
-    """FANOUT_* settings fanout reads: the README's and docs' tables, and workers/settings.py."""
+    """FANOUT_* settings fanout reads: its configuration tables (README, docs/*config*), settings.py."""
     root = COMPOSE.parent
-    texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    texts = [root / "README.md", *sorted((root / "docs").glob("*config*.md"))]
     names = {n for path in texts for n in re.findall(r"^\| `(FANOUT_[A-Z_]+)` \|", path.read_text(), re.M)}
     names |= set(re.findall(r"\"(FANOUT_[A-Z_]+)\"", (root / "workers" / "settings.py").read_text()))
     # User task modules for the workers to import (the lead's FANOUT_IMPORTS).
