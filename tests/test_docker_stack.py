@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -37,7 +38,7 @@ import pytest
 
 from tests.composefile import COMPOSE, ENV_EXAMPLE, ROOT, WORKER_COMPOSE, read_env_file
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.docker, pytest.mark.system, pytest.mark.timeout(900)]
 
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
 STANDINS = ROOT / "tests" / "standins" / "build.sh"
@@ -180,6 +181,26 @@ def write_env(path: Path, values: dict[str, str]) -> Path:
     return path
 
 
+def remove_stale_projects() -> None:
+    """Remove what an interrupted earlier run left (its containers would restart with dockerd).
+
+    A project name carries the pid of the pytest that made it; one whose process is gone is stale.
+    """
+    labels = docker("ps", "-a", "--format", '{{.Label "com.docker.compose.project"}}').stdout.split()
+    for project in sorted(set(labels)):
+        match = re.fullmatch(r"fanouttest(\d+)[0-9a-f]{4}w?", project)
+        if match is None or Path(f"/proc/{match[1]}").exists():
+            continue
+        label = f"label=com.docker.compose.project={project}"
+        containers = docker("ps", "-aq", "--filter", label).stdout.split()
+        if containers:
+            docker("rm", "-f", "-v", *containers, timeout=120)
+        for kind in ("volume", "network"):
+            found = docker(kind, "ls", "-q", "--filter", label).stdout.split()
+            if found:
+                docker(kind, "rm", *found, check=False)
+
+
 @pytest.fixture(scope="module")
 def timings() -> dict[str, float]:
     return {}
@@ -197,6 +218,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, timings: dict[str, float]) -
         engine.returncode == 0, f"no Docker engine answers (bash .ci/ensure-docker): {engine.stderr.strip()}"
     )
 
+    remove_stale_projects()
     started = time.monotonic()
     proc = subprocess.run(["bash", str(STANDINS)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
@@ -370,8 +392,15 @@ def test_a_queued_job_survives_a_redis_restart(up: Project, inputs: str) -> None
     status = json.loads(up.run("fanout", "status", job_id, "--json").stdout)
     assert status["state"] == "running" and status["items_pending"] > 0, status
     # When Redis restarts (its append-only file is all that keeps the queue)
+    [redis] = up.containers("redis")
+    restarted_at = docker("inspect", "-f", "{{.State.StartedAt}}", redis).stdout.strip()
     up("restart", "redis")
     wait_for(lambda: up.health().get(f"{up.name}_redis_1") == "healthy", 60, "Redis healthy again")
+    started_again = docker("inspect", "-f", "{{.State.StartedAt}}", redis).stdout.strip()
+    assert started_again != restarted_at
+    # It came back from the append-only file (not from a snapshot taken at shutdown).
+    since = docker("logs", "--since", started_again, redis).stdout
+    assert "DB loaded from append only file" in since, since[-2000:]
     up("start", "worker")
     # Then the job completes
     done = up.run(
