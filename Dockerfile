@@ -17,7 +17,7 @@ RUN /opt/venv/bin/pip install --no-deps --require-hashes -r /tmp/requirements.lo
 # --- build: fanout itself as a wheel (its dependencies are already in the lock)
 FROM deps AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY workers ./workers
 COPY orchestrator ./orchestrator
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .

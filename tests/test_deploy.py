@@ -447,7 +447,7 @@ def test_dockerfile_installs_the_lock_before_it_copies_the_code() -> None:
     # fanout itself goes in last, without dependencies: they all come from the lock.
     project = [i for i in installs if i != locked]
     assert all("--no-deps" in instructions[i][1] for i in project)
-    assert ("COPY", "pyproject.toml README.md ./") in instructions
+    assert ("COPY", "pyproject.toml README.md LICENSE ./") in instructions
 
 
 def test_dockerfile_runs_as_non_root_with_an_exec_form_command() -> None:
