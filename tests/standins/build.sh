@@ -5,7 +5,8 @@
 #   $PYTHON_STANDIN  Debian's python3 + venv + a `python` link (for python:3.11-slim-bookworm),
 #                    trusting this host's CA bundle so pip works behind a re-signing proxy;
 #   $REDIS_STANDIN   Debian's redis-server with a docker-entrypoint.sh that drops root like
-#                    the official image's (for redis:7-alpine).
+#                    the official image's (for redis:7-alpine);
+#   $S3_SERVER       moto's S3-compatible server, for the s3:// round trip of remote workers.
 # An image that already exists is kept: delete it (docker rmi) to rebuild.  Test-only: the
 # host's CA bundle goes into the Python stand-in, never into the image fanout ships.
 set -euo pipefail
@@ -14,6 +15,7 @@ docker=${DOCKER:-/usr/bin/docker}
 DEBIAN_STANDIN=${DEBIAN_STANDIN:-fanout-standin/debian:bookworm}
 PYTHON_STANDIN=${PYTHON_STANDIN:-fanout-standin/python:3.11-bookworm}
 REDIS_STANDIN=${REDIS_STANDIN:-fanout-standin/redis:7-bookworm}
+S3_SERVER=${S3_SERVER:-fanout-standin/moto:5.2.5}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CA_BUNDLE=${CA_BUNDLE:-$(python3 -m pip config get global.cert 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)}
 
@@ -65,5 +67,18 @@ CMD ["redis-server", "--protected-mode", "no"]
 DOCKERFILE
     echo "standins: building $REDIS_STANDIN" >&2
     "$docker" build -q -t "$REDIS_STANDIN" "$context" >/dev/null
+    rm -rf "$context"
+fi
+
+if ! exists "$S3_SERVER"; then
+    context=$(mktemp -d)
+    cat >"$context/Dockerfile" <<DOCKERFILE
+FROM $PYTHON_STANDIN
+RUN python -m venv /opt/moto && /opt/moto/bin/pip install --no-cache-dir 'moto[server]==${S3_SERVER##*:}'
+EXPOSE 5000
+CMD ["/opt/moto/bin/moto_server", "-H", "0.0.0.0", "-p", "5000"]
+DOCKERFILE
+    echo "standins: building $S3_SERVER" >&2
+    "$docker" build -q -t "$S3_SERVER" "$context" >/dev/null
     rm -rf "$context"
 fi
