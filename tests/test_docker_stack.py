@@ -14,8 +14,8 @@ and compose file take them through ``PYTHON_IMAGE`` and ``REDIS_IMAGE``.
 Marked ``docker``; without an engine, Compose or debootstrap the tests are
 skipped on a laptop and fail under CI (CI=true), like the Redis tests.
 ``.ci/ensure-docker`` installs what is missing and starts ``dockerd`` (under CI the
-fixture runs it itself).  Cold, about 4 minutes; cached (stand-in images and the
-image's layers kept), about 3 to 3.5.
+fixture runs it itself).  Cold, about 6.5 minutes; cached (stand-in images and the
+image's layers kept), 3 to 3.5.
 """
 
 from __future__ import annotations
