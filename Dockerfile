@@ -17,9 +17,9 @@ RUN /opt/venv/bin/pip install --no-deps --require-hashes -r /tmp/requirements.lo
 # --- build: fanout itself as a wheel (its dependencies are already in the lock)
 FROM deps AS build
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
-COPY workers ./workers
-COPY orchestrator ./orchestrator
+# The whole context, which .dockerignore narrows to pyproject.toml, README.md, LICENSE and the
+# packages pyproject.toml lists (tests/test_deploy.py keeps the two lists in step).
+COPY . ./
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
 
 # --- runtime: the venv, a non-root user, and nothing from the build

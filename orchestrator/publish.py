@@ -35,10 +35,10 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, chord, group
 from celery.canvas import Signature
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as json_dumps
@@ -83,6 +83,104 @@ def bulk_supported(app: Celery, header: Sequence[Signature]) -> bool:
     return bool(queue.exchange.type == "direct" and not queue.max_priority)
 
 
+def _apply_async(app: Celery, signature: Signature, before: Callable[[str], None] | None = None) -> str:
+    """Celery's own path, for a header the bulk path does not cover."""
+    group_id = str(uuid.uuid4())
+    if before is not None:
+        before(group_id)
+    header = group(list(signature.tasks), app=app)
+    header.options["task_id"] = group_id  # chord.run takes the header group's id from here
+    result = chord(header, signature.body, app=app).apply_async()
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        # As before: the header results go to the callback, not to the client.
+        for child in result.parent.results:
+            consumer.cancel_for(child.id)
+    return str(result.parent.id)
+
+
+def publish_chord(
+    app: Celery,
+    signature: Signature,
+    chunk: int = DEFAULT_CHUNK,
+    before: Callable[[str], None] | None = None,
+) -> str:
+    """Publish the chord ``signature`` (a group of task signatures and a callback); return its group id.
+
+    The callback keeps the task id set on it (the job id), which is what the
+    orchestrator waits on.  ``before(group_id)`` runs before any header message
+    is sent (what a header task may need to find in Redis).
+    """
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    header, callback = header_of(signature)
+    if not bulk_supported(app, header):
+        return _apply_async(app, signature, before)
+    redis_key = bulk_queue_key(app, header[0].task)
+    if redis_key is None:
+        return _apply_async(app, signature, before)
+    group_id = str(uuid.uuid4())
+    if before is not None:
+        before(group_id)
+    body = callback.clone()
+    # As chord.run does: the callback learns its group (and the reply queue) before
+    # it is embedded in every header message.
+    body.freeze(body.options.get("task_id"), group_id=group_id)
+    body_dict = dict(body)
+
+    conf = app.conf
+    amqp = app.amqp
+    task = app.tasks.get(header[0].task)
+    # A task's own limits when it sets them, else the app's, as Task.apply_async does.
+    time_limit = getattr(task, "time_limit", None) or conf.task_time_limit
+    soft_time_limit = getattr(task, "soft_time_limit", None) or conf.task_soft_time_limit
+    # The chord counts its header tasks from here; set before any of them can finish.
+    app.backend.set_chord_size(group_id, len(header))
+
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        route = amqp.router.route({}, header[0].task, (), {})
+        queue = route["queue"]
+        # Celery publishes to a direct exchange's queue through the anonymous exchange.
+        exchange, routing_key = "", queue.name
+        with channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+        pending = 0
+        for index, sig in enumerate(header):
+            task_id = sig.options.get("task_id") or str(uuid.uuid4())
+            args = tuple(sig.args)
+            headers, properties, payload, _ = amqp.as_task_v2(
+                task_id,
+                sig.task,
+                args,
+                sig.kwargs,
+                group_id=group_id,
+                group_index=index,
+                chord=body_dict,
+                reply_to=app.thread_oid,
+                time_limit=sig.options.get("time_limit", time_limit),
+                soft_time_limit=sig.options.get("soft_time_limit", soft_time_limit),
+                ignore_result=bool(sig.options.get("ignore_result", False)),
+                argsrepr=_argsrepr(args),
+                kwargsrepr="{}",
+            )
+            content_type, content_encoding, data = serialize(payload, serializer="json")  # type: ignore[no-untyped-call]
+            properties["delivery_mode"] = 2  # persistent, as Celery's default
+            message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
+            # Base64 body, delivery tag and delivery info, as basic_publish frames it.
+            channel._inplace_augment_message(message, exchange, routing_key)
+            pipe.lpush(redis_key, json_dumps(message))  # type: ignore[no-untyped-call]
+            pending += 1
+            if pending >= chunk:
+                pipe.execute()
+                pending = 0
+        if pending:
+            pipe.execute()
+    return group_id
+
+
+# --- the check on kombu's private helpers -------------------------------------------------
+
 log = logging.getLogger(__name__)
 
 #: The kombu channel methods the bulk path calls, with the leading parameters it passes.
@@ -117,6 +215,34 @@ def channel_mismatch(channel: Any) -> str | None:
     return None
 
 
+def bulk_queue_key(app: Celery, task_name: str) -> str | None:
+    """The Redis list the bulk path pushes ``task_name``'s messages to.
+
+    None, logged once per process, where kombu's channel helpers are missing or
+    of another shape: the caller then sends the chord through ``apply_async``.
+    """
+    queue = app.amqp.router.route({}, task_name, (), {})["queue"]
+    with app.connection_for_write() as connection:
+        key, reason = _bulk_target(connection.default_channel, "", queue.name)
+    if reason is not None:
+        _log_fallback_once(reason)
+    return key
+
+
+def _bulk_target(channel: Any, exchange: str, routing_key: str) -> tuple[str | None, str | None]:
+    """The Redis list the header goes to, or None and the reason the bulk path cannot be used."""
+    reason = channel_mismatch(channel)
+    if reason is not None:
+        return None, reason
+    targets = channel._lookup(exchange, routing_key)
+    if not (isinstance(targets, list | tuple) and len(targets) == 1):
+        return None, f"kombu's _lookup() gave {targets!r}, not one queue"
+    redis_key = channel._q_for_pri(targets[0], 0)
+    if not isinstance(redis_key, str):
+        return None, f"kombu's _q_for_pri() gave {redis_key!r}, not a key"
+    return redis_key, None
+
+
 def _log_fallback_once(reason: str) -> None:
     global _fallback_logged
     if not _fallback_logged:
@@ -136,115 +262,3 @@ def _kombu_version() -> str:
         return version("kombu")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _apply_async(app: Celery, signature: Signature) -> str:
-    """Celery's own path, for a header the bulk path does not cover."""
-    result = signature.apply_async()
-    consumer = getattr(app.backend, "result_consumer", None)
-    if consumer is not None:
-        # As before: the header results go to the callback, not to the client.
-        for child in result.parent.results:
-            consumer.cancel_for(child.id)
-    return str(result.parent.id)
-
-
-def publish_chord(app: Celery, signature: Signature, chunk: int = DEFAULT_CHUNK) -> str:
-    """Publish the chord ``signature`` (a group of task signatures and a callback); return its group id.
-
-    The callback keeps the task id set on it (the job id), which is what the
-    orchestrator waits on.
-    """
-    if chunk < 1:
-        raise ValueError("chunk must be at least 1")
-    header, _ = header_of(signature)
-    if not bulk_supported(app, header):
-        return _apply_async(app, signature)
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        route = app.amqp.router.route({}, header[0].task, (), {})
-        queue = route["queue"]
-        # Celery publishes to a direct exchange's queue through the anonymous exchange.
-        exchange, routing_key = "", queue.name
-        redis_key, reason = _bulk_target(channel, exchange, routing_key)
-        if redis_key is not None:
-            return _publish_bulk(app, signature, channel, redis_key, exchange, routing_key, chunk)
-    # Outside the connection block: apply_async takes a connection of its own.
-    _log_fallback_once(reason or "unknown")
-    return _apply_async(app, signature)
-
-
-def _bulk_target(channel: Any, exchange: str, routing_key: str) -> tuple[str | None, str | None]:
-    """The Redis list the header goes to, or None and the reason the bulk path cannot be used."""
-    reason = channel_mismatch(channel)
-    if reason is not None:
-        return None, reason
-    targets = channel._lookup(exchange, routing_key)
-    if not (isinstance(targets, list | tuple) and len(targets) == 1):
-        return None, f"kombu's _lookup() gave {targets!r}, not one queue"
-    redis_key = channel._q_for_pri(targets[0], 0)
-    if not isinstance(redis_key, str):
-        return None, f"kombu's _q_for_pri() gave {redis_key!r}, not a key"
-    return redis_key, None
-
-
-def _publish_bulk(
-    app: Celery,
-    signature: Signature,
-    channel: Any,
-    redis_key: str,
-    exchange: str,
-    routing_key: str,
-    chunk: int,
-) -> str:
-    """Frame every header message on ``channel`` and LPUSH them to ``redis_key``, ``chunk`` at a time."""
-    header, callback = header_of(signature)
-    conf = app.conf
-    amqp = app.amqp
-    task = app.tasks.get(header[0].task)
-    # A task's own limits when it sets them, else the app's, as Task.apply_async does.
-    time_limit = getattr(task, "time_limit", None) or conf.task_time_limit
-    soft_time_limit = getattr(task, "soft_time_limit", None) or conf.task_soft_time_limit
-    group_id = str(uuid.uuid4())
-    body = callback.clone()
-    # As chord.run does: the callback learns its group (and the reply queue) before
-    # it is embedded in every header message.
-    body.freeze(body.options.get("task_id"), group_id=group_id)
-    body_dict = dict(body)
-    # The chord counts its header tasks from here; set before any of them can finish.
-    app.backend.set_chord_size(group_id, len(header))
-
-    with channel.conn_or_acquire() as client:
-        pipe = client.pipeline(transaction=False)
-    pending = 0
-    for index, sig in enumerate(header):
-        task_id = sig.options.get("task_id") or str(uuid.uuid4())
-        args = tuple(sig.args)
-        headers, properties, payload, _ = amqp.as_task_v2(
-            task_id,
-            sig.task,
-            args,
-            sig.kwargs,
-            group_id=group_id,
-            group_index=index,
-            chord=body_dict,
-            reply_to=app.thread_oid,
-            time_limit=sig.options.get("time_limit", time_limit),
-            soft_time_limit=sig.options.get("soft_time_limit", soft_time_limit),
-            ignore_result=bool(sig.options.get("ignore_result", False)),
-            argsrepr=_argsrepr(args),
-            kwargsrepr="{}",
-        )
-        content_type, content_encoding, data = serialize(payload, serializer="json")  # type: ignore[no-untyped-call]
-        properties["delivery_mode"] = 2  # persistent, as Celery's default
-        message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
-        # Base64 body, delivery tag and delivery info, as basic_publish frames it.
-        channel._inplace_augment_message(message, exchange, routing_key)
-        pipe.lpush(redis_key, json_dumps(message))  # type: ignore[no-untyped-call]
-        pending += 1
-        if pending >= chunk:
-            pipe.execute()
-            pending = 0
-    if pending:
-        pipe.execute()
-    return group_id

@@ -298,8 +298,8 @@ def documented_settings() -> set[str]:
     texts = [root / "README.md", *sorted((root / "docs").glob("*config*.md"))]
     names = {n for path in texts for n in re.findall(r"^\| `(FANOUT_[A-Z_]+)` \|", path.read_text(), re.M)}
     names |= set(re.findall(r"\"(FANOUT_[A-Z_]+)\"", (root / "workers" / "settings.py").read_text()))
-    # User task modules for the workers to import (the lead's FANOUT_IMPORTS).
-    return names | {"FANOUT_IMPORTS"}
+    # The user's task modules for the workers to import, and fanout's own queue.
+    return names | {"FANOUT_IMPORTS", "FANOUT_QUEUE"}
 
 
 def test_the_documented_settings_are_found() -> None:
@@ -442,12 +442,13 @@ def test_dockerfile_installs_the_lock_before_it_copies_the_code() -> None:
     installs = [i for i, (kw, rest) in enumerate(instructions) if kw == "RUN" and "pip install" in rest]
     [locked] = [i for i in installs if "--require-hashes -r /tmp/requirements.lock" in instructions[i][1]]
     assert "--no-deps" in instructions[locked][1]
-    code = [i for i, (kw, rest) in enumerate(instructions) if kw == "COPY" and rest.startswith("workers")]
+    copies = [(i, rest) for i, (kw, rest) in enumerate(instructions) if kw == "COPY"]
+    code = [i for i, rest in copies if not rest.startswith("--from") and "requirements.lock" not in rest]
     assert code and locked < min(code), "a code change would reinstall every dependency"
     # fanout itself goes in last, without dependencies: they all come from the lock.
     project = [i for i in installs if i != locked]
     assert all("--no-deps" in instructions[i][1] for i in project)
-    assert ("COPY", "pyproject.toml README.md LICENSE ./") in instructions
+    assert ("COPY", ". ./") in instructions  # what .dockerignore lets in, see below
 
 
 def test_dockerfile_runs_as_non_root_with_an_exec_form_command() -> None:
@@ -461,18 +462,22 @@ def test_dockerfile_runs_as_non_root_with_an_exec_form_command() -> None:
     assert json.loads(dict(commands)["CMD"])[:4] == ["celery", "-A", "workers", "worker"]
 
 
-def test_dockerignore_keeps_what_the_image_copies_and_drops_secrets() -> None:
+def test_dockerignore_lets_in_what_the_image_builds_from_and_drops_secrets() -> None:
     patterns = [p for p in DOCKERIGNORE.read_text().splitlines() if p and not p.startswith("#")]
     assert patterns[0] == "*"
     included = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    # Every package pyproject.toml builds, and the files its build reads.
+    packages = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"]
+    top_level = {package.split(".")[0] for package in packages}
+    assert top_level | {"pyproject.toml", "README.md", "LICENSE", "requirements.lock"} <= included
     copied = {
         source.rstrip("/")
         for kw, rest in dockerfile_instructions()
         if kw == "COPY" and not rest.startswith("--from")
         for source in rest.split()[:-1]
     }
-    assert copied <= included
-    assert ".env" not in included
+    assert copied - {"."} <= included
+    assert ".env" not in included and not any(p.startswith("!.env") for p in patterns)
 
 
 def test_hadolint_finds_nothing() -> None:
