@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint unit redis bench clean
+.PHONY: install demo test lint unit redis bench clean lock docker-test
 
 $(BIN)/fanout: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ test: lint redis ## Lint, then every test (unit and system)
 bench: install redis ## Benchmarks beside their references (python -m bench --help for parameters)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The image installs exactly these versions (runtime deps + the s3 extra, hashes included);
+# re-run after changing pyproject.toml's dependencies. Existing pins are kept unless
+# LOCK_ARGS=--upgrade (or --upgrade-package NAME) asks for newer ones.
+lock: install ## Write requirements.lock from pyproject.toml (uv pip compile)
+	$(BIN)/uv pip compile pyproject.toml --extra s3 --universal --python-version 3.11 \
+		--generate-hashes --custom-compile-command "make lock" --quiet $(LOCK_ARGS) -o requirements.lock
+
+docker-test: install ## Only the compose stack under a real Docker engine (starts dockerd if needed)
+	bash .ci/ensure-docker
+	$(BIN)/pytest -m docker
 
 clean:
 	rm -rf $(VENV) fanout-demo bench-results .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -21,10 +21,19 @@ about 0.4 ms of client CPU per message (2,400 messages/s at best).
 A failed pipeline raises; the header may then be partly published, which
 leaves the chord incomplete exactly as a broker failure half-way through
 ``apply_async`` would, and the wait reports it instead of hanging.
+
+The framing uses private helpers of kombu's Redis channel (``_lookup``,
+``_inplace_augment_message``, ``_q_for_pri``), pinned to the kombu minor
+version the tests ran (pyproject.toml).  Their presence and parameters are
+checked at run time: where one is missing or has another shape (another kombu),
+the chord goes through Celery's own ``apply_async``, slower but public, and
+the reason is logged once per process.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -107,6 +116,9 @@ def publish_chord(
     header, callback = header_of(signature)
     if not bulk_supported(app, header):
         return _apply_async(app, signature, before)
+    redis_key = bulk_queue_key(app, header[0].task)
+    if redis_key is None:
+        return _apply_async(app, signature, before)
     group_id = str(uuid.uuid4())
     if before is not None:
         before(group_id)
@@ -131,7 +143,6 @@ def publish_chord(
         queue = route["queue"]
         # Celery publishes to a direct exchange's queue through the anonymous exchange.
         exchange, routing_key = "", queue.name
-        (target,) = channel._lookup(exchange, routing_key)
         with channel.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
         pending = 0
@@ -158,7 +169,7 @@ def publish_chord(
             message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
             # Base64 body, delivery tag and delivery info, as basic_publish frames it.
             channel._inplace_augment_message(message, exchange, routing_key)
-            pipe.lpush(channel._q_for_pri(target, 0), json_dumps(message))  # type: ignore[no-untyped-call]
+            pipe.lpush(redis_key, json_dumps(message))  # type: ignore[no-untyped-call]
             pending += 1
             if pending >= chunk:
                 pipe.execute()
@@ -166,3 +177,88 @@ def publish_chord(
         if pending:
             pipe.execute()
     return group_id
+
+
+# --- the check on kombu's private helpers -------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+#: The kombu channel methods the bulk path calls, with the leading parameters it passes.
+CHANNEL_HELPERS: dict[str, tuple[str, ...]] = {
+    "_lookup": ("exchange", "routing_key"),
+    "_inplace_augment_message": ("message", "exchange", "routing_key"),
+    "_q_for_pri": ("queue", "pri"),
+    "prepare_message": ("body", "priority", "content_type", "content_encoding", "headers", "properties"),
+    "conn_or_acquire": ("client",),
+}
+
+_fallback_logged = False
+
+
+def channel_mismatch(channel: Any) -> str | None:
+    """Why ``channel`` cannot frame messages for the bulk path, or None when it can.
+
+    Each helper in :data:`CHANNEL_HELPERS` must exist and take the parameters
+    the bulk path passes, in that order.
+    """
+    for name, expected in CHANNEL_HELPERS.items():
+        helper = getattr(channel, name, None)
+        if not callable(helper):
+            return f"kombu's channel has no {name}()"
+        try:
+            parameters = list(inspect.signature(helper).parameters.values())
+        except (TypeError, ValueError):
+            return f"kombu's {name}() has no readable signature"
+        positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if positional[: len(expected)] != list(expected):
+            return f"kombu's {name}({', '.join(positional)}) is not {name}({', '.join(expected)})"
+    return None
+
+
+def bulk_queue_key(app: Celery, task_name: str) -> str | None:
+    """The Redis list the bulk path pushes ``task_name``'s messages to.
+
+    None, logged once per process, where kombu's channel helpers are missing or
+    of another shape: the caller then sends the chord through ``apply_async``.
+    """
+    queue = app.amqp.router.route({}, task_name, (), {})["queue"]
+    with app.connection_for_write() as connection:
+        key, reason = _bulk_target(connection.default_channel, "", queue.name)
+    if reason is not None:
+        _log_fallback_once(reason)
+    return key
+
+
+def _bulk_target(channel: Any, exchange: str, routing_key: str) -> tuple[str | None, str | None]:
+    """The Redis list the header goes to, or None and the reason the bulk path cannot be used."""
+    reason = channel_mismatch(channel)
+    if reason is not None:
+        return None, reason
+    targets = channel._lookup(exchange, routing_key)
+    if not (isinstance(targets, list | tuple) and len(targets) == 1):
+        return None, f"kombu's _lookup() gave {targets!r}, not one queue"
+    redis_key = channel._q_for_pri(targets[0], 0)
+    if not isinstance(redis_key, str):
+        return None, f"kombu's _q_for_pri() gave {redis_key!r}, not a key"
+    return redis_key, None
+
+
+def _log_fallback_once(reason: str) -> None:
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning(
+            "bulk publishing is off, chords go through apply_async (slower): %s "
+            "(kombu %s; fanout was tested with the version pyproject.toml pins)",
+            reason,
+            _kombu_version(),
+        )
+
+
+def _kombu_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kombu")
+    except PackageNotFoundError:
+        return "unknown"

@@ -11,13 +11,20 @@ base, and linted with hadolint.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.composefile import (
     COMPOSE,
@@ -139,9 +146,40 @@ def test_worker_runs_the_real_app_with_events_and_configurable_concurrency() -> 
     command = service("worker")["command"]
     assert command[:4] == ["celery", "-A", "workers", "worker"]
     assert "--task-events" in command
-    assert "--concurrency=2" in command
+    # auto: Celery sizes the pool to the CPUs the container may use (its cgroup quota).
+    assert "--concurrency=auto" in command
     custom = rendered(read_env_file(ENV_EXAMPLE) | SECRETS | {"FANOUT_WORKER_CONCURRENCY": "8"})
     assert "--concurrency=8" in custom["services"]["worker"]["command"]
+
+
+def test_the_installed_celery_sizes_auto_concurrency_from_the_cgroup_quota() -> None:
+    from celery.utils.sysinfo import cpu_budget, is_auto_concurrency
+
+    assert is_auto_concurrency("auto")
+    budget = cpu_budget()
+    assert 1 <= budget.count <= budget.available
+
+
+def test_worker_limits_come_from_env_and_pool_processes_recycle_on_memory() -> None:
+    for path in COMPOSE_FILES:
+        worker = rendered(path=path)["services"]["worker"]
+        assert worker["mem_limit"] == "2g" and worker["cpus"] == "2", path.name
+        assert "--max-memory-per-child=400000" in worker["command"], path.name
+        custom = read_env_file(ENV_EXAMPLE) | SECRETS | REMOTE
+        custom |= {"FANOUT_WORKER_MEMORY": "6g", "FANOUT_WORKER_CPUS": "4"}
+        custom |= {"FANOUT_WORKER_MAX_MEMORY_PER_CHILD": "900000"}
+        worker = rendered(custom, path)["services"]["worker"]
+        assert worker["mem_limit"] == "6g" and worker["cpus"] == "4", path.name
+        assert "--max-memory-per-child=900000" in worker["command"], path.name
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_service_rotates_its_log(path: Path) -> None:
+    for name, svc in rendered(path=path)["services"].items():
+        logging = svc.get("logging")
+        assert logging, f"{name} logs without rotation"
+        assert logging["driver"] == "json-file"
+        assert logging["options"] == {"max-size": "10m", "max-file": "5"}, name
 
 
 def test_commands_name_the_real_celery_app() -> None:
@@ -223,15 +261,147 @@ def test_worker_only_file_runs_the_same_worker_against_a_remote_redis() -> None:
         assert key not in worker, key
     for key in ("image", "build", "command", "init", "stop_grace_period", "healthcheck"):
         assert worker[key] == central[key], f"{key} differs from docker-compose.yml"
+    for key in ("mem_limit", "cpus", "logging"):
+        assert worker[key] == central[key], f"{key} differs from docker-compose.yml"
     assert worker["environment"]["FANOUT_REDIS_URL"] == REMOTE["FANOUT_REDIS_URL"]
     assert worker["volumes"] == ["/mnt/fanout:/data"]
 
 
-@pytest.mark.parametrize("missing", ["FANOUT_REDIS_URL", "FANOUT_DATA_DIR"])
-def test_worker_only_file_refuses_to_start_without_redis_url_or_shared_storage(missing: str) -> None:
-    values = read_env_file(ENV_EXAMPLE) | REMOTE | {missing: ""}
-    with pytest.raises(InterpolationError, match=missing):
+def test_worker_only_file_refuses_to_start_without_the_redis_url() -> None:
+    values = read_env_file(ENV_EXAMPLE) | REMOTE | {"FANOUT_REDIS_URL": ""}
+    with pytest.raises(InterpolationError, match="FANOUT_REDIS_URL"):
         rendered(values, WORKER_COMPOSE)
+
+
+def test_worker_only_file_runs_s3_workers_without_a_shared_directory() -> None:
+    s3 = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
+    s3 |= {"AWS_ENDPOINT_URL": "http://minio.internal:9000"}
+    values = read_env_file(ENV_EXAMPLE) | REMOTE | {"FANOUT_DATA_DIR": ""} | s3
+    doc = rendered(values, WORKER_COMPOSE)
+    worker = doc["services"]["worker"]
+    # /data falls back to a volume of this host's own; the AWS variables reach the worker.
+    [mount] = worker["volumes"]
+    volume, _, target = mount.partition(":")
+    assert target == "/data" and volume in doc["volumes"]
+    for name, value in s3.items():
+        assert worker["environment"][name] == value
+
+
+# --- parity: what reaches the containers --------------------------------------------------
+
+FANOUT_SERVICES = {COMPOSE: ("worker", "flower", "orchestrator"), WORKER_COMPOSE: ("worker",)}
+
+
+def documented_settings() -> set[str]:
+    """FANOUT_* settings fanout reads: its configuration tables (README, docs/*config*), settings.py."""
+    root = COMPOSE.parent
+    texts = [root / "README.md", *sorted((root / "docs").glob("*config*.md"))]
+    names = {n for path in texts for n in re.findall(r"^\| `(FANOUT_[A-Z_]+)` \|", path.read_text(), re.M)}
+    names |= set(re.findall(r"\"(FANOUT_[A-Z_]+)\"", (root / "workers" / "settings.py").read_text()))
+    # The user's task modules for the workers to import, and fanout's own queue.
+    return names | {"FANOUT_IMPORTS", "FANOUT_QUEUE"}
+
+
+def test_the_documented_settings_are_found() -> None:
+    names = documented_settings()
+    assert {"FANOUT_REDIS_URL", "FANOUT_TASK_TIME_LIMIT", "FANOUT_VISIBILITY_TIMEOUT"} <= names
+    assert {"FANOUT_RESULT_EXPIRES", "FANOUT_RESTORE_INTERVAL"} <= names
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_documented_setting_reaches_every_fanout_container(path: Path) -> None:
+    services = rendered(path=path)["services"]
+    for name in FANOUT_SERVICES[path]:
+        missing = documented_settings() - set(services[name]["environment"])
+        assert not missing, f"{path.name}: {name} never sees {sorted(missing)}"
+
+
+def defaults(path: Path) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for m in re.finditer(r"\$\{([A-Z_]+):-([^}]*)\}", path.read_text()):
+        found.setdefault(m[1], set()).add(m[2])
+    return found
+
+
+def test_both_files_default_every_shared_variable_alike() -> None:
+    central, remote = defaults(COMPOSE), defaults(WORKER_COMPOSE)
+    for name, values in remote.items():
+        assert len(values) == 1, f"{name} has several defaults in {WORKER_COMPOSE.name}: {values}"
+        if name in central:
+            assert central[name] == values, f"{name}: {central[name]} here, {values} on worker hosts"
+    shared = set(remote) & set(central)
+    assert {"FANOUT_TASK_TIME_LIMIT", "FANOUT_WORKER_CONCURRENCY", "PYTHON_IMAGE"} <= shared
+
+
+def test_env_example_holds_the_compose_defaults() -> None:
+    # Copying .env.example changes nothing but the secrets and what you edit (with `:-`, an
+    # empty value means the default too).
+    example = read_env_file(ENV_EXAMPLE)
+    for path in COMPOSE_FILES:
+        for name, (value,) in defaults(path).items():
+            assert example[name] in (value, ""), (
+                f"{name}={example[name]!r} in .env.example, {value!r} in {path.name}"
+            )
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_the_compose_defaults_are_fanouts_own(path: Path) -> None:
+    from workers.settings import Settings
+
+    for name in FANOUT_SERVICES[path]:
+        environment = rendered(path=path)["services"][name]["environment"]
+        fanout_env = {k: v for k, v in environment.items() if k.startswith("FANOUT_")}
+        url = fanout_env["FANOUT_REDIS_URL"]
+        assert Settings.from_env(fanout_env) == Settings.from_env({"FANOUT_REDIS_URL": url}), name
+
+
+def test_settings_set_in_env_reach_the_containers() -> None:
+    values = read_env_file(ENV_EXAMPLE) | SECRETS | REMOTE
+    values |= {"FANOUT_TASK_TIME_LIMIT": "12", "FANOUT_VISIBILITY_TIMEOUT": "40"}
+    values |= {"FANOUT_RESTORE_INTERVAL": "2", "FANOUT_RESULT_EXPIRES": "600", "FANOUT_IMPORTS": "mytasks"}
+    from workers.settings import Settings
+
+    for path in COMPOSE_FILES:
+        for name in FANOUT_SERVICES[path]:
+            environment = rendered(values, path)["services"][name]["environment"]
+            settings = Settings.from_env(environment)
+            assert (settings.task_time_limit, settings.visibility_timeout) == (12, 40), (path.name, name)
+            assert (settings.restore_interval, settings.result_expires) == (2, 600), (path.name, name)
+            assert environment["FANOUT_IMPORTS"] == "mytasks"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_has_no_top_level_name(path: Path) -> None:
+    # Compose 1.29 (Debian bookworm's docker-compose) rejects it: "'name' does not match any of
+    # the regexes: '^x-'"; the project name comes from COMPOSE_PROJECT_NAME or -p instead.
+    assert "name" not in yaml.safe_load(path.read_text())
+    assert read_env_file(ENV_EXAMPLE)["COMPOSE_PROJECT_NAME"] == "fanout"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_1_29_accepts_the_file(path: Path, tmp_path: Path) -> None:
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        message = "docker-compose (Compose 1.29, Debian's docker-compose) is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    env_file = tmp_path / "env"
+    values = read_env_file(ENV_EXAMPLE) | SECRETS | REMOTE
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    proc = subprocess.run(
+        [compose, "--env-file", str(env_file), "-f", str(path), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    version = subprocess.run([compose, "version", "--short"], capture_output=True, text=True, timeout=60)
+    if version.stdout.startswith("1."):
+        # What 1.29 will run: the limits it understood, and the worker command.
+        worker = yaml.safe_load(proc.stdout)["services"]["worker"]
+        assert worker["mem_limit"] == "2g" and float(worker["cpus"]) == 2.0
+        assert "--concurrency=auto" in worker["command"]
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
@@ -250,19 +420,35 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_is_multi_stage_on_a_pinned_python() -> None:
     instructions = dockerfile_instructions()
     args = dict(rest.partition("=")[::2] for kw, rest in instructions if kw == "ARG" and "=" in rest)
-    bases = [rest.split()[0] for kw, rest in instructions if kw == "FROM"]
-    assert len(bases) >= 2
+    froms = [rest.split() for kw, rest in instructions if kw == "FROM"]
+    stages = {words[2] for words in froms if len(words) == 3 and words[1].upper() == "AS"}
+    bases = [words[0] for words in froms if words[0] not in stages]
+    assert len(froms) >= 2
     for base in bases:
         image = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], base)
         assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", image), image
     assert any(kw == "COPY" and rest.startswith("--from=") for kw, rest in instructions)
 
 
-def test_dockerfile_installs_from_pyproject() -> None:
+def test_the_compose_files_build_on_the_dockerfiles_base() -> None:
+    args = dict(rest.partition("=")[::2] for kw, rest in dockerfile_instructions() if kw == "ARG")
+    for path in COMPOSE_FILES:
+        build = rendered(path=path)["services"]["worker"]["build"]
+        assert build["args"]["PYTHON_IMAGE"] == args["PYTHON_IMAGE"], path.name
+
+
+def test_dockerfile_installs_the_lock_before_it_copies_the_code() -> None:
     instructions = dockerfile_instructions()
-    assert ("COPY", "pyproject.toml README.md ./") in instructions
-    installs = [rest for kw, rest in instructions if kw == "RUN" and "pip install" in rest]
-    assert any(re.search(r'pip install (\.|"\.\[s3\]")$', rest) for rest in installs), installs
+    installs = [i for i, (kw, rest) in enumerate(instructions) if kw == "RUN" and "pip install" in rest]
+    [locked] = [i for i in installs if "--require-hashes -r /tmp/requirements.lock" in instructions[i][1]]
+    assert "--no-deps" in instructions[locked][1]
+    copies = [(i, rest) for i, (kw, rest) in enumerate(instructions) if kw == "COPY"]
+    code = [i for i, rest in copies if not rest.startswith("--from") and "requirements.lock" not in rest]
+    assert code and locked < min(code), "a code change would reinstall every dependency"
+    # fanout itself goes in last, without dependencies: they all come from the lock.
+    project = [i for i in installs if i != locked]
+    assert all("--no-deps" in instructions[i][1] for i in project)
+    assert ("COPY", ". ./") in instructions  # what .dockerignore lets in, see below
 
 
 def test_dockerfile_runs_as_non_root_with_an_exec_form_command() -> None:
@@ -276,18 +462,22 @@ def test_dockerfile_runs_as_non_root_with_an_exec_form_command() -> None:
     assert json.loads(dict(commands)["CMD"])[:4] == ["celery", "-A", "workers", "worker"]
 
 
-def test_dockerignore_keeps_what_the_image_copies_and_drops_secrets() -> None:
+def test_dockerignore_lets_in_what_the_image_builds_from_and_drops_secrets() -> None:
     patterns = [p for p in DOCKERIGNORE.read_text().splitlines() if p and not p.startswith("#")]
     assert patterns[0] == "*"
     included = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    # Every package pyproject.toml builds, and the files its build reads.
+    packages = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"]
+    top_level = {package.split(".")[0] for package in packages}
+    assert top_level | {"pyproject.toml", "README.md", "LICENSE", "requirements.lock"} <= included
     copied = {
         source.rstrip("/")
         for kw, rest in dockerfile_instructions()
         if kw == "COPY" and not rest.startswith("--from")
         for source in rest.split()[:-1]
     }
-    assert copied <= included
-    assert ".env" not in included
+    assert copied - {"."} <= included
+    assert ".env" not in included and not any(p.startswith("!.env") for p in patterns)
 
 
 def test_hadolint_finds_nothing() -> None:
@@ -297,3 +487,87 @@ def test_hadolint_finds_nothing() -> None:
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- the lock file ------------------------------------------------------------------------
+
+LOCK = COMPOSE.parent / "requirements.lock"
+PYPROJECT = COMPOSE.parent / "pyproject.toml"
+MAKEFILE = COMPOSE.parent / "Makefile"
+
+
+@dataclass
+class Pin:
+    version: str
+    hashes: int
+    via: set[str]
+
+
+def read_lock(text: str) -> dict[str, Pin]:
+    """``name==version`` entries of a pip-style lock, with their hash count and "via" annotations."""
+    pins: dict[str, Pin] = {}
+    current: Pin | None = None
+    for line in text.splitlines():
+        if match := re.match(r"([A-Za-z0-9._-]+)==([^ ;\\]+)", line):
+            current = pins[canonicalize_name(match[1])] = Pin(match[2], 0, set())
+        elif current and line.strip().startswith("--hash=sha256:"):
+            current.hashes += 1
+        elif current and (match := re.match(r"\s+#\s+(?:via\s+)?(\S.*)$", line)) and match[1] != "via":
+            current.via.add(match[1].strip())
+    return pins
+
+
+def runtime_requirements() -> list[Requirement]:
+    """What the shipped image installs: fanout's dependencies and its s3 extra."""
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["s3"]
+    return [Requirement(r) for r in wanted if Requirement(r).name != "fanout"]
+
+
+def test_the_lock_pins_every_runtime_requirement_within_its_range() -> None:
+    pins = read_lock(LOCK.read_text())
+    for requirement in runtime_requirements():
+        pin = pins.get(canonicalize_name(requirement.name))
+        assert pin, f"{requirement.name} is in pyproject.toml but not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pin.version, prereleases=True), (
+            f"requirements.lock has {requirement.name}=={pin.version}, pyproject.toml asks for "
+            f"{requirement.specifier}: run `make lock`"
+        )
+
+
+def test_the_lock_has_no_direct_requirement_pyproject_dropped() -> None:
+    pins = read_lock(LOCK.read_text())
+    direct = {name for name, pin in pins.items() if "fanout (pyproject.toml)" in pin.via}
+    assert direct == {canonicalize_name(r.name) for r in runtime_requirements()}, "run `make lock`"
+
+
+def test_the_lock_is_hashed_and_holds_no_dev_tool() -> None:
+    pins = read_lock(LOCK.read_text())
+    assert all(pin.hashes for pin in pins.values()), "pip install --require-hashes needs a hash for each"
+    assert {"celery", "kombu", "redis", "s3fs", "pillow"} <= set(pins)
+    assert not {"pytest", "mypy", "ruff", "moto", "matplotlib"} & set(pins), "dev extras leaked in"
+
+
+def test_make_lock_would_write_the_same_lock(tmp_path: Path) -> None:
+    """The documented command, re-run on a copy: same pins (it keeps pins that still fit)."""
+    recipe = MAKEFILE.read_text().split("\nlock:", 1)[1].split("\n\n", 1)[0]
+    command = " ".join(line.strip().rstrip("\\") for line in recipe.splitlines()[1:])
+    uv = Path(sys.executable).parent / "uv"
+    if not uv.exists():
+        pytest.skip("uv is not installed (pip install -e '.[dev]' brings it)")
+    copy = tmp_path / "requirements.lock"
+    copy.write_text(LOCK.read_text())
+    command = command.replace("$(BIN)/uv", str(uv)).replace("$(LOCK_ARGS)", "")
+    assert "-o requirements.lock" in command
+    command = command.replace("-o requirements.lock", f"-o {copy}")
+    proc = subprocess.run(
+        shlex.split(command), cwd=COMPOSE.parent, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr
+    before, after = read_lock(LOCK.read_text()), read_lock(copy.read_text())
+    changed = {
+        n: (before.get(n), after.get(n))
+        for n in before.keys() | after.keys()
+        if before.get(n) != after.get(n)
+    }
+    assert not changed, f"requirements.lock is out of date with pyproject.toml: run `make lock` ({changed})"
