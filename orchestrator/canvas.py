@@ -18,8 +18,10 @@ from typing import Any
 from celery import chord, group
 from celery.canvas import Signature
 
+from workers import results, storage
 from workers.app import app
 from workers.resizing import ResizeOptions
+from workers.settings import get_settings
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
@@ -32,6 +34,8 @@ COLLECT = "fanout.collect"
 DOUBLE = "fanout.double_batch"
 RESIZE = "fanout.resize_items"
 RESIZE_REPORT = "fanout.resize_report"
+#: Where a resize job sent by reference keeps its results, under its --out (unless FANOUT_RESULTS_URL).
+RESIZE_RESULTS = ".fanout-results"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class Plan:
     items: Sequence[Any] = field(default=(), repr=False)
     #: How to build the job again (task, kwargs, reduce...): kept in its record for `fanout retry`.
     spec: dict[str, Any] = field(default_factory=dict)
+    #: The job's directory in the results location when it is sent by reference, else None.
+    where: str | None = None
+    #: Files to write there before anything is sent (URL, JSON value).
+    files: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
     @property
     def batches(self) -> int:
@@ -99,6 +107,8 @@ def build(
     output: str = "jsonl",
     retry_of: str | None = None,
     indexes: Sequence[int] | None = None,
+    by_reference: bool | None = None,
+    results_root: str | None = None,
 ) -> Plan:
     """The chord running fanout task ``task`` over ``items``, ``batch_size`` at a time.
 
@@ -112,20 +122,41 @@ def build(
         raise ValueError("batch_size must be at least 1")
     job_id = job_id or new_job_id()
     shown_as = shown_as or task
-    extra = (kwargs,) if kwargs else ()
-    header = [
-        app.signature(task, args=(start, list(items[start : start + batch_size]), *extra)).set(
-            immutable=True, ignore_result=True
-        )
-        for start in range(0, len(items), batch_size)
-    ]
+    settings = get_settings()
+    if by_reference is None:
+        by_reference = len(items) >= settings.by_reference_items
+    root = storage.normalize(results_root or settings.results_root) if by_reference else None
+    where = results.job_dir(root, job_id) if root else None
+    files: list[tuple[str, Any]] = []
+    if where is None:
+        extra = (kwargs,) if kwargs else ()
+        header = [
+            app.signature(task, args=(start, list(items[start : start + batch_size]), *extra)).set(
+                immutable=True, ignore_result=True
+            )
+            for start in range(0, len(items), batch_size)
+        ]
+    else:
+        header = [
+            app.signature(task, args=(start, _items_ref(items, start, batch_size, where), kwargs, where)).set(
+                immutable=True, ignore_result=True
+            )
+            for start in range(0, len(items), batch_size)
+        ]
     job: dict[str, Any] = {"job_id": job_id, "task": shown_as, "total": len(items)}
+    if where is not None:
+        job["where"] = where
+        job["root"] = root
     if reduce:
         job["reduce"] = reduce
         job["reduce_kwargs"] = reduce_kwargs or {}
     if retry_of:
         job["retry_of"] = retry_of
-        job["indexes"] = list(indexes or ())
+        if where is None:
+            job["indexes"] = list(indexes or ())
+        else:  # not in every header message: they carry the callback
+            job["indexes_url"] = storage.join(where, "indexes.json")
+            files.append((job["indexes_url"], list(indexes or ())))
     body = app.signature(COLLECT, kwargs={"job": job}).set(task_id=job_id)
     if reduce_limits:
         body = body.set(time_limit=reduce_limits[0], soft_time_limit=reduce_limits[1])
@@ -142,11 +173,46 @@ def build(
         "shown_as": shown_as,
         "output": output,
     }
-    return Plan(job_id, shown_as, len(items), batch_size, signature, output, requires, items, spec)
+    if where is not None:
+        spec["where"] = where
+        spec["root"] = root
+        if _plain_range(items):
+            spec["range"] = [items.start, items.stop]  # type: ignore[attr-defined]
+    return Plan(
+        job_id,
+        shown_as,
+        len(items),
+        batch_size,
+        signature,
+        output,
+        requires,
+        items,
+        spec,
+        where,
+        tuple(files),
+    )
+
+
+def _plain_range(items: Sequence[Any]) -> bool:
+    return isinstance(items, range) and items.step == 1
+
+
+def _items_ref(items: Sequence[Any], start: int, batch_size: int, where: str) -> dict[str, Any]:
+    """A batch's items as a header message carries them in a job sent by reference.
+
+    A range of integers travels as its bounds; anything else as the URL of the
+    file the client writes before sending (see orchestrator/run.py).
+    """
+    if _plain_range(items):
+        batch = items[start : start + batch_size]
+        return {"range": [batch.start, batch.stop]}  # type: ignore[attr-defined]
+    return {"url": results.input_url(where, start)}
 
 
 def build_double(values: Sequence[int], batch_size: int, job_id: str | None = None) -> Plan:
-    return build(DOUBLE, list(values), batch_size, job_id=job_id, shown_as="double", output="double")
+    """Doubling ``values``: a list, or a range (sent by reference as bounds, never listed)."""
+    items = values if isinstance(values, range) else list(values)
+    return build(DOUBLE, items, batch_size, job_id=job_id, shown_as="double", output="double")
 
 
 def build_resize(
@@ -189,4 +255,6 @@ def build_resize_items(
         job_id=job_id,
         shown_as="resize",
         output="resize",
+        # Next to the outputs, which every worker already writes, unless FANOUT_RESULTS_URL says where.
+        results_root=get_settings().results_url or storage.join(out_dir, RESIZE_RESULTS),
     )

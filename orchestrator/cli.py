@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -196,13 +196,20 @@ def interrupted(job: Any) -> None:
     except FanoutError as exc:
         click.echo(f"fanout: error: {exc}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    cancelled = sum(1 for e in outcome["errors"] if e["error"] == outcome.get("stopped"))
+    cancelled = _cancelled(outcome)
     click.echo(
         f"job {job.id} cancelled: {outcome['succeeded']} done, {cancelled} cancelled, "
         f"{outcome['failed'] - cancelled} failed",
         err=True,
     )
     sys.exit(EXIT_INTERRUPTED)
+
+
+def _cancelled(outcome: Any) -> int:
+    """How many of the outcome's items failed for the reason the job was stopped."""
+    from workers.results import outcome_errors
+
+    return sum(1 for e in outcome_errors(outcome) if e["error"] == outcome.get("stopped"))
 
 
 def announce(job: Any, as_json: bool) -> None:
@@ -235,7 +242,7 @@ def finish(
     from orchestrator import render
 
     if as_json:
-        render.write_json(render.as_document(outcome, elapsed, extra), sys.stdout)
+        render.write_document(outcome, elapsed, sys.stdout, extra)
     elif sys.stdout.isatty():
         # A person reads a terminal: the first lines and a summary, not 10,000 lines.
         head = render.Head(sys.stdout, render.TERMINAL_LINES)
@@ -272,8 +279,9 @@ def double(numbers: tuple[str, ...], range_n: int | None, run: RunOptions) -> No
 
     if range_n is not None and numbers:
         raise click.UsageError("give NUMBERS or --range, not both")
+    values: Sequence[int]
     if range_n is not None:
-        values: list[int] = list(range(range_n))
+        values = range(range_n)  # never listed: a big range travels by its bounds
     elif numbers == ("-",):
         values = parse_numbers(sys.stdin.read().split())
     elif "-" in numbers:
@@ -422,6 +430,9 @@ def resize(
         "resizing",
         (RESIZE, RESIZE_REPORT),
     )
+    from workers.results import materialize
+
+    outcome = materialize(outcome)  # the manifest groups every output by image: a resize job's lists fit
     report = outcome.get("reduced") or {}
     manifest_url = report.get("manifest") or storage.join(out, MANIFEST)
     # None when not asked for, or the callback logged why; the manifest is the record.
@@ -539,7 +550,7 @@ def cancel(job_id: str, terminate: bool, wait_: bool, timeout: float) -> None:
     if not wait_:
         return
     outcome = job.wait(timeout).data
-    cancelled = sum(1 for e in outcome["errors"] if e["error"] == outcome.get("stopped"))
+    cancelled = _cancelled(outcome)
     click.echo(
         f"job {job_id}: {outcome['succeeded']} done, {cancelled} cancelled, "
         f"{outcome['failed'] - cancelled} failed ({outcome.get('stopped') or 'it had finished'})"

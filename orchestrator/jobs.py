@@ -8,7 +8,7 @@ guarantees are the same from Python and from the shell.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Literal
@@ -17,10 +17,10 @@ from celery import Celery
 
 from orchestrator import run
 from orchestrator.canvas import Plan, build
-from orchestrator.status import StoredJob, job_status
-from workers import fanin, keys
+from orchestrator.status import StoredJob, UnknownJob, job_status
+from workers import fanin, keys, results
 from workers.core import FanoutTask, json_problem
-from workers.errors import InputError
+from workers.errors import FanoutError, InputError
 
 #: How long :meth:`Job.wait` and :func:`map` wait unless told, seconds.
 DEFAULT_TIMEOUT = 600.0
@@ -43,8 +43,22 @@ class Failure:
     error: str
 
 
+#: The most values ``Outcome.results`` puts in one list; a bigger job's results are
+#: read with ``Outcome.iter_results()`` (or ``Job.results()``), one part at a time.
+MAX_RESULTS_LIST = 1_000_000
+
+
+class ResultsTooLarge(FanoutError):
+    """``Outcome.results`` of a job too big to hold as one list: iterate instead."""
+
+
 class Outcome:
-    """A finished job: results in input order (None where an item failed) and the failures by index."""
+    """A finished job: results in input order (None where an item failed) and the failures by index.
+
+    A job sent by reference (``by_reference``) keeps its results in the results
+    location: ``iter_results()`` reads them in input order, one part at a time;
+    ``results`` builds the list, for at most MAX_RESULTS_LIST items.
+    """
 
     def __init__(self, data: fanin.Outcome) -> None:
         self.data = data
@@ -54,14 +68,36 @@ class Outcome:
     total = property(lambda self: self.data["total"])
     succeeded = property(lambda self: self.data["succeeded"])
     failed = property(lambda self: self.data["failed"])
-    results = property(lambda self: self.data["results"])
     #: The reduce's return value (None without a reduce, or if it failed: see ``reduce_error``).
     reduced = property(lambda self: self.data.get("reduced"))
     reduce_error = property(lambda self: self.data.get("reduce_error"))
 
+    @property
+    def by_reference(self) -> bool:
+        """Whether the results are in the results location (``ref``) rather than in this object."""
+        return "ref" in self.data
+
     @cached_property
-    def errors(self) -> list[Failure]:
-        return [Failure(int(e["index"]), e["input"], str(e["error"])) for e in self.data["errors"]]
+    def results(self) -> builtins.list[Any]:
+        """Every result in input order, None where the item failed (see MAX_RESULTS_LIST)."""
+        if not self.by_reference:
+            return self.data["results"]
+        if self.total > MAX_RESULTS_LIST:
+            raise ResultsTooLarge(
+                f"job {self.job_id} has {self.total:,} results, more than one list holds here "
+                f"({MAX_RESULTS_LIST:,}): iterate over outcome.iter_results() or job.results()"
+            )
+        return builtins.list(self.iter_results())
+
+    def iter_results(self) -> Iterator[Any]:
+        """Every result in input order (None where the item failed), read as it goes."""
+        return (value for _, value, _ in results.rows(self.data))
+
+    @cached_property
+    def errors(self) -> builtins.list[Failure]:
+        return [
+            Failure(int(e["index"]), e["input"], str(e["error"])) for e in results.outcome_errors(self.data)
+        ]
 
     @property
     def ok(self) -> bool:
@@ -139,6 +175,13 @@ class Job:
         """
         return Outcome(run.wait(self.app, self.tracked, self.group_id, timeout, progress))
 
+    def results(self, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Any]:
+        """Every result in input order (None where an item failed), once the job is done.
+
+        Read from the results location part by part, so a job of any size fits.
+        """
+        return self.wait(timeout).iter_results()
+
     def as_completed(self, timeout: float = DEFAULT_TIMEOUT) -> Iterator[tuple[int, Any]]:
         """``(index, result)`` for every item, each once, as its batch finishes (not in input order).
 
@@ -147,10 +190,17 @@ class Job:
         """
         yielded = bytearray(self.total)
         for piece in run.parts_as_completed(self.app, self.tracked, self.group_id, timeout):
-            if "job_id" in piece:  # the final outcome
+            if "job_id" in piece and "ref" in piece:  # the final outcome, kept by reference
+                for index, value, failure in results.rows(piece):  # type: ignore[arg-type]
+                    if not yielded[index]:
+                        yielded[index] = 1
+                        yield index, _failure(failure) if failure else value
+            elif "job_id" in piece:  # the final outcome
                 yield from _unseen(piece, 0, piece["results"], yielded)
             else:
-                yield from _unseen(piece, piece["start"], piece["results"], yielded)
+                ref: Any = piece
+                part = results.read_part(ref["url"]) if results.is_ref(ref) else piece
+                yield from _unseen(part, part["start"], part["results"], yielded)
 
     def cancel(self, terminate: bool = False) -> None:
         """Stop the job: queued batches never start, running ones stop at their next item.
@@ -197,19 +247,14 @@ def retry(job_id: str, batch_size: BatchSize = "auto", app: Celery | None = None
     if status.outcome is None:
         raise InputError(f"job {job_id} has not finished: wait for it, or cancel it, before retrying")
     outcome = status.outcome
-    indexes = [int(e["index"]) for e in outcome["errors"]]
+    indexes = [int(e["index"]) for e in results.outcome_errors(outcome)]
     if not indexes:
         raise InputError(f"job {job_id} has no failed items to retry")
     spec = stored.spec
     inputs_of = str(spec.get("inputs_of") or job_id)  # a retry's items are its original job's
-    raw = app.backend.client.get(keys.inputs(inputs_of))
-    if raw is None or not spec.get("task"):
-        raise InputError(
-            f"the inputs of job {job_id} are no longer in Redis (kept FANOUT_RESULT_EXPIRES seconds): "
-            "send the job again"
-        )
-    inputs = run.unpack(raw)
-    items = [inputs[i] for i in indexes]
+    if not spec.get("task"):
+        raise InputError(f"job {job_id} cannot be retried: its record does not say how it was built")
+    items = _inputs(app, inputs_of, indexes)
     limits = spec.get("reduce_limits")
 
     def factory(chosen: int) -> Plan:
@@ -225,12 +270,52 @@ def retry(job_id: str, batch_size: BatchSize = "auto", app: Celery | None = None
             output=str(spec.get("output") or "jsonl"),
             retry_of=job_id,
             indexes=indexes,
+            # A merged outcome the size of the old one: by reference if the old one was.
+            by_reference=True if "ref" in outcome else None,
+            results_root=str(spec["root"]) if spec.get("root") else None,
         )
 
     requires = [str(spec["task"])] + ([str(spec["reduce"])] if spec.get("reduce") else [])
     cap = int(spec.get("batch_cap") or stored.batch_size or 1)
     job, _ = start(factory, len(items), cap, _batch_size(batch_size), requires, app, inputs_of=inputs_of)
     return job
+
+
+def _inputs(app: Celery, job_id: str, indexes: builtins.list[int]) -> builtins.list[Any]:
+    """The input items at ``indexes`` (ascending) of job ``job_id``: from Redis, or its results location."""
+    gone = InputError(
+        f"the inputs of job {job_id} are no longer kept (FANOUT_RESULT_EXPIRES seconds): send the job again"
+    )
+    try:
+        original = StoredJob.load(app, job_id)
+    except UnknownJob:
+        raise gone from None
+    spec = original.spec
+    if not spec.get("where"):
+        raw = app.backend.client.get(keys.inputs(job_id))
+        if raw is None:
+            raise gone
+        inputs = run.unpack(raw)
+        return [inputs[i] for i in indexes]
+    if spec.get("range"):
+        low, high = spec["range"]
+        return [range(int(low), int(high))[i] for i in indexes]
+    items: builtins.list[Any] = []
+    size = original.batch_size
+    chunk_start, chunk = -1, []
+    try:
+        for index in indexes:
+            start = index // size * size
+            if start != chunk_start:
+                chunk_start, chunk = start, results.read_json(results.input_url(str(spec["where"]), start))
+            items.append(chunk[index - start])
+    except FileNotFoundError:
+        raise gone from None
+    return items
+
+
+def _failure(failure: fanin.ItemFailure) -> Failure:
+    return Failure(int(failure["index"]), failure["input"], str(failure["error"]))
 
 
 def _unseen(
@@ -369,7 +454,8 @@ def prepare(
     """Check ``task``, ``items`` and the keyword arguments (InputError naming what is wrong)."""
     definition = _task_of(task, "task")
     reducer = _task_of(reduce, "reduce") if reduce is not None else None
-    listed = check_items(items)
+    # A range of integers is JSON as it is, and a big one goes by its bounds (never listed).
+    listed: Sequence[Any] = items if isinstance(items, range) else check_items(items)
     for name, value in (("kwargs", kwargs), ("reduce_kwargs", reduce_kwargs)):
         if value is not None and (not isinstance(value, dict) or json_problem(value)):
             raise InputError(f"{name} must be a dict of JSON values; nothing was sent")

@@ -7,23 +7,50 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
+from workers import results
 from workers.fanin import Outcome
 
 
 def as_document(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``--json`` document: results in input order, null where an item failed."""
+    """The ``--json`` document: results in input order, null where an item failed (all in memory)."""
+    whole = results.materialize(outcome)
     return {
-        "job_id": outcome["job_id"],
-        "task": outcome["task"],
-        "total": outcome["total"],
-        "succeeded": outcome["succeeded"],
-        "failed": outcome["failed"],
-        "results": outcome["results"],
-        "errors": outcome["errors"],
+        **_head(whole),
+        "results": whole["results"],
+        "errors": whole["errors"],
+        **_tail(outcome, elapsed_s, extra),
+    }
+
+
+def _head(outcome: Outcome) -> dict[str, Any]:
+    return {key: outcome[key] for key in ("job_id", "task", "total", "succeeded", "failed")}
+
+
+def _tail(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+    return {
         **{key: outcome[key] for key in ("reduced", "reduce_error", "stopped", "retry_of") if key in outcome},
         "elapsed_s": round(elapsed_s, 3),
         **(extra or {}),
     }
+
+
+def write_document(
+    outcome: Outcome, elapsed_s: float, out: IO[str], extra: dict[str, Any] | None = None
+) -> None:
+    """The ``--json`` document of :func:`as_document`, written as the results are read (never all held)."""
+
+    def dump(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+    out.write(dump(_head(outcome))[:-1] + ',"results":[')
+    first = True
+    for _, value, _ in results.rows(outcome):
+        out.write(dump(value) if first else "," + dump(value))
+        first = False
+    out.write('],"errors":[')
+    out.write(",".join(dump(failure) for failure in results.outcome_errors(outcome)))
+    tail = dump(_tail(outcome, elapsed_s, extra))
+    out.write("]," + tail[1:] + "\n")
 
 
 def write_json(document: dict[str, Any], out: IO[str]) -> None:
@@ -50,21 +77,22 @@ def summary(outcome: Outcome, elapsed_s: float) -> str:
 def write_errors(outcome: Outcome, err: IO[str], limit: int = 50) -> None:
     if "reduce_error" in outcome:
         err.write(f"reduce failed: {outcome['reduce_error']}\n")
-    for failure in outcome["errors"][:limit]:
+    shown = 0
+    for failure in results.outcome_errors(outcome):
+        if shown == limit:
+            break
         err.write(f"failed item {failure['index']} ({failure['input']!r}): {failure['error']}\n")
-    if len(outcome["errors"]) > limit:
-        err.write(f"... and {len(outcome['errors']) - limit} more failed items (see --json)\n")
+        shown += 1
+    if outcome["failed"] > shown:
+        err.write(f"... and {outcome['failed'] - shown} more failed items (see --json)\n")
 
 
 def write_double(outcome: Outcome, out: IO[str]) -> None:
-    failed = {e["index"] for e in outcome["errors"]}
-    out.writelines(
-        "error\n" if index in failed else f"{value}\n" for index, value in enumerate(outcome["results"])
-    )
+    out.writelines("error\n" if failure else f"{value}\n" for _, value, failure in results.rows(outcome))
 
 
 def write_resize(outcome: Outcome, out: IO[str]) -> None:
-    for record in outcome["results"]:
+    for _, record, _ in results.rows(outcome):
         if record is not None:
             out.write(
                 f"{record['source']} -> {record['destination']} "
@@ -106,9 +134,8 @@ def write_jsonl_line(index: int, result: Any, error: str | None, out: IO[str]) -
 
 def write_jsonl(outcome: Outcome, out: IO[str]) -> None:
     """Every item in input order, a JSON line each."""
-    failed = {e["index"]: e["error"] for e in outcome["errors"]}
-    for index, value in enumerate(outcome["results"]):
-        write_jsonl_line(index, value, failed.get(index), out)
+    for index, value, failure in results.rows(outcome):
+        write_jsonl_line(index, value, failure["error"] if failure else None, out)
 
 
 def write_reduced(outcome: Outcome, out: IO[str]) -> None:

@@ -21,7 +21,7 @@ from celery.states import READY_STATES
 
 from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
-from workers import keys
+from workers import keys, results
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
 from workers.fanin import CANCELLED, Outcome, Part, flatten
 from workers.settings import Settings
@@ -87,6 +87,9 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     """
     from orchestrator.publish import publish_chord
 
+    if job.where is not None:  # before anything is sent: a location no one can write is a usage error
+        root = job.spec.get("root") or job.where.rsplit("/", 1)[0]
+        results.check_writable(str(root))
     prepare = _prepare(app, job, expires, max_failures)
     try:
         group_id = publish_chord(app, job.signature, before=prepare)
@@ -110,8 +113,19 @@ class _Prepare:
     def __call__(self, group_id: str) -> None:
         self.group_id = group_id
         client = self.app.backend.client
+        job = self.job
+        if job.where is not None:
+            # By reference: the inputs go to the results location (the header messages
+            # name them; `fanout retry` reads them there), never to Redis.
+            for url, value in job.files:
+                results.write_json(url, value)
+            if job.items and "range" not in job.spec:
+                for start in range(0, len(job.items), job.batch_size):
+                    results.write_json(
+                        results.input_url(job.where, start), list(job.items[start : start + job.batch_size])
+                    )
         with client.pipeline(transaction=False) as pipe:
-            if self.job.items:
+            if job.items and job.where is None:
                 pipe.set(keys.inputs(self.job.job_id), pack(self.job.items), ex=self.expires)
             if self.max_failures is not None:
                 pipe.set(keys.budget(group_id), f"{self.max_failures}/{self.job.total}", ex=self.expires)

@@ -214,11 +214,43 @@ class FanoutTask(Generic[P, R]):
         return value
 
 
+def batch_items(items: list[Any] | dict[str, Any]) -> list[Any]:
+    """A header message's items: a list, or a reference to them (a job sent by reference).
+
+    ``{"range": [low, high]}`` is the integers ``low .. high-1``; ``{"url": URL}``
+    a JSON list the client wrote to the results location before sending.
+    """
+    if isinstance(items, list):
+        return items
+    if "range" in items:
+        low, high = items["range"]
+        return list(range(int(low), int(high)))
+    from workers.results import read_json
+
+    listed = read_json(str(items["url"]))
+    if not isinstance(listed, list):
+        raise BadTask(f"the items at {items['url']} are not a JSON list")
+    return listed
+
+
 def _register(definition: FanoutTask[Any, Any]) -> Any:
     """Register ``definition``'s header task on the one app, under its name."""
 
-    def header(self: Task, start: int, items: list[Any], kwargs: dict[str, Any] | None = None) -> Part:
-        return definition.run_batch(self, start, items, kwargs or {})
+    def header(
+        self: Task,
+        start: int,
+        items: list[Any] | dict[str, Any],
+        kwargs: dict[str, Any] | None = None,
+        where: str | None = None,
+    ) -> Any:
+        # ``where``: the job's directory in the results location, for a job sent by
+        # reference; the part goes there and a reference to it through the chord.
+        part = definition.run_batch(self, start, batch_items(items), kwargs or {})
+        if where is None:
+            return part
+        from workers.results import write_part
+
+        return write_part(where, part)
 
     header.__name__ = header.__qualname__ = definition.name.rsplit(".", 1)[-1]
     header.__module__ = definition.fn.__module__

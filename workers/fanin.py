@@ -48,6 +48,9 @@ class Outcome(TypedDict):
     stopped: NotRequired[str]
     #: The job whose failed items this one ran again (its outcome is merged in).
     retry_of: NotRequired[str]
+    #: Where the results are, for a job sent by reference (``results`` and ``errors``
+    #: are then empty here: read them with :mod:`workers.results`).
+    ref: NotRequired[str]
 
 
 def describe(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -98,6 +99,21 @@ class Settings:
     #: so another Celery app on the same Redis database never takes fanout's
     #: messages, nor fanout's workers its (``FANOUT_QUEUE``).
     queue: str = "fanout"
+    #: Where jobs sent by reference keep their parts and outcome (a directory, or
+    #: an fsspec URL such as s3://bucket/prefix): None is a directory in this
+    #: machine's temporary directory, or, for resize, next to the outputs.  Workers on
+    #: other machines must reach the same location (s3, or a shared directory).
+    results_url: str | None = None
+    #: Jobs of at least this many items go by reference: their results travel through
+    #: the results location, not Redis, so Redis and every process stay small
+    #: whatever the job's size (below it, a job's parts are small enough for Redis,
+    #: and a few files per job would cost more than they save).
+    by_reference_items: int = 200_000
+
+    @property
+    def results_root(self) -> str:
+        """The results location, the default one if FANOUT_RESULTS_URL is not set."""
+        return self.results_url or os.path.join(tempfile.gettempdir(), "fanout-results")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +138,8 @@ class Settings:
             restore_interval=_int(env, "FANOUT_RESTORE_INTERVAL", cls.restore_interval),
             imports=_modules(env, "FANOUT_IMPORTS"),
             queue=_queue(env, "FANOUT_QUEUE", cls.queue),
+            results_url=(env.get("FANOUT_RESULTS_URL") or "").strip() or None,
+            by_reference_items=_int(env, "FANOUT_BY_REFERENCE_ITEMS", cls.by_reference_items),
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers import keys, storage
+from workers import keys, results, storage
 from workers.app import app
 from workers.core import lookup, task
 from workers.doubling import double as double_value
@@ -27,6 +27,7 @@ from workers.fanin import ItemFailure, Outcome, describe, merge, merge_retry
 from workers.paths import inside_url
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
+from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +145,20 @@ def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> Outcome:
     with ``reduce_error`` saying why.
     """
     job_id = str(job["job_id"])
-    outcome = merge(parts, int(job["total"]), job_id, str(job["task"]))
+    where = job.get("where")
+    if where:  # sent by reference: the parts are files, the joins carry where they are
+        outcome = results.merge_refs(parts, int(job["total"]), job_id, str(job["task"]), str(where))
+    else:
+        outcome = merge(parts, int(job["total"]), job_id, str(job["task"]))
     if job.get("retry_of"):
         previous = self.app.backend.get_task_meta(str(job["retry_of"]))
         if previous.get("status") == "SUCCESS":
-            outcome = merge_retry(previous["result"], outcome, list(job["indexes"]), job_id)
+            indexes = job["indexes"] if "indexes" in job else results.read_json(str(job["indexes_url"]))
+            # The merge of a retry holds both outcomes (small or not, it is in memory).
+            merged = merge_retry(
+                results.materialize(previous["result"]), results.materialize(outcome), list(indexes), job_id
+            )
+            outcome = results.keep(merged, str(where)) if where else merged
         else:
             outcome["stopped"] = f"the outcome of job {job['retry_of']} is gone (expired?): not merged"
     if self.request.group:
@@ -157,7 +167,15 @@ def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> Outcome:
             outcome["stopped"] = raw.decode()
     name = job.get("reduce")
     if name:
-        outcome.update(reduce_outcome(str(name), outcome, dict(job.get("reduce_kwargs") or {})))  # type: ignore[typeddict-item]
+        # A reduce takes lists: a job sent by reference has them built here, from its parts.
+        whole = results.materialize(outcome)
+        outcome.update(reduce_outcome(str(name), whole, dict(job.get("reduce_kwargs") or {})))  # type: ignore[typeddict-item]
+        del whole
+    if where and job.get("root"):
+        try:
+            results.sweep(str(job["root"]), get_settings().result_expires)
+        except Exception:  # an old job left behind is no reason to fail this one
+            logger.warning("could not sweep the results location %s", job.get("root"), exc_info=True)
     return outcome
 
 

@@ -1,0 +1,325 @@
+"""Results by reference: a big job's parts and outcome live in a results location, not in Redis.
+
+Past a size (``FANOUT_BY_REFERENCE_ITEMS``) a job is sent *by reference*:
+
+* its header tasks write their part (results and errors of one batch) to
+  ``<job dir>/parts/`` and return a :class:`PartRef` of a few hundred bytes
+  through the chord's join;
+* the callback merges the references, not the values (:func:`merge_refs`):
+  each index is checked once, by interval (a batch delivered twice wrote two
+  files; one of them counts), the errors are streamed to ``errors.jsonl`` and
+  the order of the parts to ``outcome.json``;
+* Redis keeps only the job's state, its counts and ``ref``, the job directory;
+* readers stream the results in input order, one part in memory at a time
+  (:func:`iter_items`).
+
+The job directory is a local path or an fsspec URL (``s3://``), the same for
+the client and every worker; it is removed once it is older than the job's
+results (:func:`sweep`).  Nothing here knows about Celery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, NotRequired, TypedDict
+
+from workers import storage
+from workers.errors import ConfigError
+from workers.fanin import ItemFailure, Outcome, Part
+
+#: A part carries its errors in its reference when it has at most this many
+#: (the callback then never opens its file); more stay in the file alone.
+INLINE_ERRORS = 32
+PARTS = "parts"
+INPUTS = "inputs"
+OUTCOME = "outcome.json"
+ERRORS = "errors.jsonl"
+LOST = "lost: no worker reported this item"
+
+
+class PartRef(TypedDict):
+    """What a header task returns for a job sent by reference: where its part is, and its counts."""
+
+    start: int
+    count: int
+    url: str
+    failed: int
+    errors: NotRequired[list[ItemFailure]]  # when at most INLINE_ERRORS
+
+
+def job_dir(root: str, job_id: str) -> str:
+    """The directory (or prefix) of one job under the results location ``root``."""
+    return storage.join(storage.normalize(root), job_id)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def write_json(url: str, value: Any) -> int:
+    return storage.write_atomic(url, lambda fh: fh.write(_dumps(value)))
+
+
+def read_json(url: str) -> Any:
+    return json.loads(storage.read_bytes(url))
+
+
+def write_part(where: str, part: Part) -> PartRef:
+    """Write ``part`` under job directory ``where`` and return its reference.
+
+    Each run writes a file of its own: a batch delivered twice leaves two
+    complete files, and the callback takes one of them, whole.
+    """
+    url = storage.join(where, f"{PARTS}/{part['start']:012d}-{uuid.uuid4().hex[:12]}.json")
+    write_json(url, part)
+    ref: PartRef = {
+        "start": part["start"],
+        "count": len(part["results"]),
+        "url": url,
+        "failed": len(part["errors"]),
+    }
+    if len(part["errors"]) <= INLINE_ERRORS:
+        ref["errors"] = part["errors"]
+    return ref
+
+
+def read_part(url: str) -> Part:
+    part: Part = read_json(url)
+    return part
+
+
+def is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and "url" in value and "count" in value
+
+
+def input_url(where: str, start: int) -> str:
+    """Where the client writes the items of the batch starting at ``start``."""
+    return storage.join(where, f"{INPUTS}/{start:012d}.json")
+
+
+def check_writable(root: str) -> None:
+    """ConfigError, naming ``root``, unless a file can be written there and removed again."""
+    probe = storage.join(storage.normalize(root), f".probe-{uuid.uuid4().hex[:12]}")
+    try:
+        write_json(probe, "probe")
+        remove(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable as a results location"
+        raise ConfigError(
+            f"the results location {root} is not writable ({exc.__class__.__name__}: {exc}); "
+            "set FANOUT_RESULTS_URL to a directory or URL that every worker and this client can write"
+        ) from None
+
+
+def remove(url: str) -> None:
+    if storage.is_local(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    fs, path = storage.filesystem(url)
+    fs.rm_file(path)
+
+
+def remove_tree(url: str) -> None:
+    if storage.is_local(url):
+        import shutil
+
+        shutil.rmtree(url, ignore_errors=True)
+        return
+    fs, path = storage.filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def sweep(root: str, expires: float, now: float | None = None) -> int:
+    """Remove the job directories under ``root`` older than ``expires`` seconds; return how many.
+
+    Results expire with the job's record in Redis.  A local directory is
+    swept by age (its modification time); on an object store a lifecycle rule
+    on the prefix does the same job better, and this only removes what it lists.
+    """
+    now = time.time() if now is None else now
+    removed = 0
+    if storage.is_local(root):
+        base = Path(root)
+        if not base.is_dir():
+            return 0
+        for entry in base.iterdir():
+            try:
+                if entry.is_dir() and now - entry.stat().st_mtime > expires:
+                    remove_tree(str(entry))
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+    fs, path = storage.filesystem(root)
+    for info in fs.ls(path, detail=True):
+        modified = info.get("LastModified") or info.get("mtime")
+        stamp = modified.timestamp() if hasattr(modified, "timestamp") else modified
+        if info.get("type") == "directory" and isinstance(stamp, int | float) and now - stamp > expires:
+            fs.rm(info["name"], recursive=True)
+            removed += 1
+    return removed
+
+
+def _part_errors(ref: PartRef) -> list[ItemFailure]:
+    if "errors" in ref:
+        return ref["errors"]
+    return read_part(ref["url"])["errors"]
+
+
+def merge_refs(refs: Iterable[PartRef | None], total: int, job_id: str, task: str, where: str) -> Outcome:
+    """Merge part references into an outcome kept under ``where``; return its small Redis form.
+
+    Each index counts once: the references are ordered by their first index,
+    a second reference for the same batch (a redelivery) is dropped (its file
+    removed), and an index no reference covers is an error (lost).  The errors
+    are written to ``errors.jsonl`` in index order as they are found, the
+    parts' order to ``outcome.json``; the memory used is that of the
+    references (one per batch), never of the values.
+    """
+    chosen: list[PartRef] = []
+    dropped: list[str] = []
+    for ref in sorted((r for r in refs if r), key=lambda r: r["start"]):
+        if chosen and chosen[-1]["start"] == ref["start"]:
+            dropped.append(ref["url"])
+            continue
+        chosen.append(ref)
+    parts: list[list[Any]] = []  # [start, count, url, first index taken from it]
+    failed = 0
+    errors_url = storage.join(where, ERRORS)
+
+    def write_errors(fh: IO[bytes]) -> None:
+        nonlocal failed
+        expected = 0
+
+        def lost(until: int) -> None:
+            nonlocal failed
+            for index in range(expected, until):
+                fh.write(_dumps({"index": index, "input": None, "error": LOST}) + b"\n")
+                failed += 1
+
+        for ref in chosen:
+            start, count = ref["start"], ref["count"]
+            end = min(start + count, total)
+            if end <= expected or start >= total:
+                dropped.append(ref["url"])  # wholly covered by an earlier part: counted once, there
+                continue
+            if start > expected:
+                lost(start)
+                expected = start
+            parts.append([start, count, ref["url"], expected])
+            if ref["failed"]:
+                for failure in _part_errors(ref):
+                    if expected <= failure["index"] < end:
+                        fh.write(_dumps(failure) + b"\n")
+                        failed += 1
+            expected = end
+        lost(total)
+
+    storage.write_atomic(errors_url, write_errors)
+    outcome: Outcome = {
+        "job_id": job_id,
+        "task": task,
+        "total": total,
+        "succeeded": total - failed,
+        "failed": failed,
+        "results": [],
+        "errors": [],
+        "ref": where,
+    }
+    write_json(storage.join(where, OUTCOME), {**outcome, "parts": parts})
+    for url in dropped:
+        with contextlib.suppress(Exception):  # a stray file is swept with the job
+            remove(url)
+    return outcome
+
+
+def keep(outcome: Outcome, where: str) -> Outcome:
+    """An outcome held in memory written under ``where`` (one part); return its small Redis form."""
+    part: Part = {"start": 0, "results": outcome["results"], "errors": outcome["errors"], "transient": 0}
+    kept = merge_refs([write_part(where, part)], outcome["total"], outcome["job_id"], outcome["task"], where)
+    extra = {k: v for k, v in outcome.items() if k not in kept and k not in ("results", "errors")}
+    return {**kept, **extra}  # type: ignore[typeddict-item]
+
+
+def load_manifest(where: str) -> dict[str, Any]:
+    manifest: dict[str, Any] = read_json(storage.join(where, OUTCOME))
+    return manifest
+
+
+def iter_errors(where: str) -> Iterator[ItemFailure]:
+    """The errors of an outcome kept by reference, in index order, read line by line."""
+    url = storage.join(where, ERRORS)
+    if storage.is_local(url):
+        with open(url, "rb") as fh:
+            for line in fh:
+                yield json.loads(line)
+        return
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as fh:
+        for line in fh:
+            yield json.loads(line)
+
+
+def iter_items(where: str) -> Iterator[tuple[int, Any, ItemFailure | None]]:
+    """``(index, result, failure)`` for every item of an outcome kept by reference, in input order.
+
+    One part is in memory at a time; ``failure`` is None for an item that succeeded.
+    """
+    manifest = load_manifest(where)
+    errors = iter_errors(where)
+    pending = next(errors, None)
+    total = int(manifest["total"])
+    expected = 0
+    for start, count, url, first in manifest["parts"]:
+        values = read_part(url)["results"]
+        end = min(start + count, total)
+        for index in range(expected, first):  # lost items before this part
+            yield index, None, _failure_at(index, pending)
+            pending = next(errors, None) if pending and pending["index"] == index else pending
+        for index in range(first, end):
+            if pending is not None and pending["index"] == index:
+                yield index, None, pending
+                pending = next(errors, None)
+            else:
+                yield index, values[index - start], None
+        expected = end
+    for index in range(expected, total):
+        yield index, None, _failure_at(index, pending)
+        pending = next(errors, None) if pending and pending["index"] == index else pending
+
+
+def _failure_at(index: int, pending: ItemFailure | None) -> ItemFailure:
+    if pending is not None and pending["index"] == index:
+        return pending
+    return {"index": index, "input": None, "error": LOST}
+
+
+def rows(outcome: Outcome) -> Iterator[tuple[int, Any, ItemFailure | None]]:
+    """``(index, result, failure)`` for every item of an outcome in input order, held or by reference."""
+    where = outcome.get("ref")
+    if where:
+        yield from iter_items(where)
+        return
+    failures = {int(e["index"]): e for e in outcome["errors"]}
+    for index, value in enumerate(outcome["results"]):
+        yield index, value, failures.get(index)
+
+
+def outcome_errors(outcome: Outcome) -> Iterator[ItemFailure]:
+    """The failures of an outcome by index, held or read from the results location."""
+    where = outcome.get("ref")
+    return iter_errors(where) if where else iter(outcome["errors"])
+
+
+def materialize(outcome: Outcome) -> Outcome:
+    """An outcome kept by reference as an ordinary one, every value in memory (for small uses)."""
+    where = outcome.get("ref")
+    if not where:
+        return outcome
+    results = [value for _, value, _ in iter_items(where)]
+    return {**outcome, "results": results, "errors": list(iter_errors(where))}
