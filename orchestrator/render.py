@@ -44,9 +44,10 @@ def write_document(
 
     out.write(dump(_head(outcome))[:-1] + ',"results":[')
     first = True
-    for _, value, _ in results.rows(outcome):
-        out.write(dump(value) if first else "," + dump(value))
-        first = False
+    for _, values, _ in results.chunks(outcome):
+        if values:
+            out.write(dump(values)[1:-1] if first else "," + dump(values)[1:-1])
+            first = False
     out.write('],"errors":[')
     out.write(",".join(dump(failure) for failure in results.outcome_errors(outcome)))
     tail = dump(_tail(outcome, elapsed_s, extra))
@@ -88,7 +89,15 @@ def write_errors(outcome: Outcome, err: IO[str], limit: int = 50) -> None:
 
 
 def write_double(outcome: Outcome, out: IO[str]) -> None:
-    out.writelines("error\n" if failure else f"{value}\n" for _, value, failure in results.rows(outcome))
+    for first, values, failures in results.chunks(outcome):
+        if not values:
+            continue
+        if not failures:  # the common case, a part at a time
+            out.write("\n".join(map(str, values)) + "\n")
+            continue
+        out.writelines(
+            "error\n" if first + offset in failures else f"{value}\n" for offset, value in enumerate(values)
+        )
 
 
 def write_resize(outcome: Outcome, out: IO[str]) -> None:

@@ -265,49 +265,70 @@ def iter_errors(where: str) -> Iterator[ItemFailure]:
             yield json.loads(line)
 
 
-def iter_items(where: str) -> Iterator[tuple[int, Any, ItemFailure | None]]:
-    """``(index, result, failure)`` for every item of an outcome kept by reference, in input order.
+#: A run of consecutive items: the first one's index, their results (None where one
+#: failed) and the failures among them by index.
+Chunk = tuple[int, list[Any], dict[int, ItemFailure]]
 
-    One part is in memory at a time; ``failure`` is None for an item that succeeded.
-    """
+
+def iter_chunks(where: str) -> Iterator[Chunk]:
+    """An outcome kept by reference, in input order, one part (a chunk) at a time."""
     manifest = load_manifest(where)
     errors = iter_errors(where)
     pending = next(errors, None)
     total = int(manifest["total"])
     expected = 0
+
+    def failures_until(end: int) -> dict[int, ItemFailure]:
+        nonlocal pending
+        found: dict[int, ItemFailure] = {}
+        while pending is not None and pending["index"] < end:
+            found[pending["index"]] = pending
+            pending = next(errors, None)
+        return found
+
+    def lost(low: int, high: int) -> Chunk:
+        found = failures_until(high)
+        failures = {i: found.get(i) or {"index": i, "input": None, "error": LOST} for i in range(low, high)}
+        return low, [None] * (high - low), failures
+
     for start, count, url, first in manifest["parts"]:
-        values = read_part(url)["results"]
+        if first > expected:
+            yield lost(expected, first)
         end = min(start + count, total)
-        for index in range(expected, first):  # lost items before this part
-            yield index, None, _failure_at(index, pending)
-            pending = next(errors, None) if pending and pending["index"] == index else pending
-        for index in range(first, end):
-            if pending is not None and pending["index"] == index:
-                yield index, None, pending
-                pending = next(errors, None)
-            else:
-                yield index, values[index - start], None
+        values = read_part(url)["results"][first - start : end - start]
+        failures = failures_until(end)
+        for index in failures:
+            values[index - first] = None
+        yield first, values, failures
         expected = end
-    for index in range(expected, total):
-        yield index, None, _failure_at(index, pending)
-        pending = next(errors, None) if pending and pending["index"] == index else pending
+    if total > expected:
+        yield lost(expected, total)
 
 
-def _failure_at(index: int, pending: ItemFailure | None) -> ItemFailure:
-    if pending is not None and pending["index"] == index:
-        return pending
-    return {"index": index, "input": None, "error": LOST}
+def chunks(outcome: Outcome) -> Iterator[Chunk]:
+    """An outcome in input order, a chunk at a time, held or by reference."""
+    where = outcome.get("ref")
+    if where:
+        yield from iter_chunks(where)
+        return
+    yield 0, outcome["results"], {int(e["index"]): e for e in outcome["errors"]}
+
+
+def iter_items(where: str) -> Iterator[tuple[int, Any, ItemFailure | None]]:
+    """``(index, result, failure)`` for every item of an outcome kept by reference, in input order.
+
+    One part is in memory at a time; ``failure`` is None for an item that succeeded.
+    """
+    for first, values, failures in iter_chunks(where):
+        for offset, value in enumerate(values):
+            yield first + offset, value, failures.get(first + offset)
 
 
 def rows(outcome: Outcome) -> Iterator[tuple[int, Any, ItemFailure | None]]:
     """``(index, result, failure)`` for every item of an outcome in input order, held or by reference."""
-    where = outcome.get("ref")
-    if where:
-        yield from iter_items(where)
-        return
-    failures = {int(e["index"]): e for e in outcome["errors"]}
-    for index, value in enumerate(outcome["results"]):
-        yield index, value, failures.get(index)
+    for first, values, failures in chunks(outcome):
+        for offset, value in enumerate(values):
+            yield first + offset, value, failures.get(first + offset)
 
 
 def outcome_errors(outcome: Outcome) -> Iterator[ItemFailure]:
