@@ -24,6 +24,7 @@ run once on a worker by the chord callback, ``fanout.collect``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -199,6 +200,10 @@ class FanoutTask(Generic[P, R]):
             )
         except SoftTimeLimitExceeded as exc:  # between two items: nothing to keep but the reason
             return fail_batch(start, items, stopped(exc)[1], self.label)
+        # The batch ran to its end: its run counts are needed no more (a copy delivered
+        # later runs as a first run, safely).  Not left behind, one key per batch, for a day.
+        with contextlib.suppress(Exception):
+            client.delete(log.runs_key, log.items_key)
         if control is not None:
             reason = control.reason
             control.count_failures(sum(1 for e in part["errors"] if e["error"] != reason))

@@ -1,0 +1,287 @@
+"""Jobs sent by reference: parts and outcome in a results location, Redis holding only state.
+
+A low threshold (``FANOUT_BY_REFERENCE_ITEMS``) forces small jobs onto the path
+big ones take, so every guarantee is checked here with real workers and a real
+Redis: input order, each index once (a batch delivered twice, its part written
+twice), kill -9 of a worker, a Redis restart with AOF, detach and status,
+retry, and a results location that cannot be written (exit 2, nothing sent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+import fanout
+from orchestrator.local import LocalWorker
+from orchestrator.run import batches_done, submit, wait
+from tests import userjobs
+from tests.conftest import fanout_command
+from tests.faultkit import QUICK, RedisServer, app_for, kill_all, new_queue, rigged_job, worker
+from tests.faulty import KILL_ONCE
+from workers import results
+from workers.fanin import Outcome, Part
+from workers.settings import get_settings
+
+# --- the merge, without a broker --------------------------------------------------------------
+
+
+def _part(start: int, values: list[int], failed: dict[int, str] | None = None) -> Part:
+    failed = failed or {}
+    return {
+        "start": start,
+        "results": [None if start + k in failed else v for k, v in enumerate(values)],
+        "errors": [{"index": i, "input": i, "error": e} for i, e in sorted(failed.items())],
+        "transient": 0,
+    }
+
+
+def test_a_batch_whose_part_was_written_twice_counts_once_and_a_gap_is_lost(tmp_path: Path) -> None:
+    where = str(tmp_path / "job")
+    first = results.write_part(where, _part(0, [0, 2, 4]))
+    again = results.write_part(where, _part(0, [0, 2, 4]))  # the same batch, delivered twice
+    many = {3 + k: "bad" for k in range(results.INLINE_ERRORS + 1)}  # errors kept in the file only
+    big = results.write_part(where, _part(3, list(range(6, 6 + 2 * 40, 2))[:40], many))
+    assert "errors" not in big and "errors" in first
+    outcome = results.merge_refs([big, again, first], 50, "job", "double", where)
+    assert outcome["total"] == 50 and outcome["ref"] == where
+    # 33 failures from the file, 7 items (43..49) no part reported.
+    assert (outcome["succeeded"], outcome["failed"]) == (50 - 33 - 7, 33 + 7)
+    rows = list(results.iter_items(where))
+    assert [i for i, _, _ in rows] == list(range(50))
+    assert [v for _, v, _ in rows[:3]] == [0, 2, 4]
+    assert [f["error"] for _, _, f in rows[3:36] if f] == ["bad"] * 33
+    assert [v for _, v, _ in rows[36:43]] == list(range(6 + 2 * 33, 6 + 2 * 40, 2))
+    assert all(f and f["error"] == results.LOST for _, _, f in rows[43:])
+    assert [e["index"] for e in results.iter_errors(where)] == list(range(3, 36)) + list(range(43, 50))
+    # One of the two files of the first batch was dropped with its reference.
+    assert len(list((tmp_path / "job" / "parts").iterdir())) == 2
+    assert results.materialize(outcome)["results"][:4] == [0, 2, 4, None]
+
+
+def test_an_unwritable_results_location_is_a_configuration_error_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(fanout.ConfigError, match="a-file/results"):
+        results.check_writable(str(blocker / "results"))
+
+
+def test_job_directories_older_than_the_results_expire(tmp_path: Path) -> None:
+    old, new = tmp_path / "old-job", tmp_path / "new-job"
+    for directory in (old, new):
+        (directory / "parts").mkdir(parents=True)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert results.sweep(str(tmp_path), expires=3600) == 1
+    assert not old.exists() and new.exists()
+
+
+# --- with a real worker -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def by_ref_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The CLI's environment with every job of 100 items or more sent by reference, under tmp_path."""
+    return {**cli_env, "FANOUT_BY_REFERENCE_ITEMS": "100", "FANOUT_RESULTS_URL": str(tmp_path / "results")}
+
+
+@pytest.fixture
+def by_ref_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The same threshold and location for jobs sent from this process."""
+    root = tmp_path / "results"
+    monkeypatch.setenv("FANOUT_BY_REFERENCE_ITEMS", "100")
+    monkeypatch.setenv("FANOUT_RESULTS_URL", str(root))
+    get_settings.cache_clear()
+    yield root
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(fanout_command(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _meta_size(client: redis.Redis, job_id: str) -> int:
+    return int(client.strlen(f"celery-task-meta-{job_id}"))
+
+
+@pytest.mark.system
+def test_cli_double_by_reference_prints_in_input_order_and_redis_keeps_only_the_reference(
+    by_ref_env: dict[str, str], worker: LocalWorker, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    n = 20_000
+    done = run_cli(by_ref_env, "double", "--range", str(n), "--batch-size", "700", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["results"] == [2 * i for i in range(n)]
+    assert (doc["succeeded"], doc["failed"], doc["errors"]) == (n, 0, [])
+    job_dir = tmp_path / "results" / doc["job_id"]
+    assert len(list((job_dir / "parts").iterdir())) == -(-n // 700)
+    assert _meta_size(redis_client, doc["job_id"]) < 1000  # the reference, not 20,000 values
+    assert not list(redis_client.scan_iter("fanout:inputs:*" + doc["job_id"]))  # a range: no inputs kept
+    text = run_cli(by_ref_env, "double", "--range", "300", "--batch-size", "64")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.split() == [str(2 * i) for i in range(300)]
+
+
+@pytest.mark.system
+def test_cli_no_wait_then_status_finds_a_job_kept_by_reference(
+    by_ref_env: dict[str, str], worker: LocalWorker
+) -> None:
+    sent = run_cli(by_ref_env, "double", "--range", "3000", "--no-wait")
+    assert sent.returncode == 0, sent.stderr
+    job_id = sent.stdout.strip()
+    waited = run_cli(by_ref_env, "status", job_id, "--wait", "--json", "--timeout", "60")
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["results"] == [2 * i for i in range(3000)]
+    again = run_cli(by_ref_env, "status", job_id)
+    assert again.returncode == 0 and again.stdout.split()[:3] == ["0", "2", "4"]
+
+
+@pytest.mark.system
+def test_an_unwritable_results_location_exits_2_naming_it_and_sends_nothing(
+    by_ref_env: dict[str, str], worker: LocalWorker, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    env = {**by_ref_env, "FANOUT_RESULTS_URL": str(blocker / "results")}
+    jobs_before = set(redis_client.scan_iter("fanout:job:*"))
+    done = run_cli(env, "double", "--range", "1000")
+    assert done.returncode == 2, done.stderr
+    assert "plain-file/results" in done.stderr and "not writable" in done.stderr
+    assert set(redis_client.scan_iter("fanout:job:*")) == jobs_before
+    assert redis_client.llen(get_settings().queue) == 0
+
+
+@pytest.mark.system
+def test_map_by_reference_keeps_order_failures_iterators_and_reduce(
+    by_ref_here: Path, worker: LocalWorker
+) -> None:
+    items: list[object] = list(range(5000))
+    bad = {7: "seven", 4321: 1.5}
+    for index, value in bad.items():
+        items[index] = value
+    job = fanout.submit(userjobs.triple, items, batch_size=128, reduce=userjobs.total)
+    outcome = job.wait(120)
+    assert outcome.by_reference and (by_ref_here / job.id / "outcome.json").exists()
+    expected = [None if i in bad else 3 * i for i in range(5000)]
+    assert list(job.results()) == expected  # an iterator, in input order
+    assert outcome.results == expected
+    assert [(f.index, f.input) for f in outcome.errors] == sorted(bad.items())
+    assert outcome.reduced == {"sum": sum(v for v in expected if v is not None), "failed": sorted(bad)}
+    seen = dict(fanout.Job.attach(job.id).as_completed(60))
+    assert sorted(seen) == list(range(5000))
+    assert isinstance(seen[7], fanout.Failure) and seen[8] == 24
+    # The items went by reference too (the client wrote them before sending), so retry finds them.
+    assert (by_ref_here / job.id / "inputs").is_dir()
+
+
+@pytest.mark.system
+def test_retry_of_a_job_kept_by_reference_merges_in_input_order(
+    by_ref_here: Path, worker: LocalWorker
+) -> None:
+    items: list[object] = list(range(400))
+    items[5] = "five"
+    first = fanout.submit(userjobs.triple, items, batch_size=64)
+    assert first.wait(60).failed == 1
+    again = first.retry_failed()
+    outcome = again.wait(60)
+    assert outcome.by_reference and outcome.failed == 1  # "five" fails again, in its place
+    assert [f.index for f in outcome.errors] == [5]
+    assert outcome.results == [None if i == 5 else 3 * i for i in range(400)]
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workers_started() -> Iterator[list[LocalWorker]]:
+    started: list[LocalWorker] = []
+    yield started
+    for local in started:
+        local.stop(timeout=10)
+        kill_all(local)
+
+
+def wait_until(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def assert_every_index_once(outcome: Outcome, values: list[int]) -> None:
+    assert "ref" in outcome, "the job should have gone by reference"
+    whole = results.materialize(outcome)
+    assert whole["results"] == [2 * v for v in values]
+    assert (whole["succeeded"], whole["failed"], whole["errors"]) == (len(values), 0, [])
+
+
+@pytest.mark.system
+def test_a_batch_delivered_twice_writes_its_part_twice_and_counts_once(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    queue = new_queue()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    values = list(range(8))
+    job = rigged_job(
+        app, values, 2, queue, seconds=0.2, marks=marks, limits=None, results_root=tmp_path / "r"
+    )
+    group_id = submit(app, job, 600)
+    client = app.backend.client
+    first = client.lrange(queue, -1, -1)[0]
+    assert json.loads(first)["headers"]["group_index"] == 0
+    client.rpush(queue, first)  # a redelivery of the first batch, after it finished
+    workers_started.append(worker(app, queue, tmp_path, "twice"))
+    outcome = wait(app, job, group_id, timeout=60)
+    assert_every_index_once(outcome, values)
+    ran = sorted(p.name.split(".")[0] for p in marks.iterdir())
+    assert ran.count("0") == 2, "the copy should have run too"
+
+
+@pytest.mark.system
+def test_kill_9_of_a_pool_process_mid_batch_loses_nothing(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    # SIGKILL of the process running a batch, once, half-way through it (as the OOM killer does).
+    queue = new_queue()
+    workers_started.append(worker(app, queue, tmp_path, "oom", env=QUICK))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    values: list[object] = list(range(12))
+    values[5] = [KILL_ONCE, 5, "item5"]
+    job = rigged_job(app, values, 4, queue, marks=marks, results_root=tmp_path / "r")
+    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    assert_every_index_once(outcome, list(range(12)))
+    assert (marks / "['once',5,'item5']").exists(), "the item never killed its process"
+
+
+@pytest.mark.system
+def test_redis_restart_with_aof_mid_run_completes(tmp_path: Path, workers_started: list[LocalWorker]) -> None:
+    own = RedisServer(tmp_path / "redis", persistent=True).start()
+    try:
+        app = app_for(own.url)
+        queue = new_queue()
+        env = {**QUICK, "FANOUT_REDIS_URL": own.url}
+        workers_started.append(worker(app, queue, tmp_path, "aof", env=env))
+        values = list(range(16))
+        job = rigged_job(app, values, 1, queue, seconds=0.5, results_root=tmp_path / "r")
+        group_id = submit(app, job, 600)
+        wait_until(lambda: batches_done(app, group_id) >= 2, 30, "the first batches")
+        own.stop()
+        time.sleep(2)
+        own.start()
+        outcome = wait(app, job, group_id, timeout=120)
+        assert_every_index_once(outcome, values)
+    finally:
+        own.stop()
