@@ -15,7 +15,17 @@
 Workers import the modules that define tasks: ``FANOUT_IMPORTS=myjobs fanout worker``.
 """
 
-from orchestrator.jobs import DEFAULT_TIMEOUT, BatchSize, Failure, Job, Outcome, Progress, map, submit
+from orchestrator.jobs import (
+    DEFAULT_TIMEOUT,
+    BatchSize,
+    Failure,
+    Job,
+    Outcome,
+    Progress,
+    ResultsTooLarge,
+    map,
+    submit,
+)
 from orchestrator.status import UnknownJob
 from workers.core import FanoutTask, task
 from workers.errors import (
@@ -41,6 +51,7 @@ __all__ = [
     "Job",
     "Outcome",
     "Progress",
+    "ResultsTooLarge",
     "RunTimeout",
     "TransientError",
     "UnknownJob",

@@ -285,3 +285,33 @@ def test_redis_restart_with_aof_mid_run_completes(tmp_path: Path, workers_starte
         assert_every_index_once(outcome, values)
     finally:
         own.stop()
+
+
+@pytest.mark.system
+def test_results_by_reference_on_s3(
+    cli_env: dict[str, str], s3_env: dict[str, str], worker: LocalWorker
+) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket="fanout-results")
+    env = {
+        **cli_env,
+        **s3_env,
+        "FANOUT_BY_REFERENCE_ITEMS": "100",
+        "FANOUT_RESULTS_URL": "s3://fanout-results/jobs",
+    }
+    items = "".join(json.dumps({"x": i}) + "\n" for i in range(1000))
+    done = subprocess.run(
+        fanout_command(
+            "map", "tests.userjobs:scale", "--input", "-", "--kwargs", '{"factor": 2}', "--batch-size", "300"
+        ),
+        env=env, input=items, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines == [{"index": i, "result": 2.0 * i} for i in range(1000)]
+    job_id = done.stderr.rsplit("job ", 1)[1].split()[0].strip()
+    stored = client.list_objects_v2(Bucket="fanout-results", Prefix=f"jobs/{job_id}/")
+    names = {item["Key"].split("/", 2)[2].split("/")[0] for item in stored.get("Contents", [])}
+    assert {"parts", "inputs", "outcome.json", "errors.jsonl"} <= names
