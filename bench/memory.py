@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -54,6 +55,9 @@ class Row:
     code: str
     wall_s: float
     items_per_s: float
+    #: From sending to the fan-in, as the command's summary line says; the rest of
+    #: the wall time is starting up and writing the N output lines.
+    job_s: float
     client_peak_mb: float
     worker_peak_mb: float
     worker_process_peak_mb: float
@@ -62,6 +66,9 @@ class Row:
     redis_left_keys: int
     results_mb: float
     ok: bool
+    #: The machine's 1-minute load average when the command ended (2 cores: above 2,
+    #: something else competed for them, and the times mean less).
+    load_1m: float = 0.0
 
 
 def _free_port() -> int:
@@ -214,6 +221,12 @@ def _left_for_the_job(client: redis.Redis) -> tuple[int, int]:
     return total, keys
 
 
+def _job_seconds(stderr: str) -> float:
+    """The seconds in the summary line ("double: N items, ... in 7.29 s (...)"), or 0."""
+    match = re.search(r" failed in ([0-9.]+) s ", stderr)
+    return float(match.group(1)) if match else 0.0
+
+
 def _check_output(path: Path, n: int) -> bool:
     """N lines, each 2i: counted and summed as it is read."""
     count = total = 0
@@ -251,6 +264,7 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any) -> Row:
                 )  # fmt: skip
                 _, status, usage = os.wait4(client_proc.pid, 0)
             wall = time.perf_counter() - started
+            load = os.getloadavg()[0]
             client_proc.returncode = os.waitstatus_to_exitcode(status)
             time.sleep(0.5)  # a last sample after the fan-in
             sampler.stop.set()
@@ -264,6 +278,7 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any) -> Row:
                 code=str(code),
                 wall_s=round(wall, 2),
                 items_per_s=round(n / wall),
+                job_s=_job_seconds((work / "client.err").read_text(errors="replace")),
                 client_peak_mb=round(usage.ru_maxrss / 1024, 1),
                 worker_peak_mb=round(sampler.worker_peak_kb / 1024, 1),
                 worker_process_peak_mb=round(sampler.process_peak_kb / 1024, 1),
@@ -272,6 +287,7 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any) -> Row:
                 redis_left_keys=left_keys,
                 results_mb=round(_du(results) / MB, 1),
                 ok=ok,
+                load_1m=round(load, 2),
             )
         finally:
             _stop_worker(worker)
@@ -282,17 +298,17 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any) -> Row:
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| N | wall (s) | items/s | client peak (MB) | worker peak, all processes (MB) | "
+        "| N | wall (s) | items/s | job (s) | client peak (MB) | worker peak, all processes (MB) | "
         "largest worker process (MB) | Redis peak growth (MB) | Redis left for the job | "
-        "results location (MB) | output checked |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "results location (MB) | output checked | load (1 min) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.n:,} | {r.wall_s:.1f} | {r.items_per_s:,} | {r.client_peak_mb:.0f} | "
+            f"| {r.n:,} | {r.wall_s:.1f} | {r.items_per_s:,} | {r.job_s:.1f} | {r.client_peak_mb:.0f} | "
             f"{r.worker_peak_mb:.0f} | {r.worker_process_peak_mb:.0f} | {r.redis_growth_mb:.1f} | "
             f"{r.redis_left_bytes:,} B in {r.redis_left_keys} keys | {r.results_mb:.0f} | "
-            f"{'yes' if r.ok else 'NO'} |"
+            f"{'yes' if r.ok else 'NO'} | {r.load_1m:.1f} |"
         )
     return "\n".join(lines)
 

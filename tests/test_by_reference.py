@@ -315,3 +315,21 @@ def test_results_by_reference_on_s3(
     stored = client.list_objects_v2(Bucket="fanout-results", Prefix=f"jobs/{job_id}/")
     names = {item["Key"].split("/", 2)[2].split("/")[0] for item in stored.get("Contents", [])}
     assert {"parts", "inputs", "outcome.json", "errors.jsonl"} <= names
+
+
+@pytest.mark.system
+def test_resize_by_reference_keeps_its_results_next_to_the_outputs(
+    cli_env: dict[str, str], photos: Path, tmp_path: Path, worker: LocalWorker
+) -> None:
+    out = tmp_path / "small"
+    env = {**cli_env, "FANOUT_BY_REFERENCE_ITEMS": "2"}
+    env.pop("FANOUT_RESULTS_URL", None)
+    done = run_cli(env, "resize", str(photos), "--out", str(out), "--max-side", "64", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["succeeded"] == 6 and [r["source"] for r in doc["results"]] == sorted(
+        str(p) for p in photos.iterdir()
+    )
+    assert (out / ".fanout-results" / doc["job_id"] / "outcome.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["succeeded"] == 6 and len(manifest["images"]) == 6
