@@ -332,4 +332,4 @@ def test_resize_by_reference_keeps_its_results_next_to_the_outputs(
     )
     assert (out / ".fanout-results" / doc["job_id"] / "outcome.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["succeeded"] == 6 and len(manifest["images"]) == 6
+    assert manifest["succeeded"] == manifest["images"] == 6
