@@ -333,3 +333,14 @@ def test_resize_by_reference_keeps_its_results_next_to_the_outputs(
     assert (out / ".fanout-results" / doc["job_id"] / "outcome.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["succeeded"] == manifest["images"] == 6
+
+
+def test_outcome_results_of_a_huge_job_is_refused_in_favour_of_the_iterator() -> None:
+    from orchestrator.jobs import MAX_RESULTS_LIST
+
+    data: Outcome = {
+        "job_id": "j", "task": "t", "total": MAX_RESULTS_LIST + 1, "succeeded": 0, "failed": 0,
+        "results": [], "errors": [], "ref": "/nowhere",
+    }  # fmt: skip
+    with pytest.raises(fanout.ResultsTooLarge, match="iter_results"):
+        _ = fanout.Outcome(data).results
