@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any, NotRequired, TypedDict
 
 from workers import storage
-from workers.errors import ConfigError
+from workers.errors import ConfigError, InfrastructureError
 from workers.fanin import ItemFailure, Outcome, Part
 
 #: A part carries its errors in its reference when it has at most this many
@@ -247,7 +247,14 @@ def keep(outcome: Outcome, where: str) -> Outcome:
 
 
 def load_manifest(where: str) -> dict[str, Any]:
-    manifest: dict[str, Any] = read_json(storage.join(where, OUTCOME))
+    """The outcome's ``outcome.json``; InfrastructureError, naming the location, if it cannot be read."""
+    try:
+        manifest: dict[str, Any] = read_json(storage.join(where, OUTCOME))
+    except (OSError, ValueError) as exc:
+        raise InfrastructureError(
+            f"cannot read the results at {where} ({exc.__class__.__name__}: {exc}): this machine must "
+            "reach the workers' results location (FANOUT_RESULTS_URL), and they expire with the job"
+        ) from None
     return manifest
 
 
