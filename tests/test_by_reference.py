@@ -344,3 +344,22 @@ def test_outcome_results_of_a_huge_job_is_refused_in_favour_of_the_iterator() ->
     }  # fmt: skip
     with pytest.raises(fanout.ResultsTooLarge, match="iter_results"):
         _ = fanout.Outcome(data).results
+
+
+def test_a_retry_merges_two_outcomes_kept_by_reference_a_part_at_a_time(tmp_path: Path) -> None:
+    from workers.fanin import merge_retry
+
+    old_dir, new_dir = str(tmp_path / "old"), str(tmp_path / "new")
+    parts = [_part(0, [0, 2, 4, 6], {1: "x", 3: "y"}), _part(4, [8, 10, 12, 14], {6: "z"})]
+    previous = results.merge_refs(
+        [results.write_part(old_dir, p) for p in parts], 8, "old", "double", old_dir
+    )
+    indexes = [1, 3, 6]
+    again_part = _part(0, [2, 6, 12], {1: "still y"})  # item 1 of the retry is index 3
+    again = results.merge_refs([results.write_part(new_dir, again_part)], 3, "new", "double", new_dir)
+    # (before the merge: it writes the merged outcome over the retry's own, in the same directory)
+    expected = merge_retry(results.materialize(previous), results.materialize(again), indexes, "new")
+    merged = results.merge_retry_refs(previous, again, indexes, "new", new_dir)
+    assert results.materialize(merged)["results"] == expected["results"] == [0, 2, 4, None, 8, 10, 12, 14]
+    assert list(results.iter_errors(new_dir)) == expected["errors"]
+    assert (merged["failed"], merged["retry_of"]) == (1, "old")

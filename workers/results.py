@@ -246,6 +246,62 @@ def keep(outcome: Outcome, where: str) -> Outcome:
     return {**kept, **extra}  # type: ignore[typeddict-item]
 
 
+def merge_retry_refs(
+    previous: Outcome, again: Outcome, indexes: Iterable[int], job_id: str, where: str
+) -> Outcome:
+    """:func:`~workers.fanin.merge_retry` for outcomes kept by reference, a part at a time.
+
+    ``again``'s item ``k`` is ``previous``'s item ``indexes[k]`` (ascending).  The
+    merged outcome is written under ``where`` as new parts, one per part of
+    ``previous``; only the failures of one part are looked at in it.
+    """
+    retried = zip(indexes, (row for row in iter_items(str(again["ref"]))), strict=False)
+    pending = next(retried, None)
+    parts: list[list[Any]] = []
+    failed = 0
+
+    def write_all(fh: IO[bytes]) -> None:
+        nonlocal pending, failed
+        for first, values, failures in iter_chunks(str(previous["ref"])):
+            end = first + len(values)
+            errors: list[ItemFailure] = []
+            for index in sorted(failures):
+                while pending is not None and pending[0] < index:  # not a failure before: nothing to merge
+                    pending = next(retried, None)
+                if pending is not None and pending[0] == index:
+                    _, (_, value, failure) = pending
+                    pending = next(retried, None)
+                    if failure is not None:
+                        errors.append({**failure, "index": index})
+                    else:
+                        values[index - first] = value
+                    continue
+                errors.append(failures[index])
+            while pending is not None and pending[0] < end:
+                pending = next(retried, None)
+            ref = write_part(where, {"start": first, "results": values, "errors": errors, "transient": 0})
+            parts.append([first, len(values), ref["url"], first])
+            for failure in errors:
+                fh.write(_dumps(failure) + b"\n")
+            failed += len(errors)
+
+    storage.write_atomic(storage.join(where, ERRORS), write_all)
+    total = previous["total"]
+    outcome: Outcome = {
+        "job_id": job_id,
+        "task": previous["task"],
+        "total": total,
+        "succeeded": total - failed,
+        "failed": failed,
+        "results": [],
+        "errors": [],
+        "retry_of": previous["job_id"],
+        "ref": where,
+    }
+    write_json(storage.join(where, OUTCOME), {**outcome, "parts": parts})
+    return outcome
+
+
 def load_manifest(where: str) -> dict[str, Any]:
     """The outcome's ``outcome.json``; InfrastructureError, naming the location, if it cannot be read."""
     try:

@@ -154,11 +154,14 @@ def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> Outcome:
         previous = self.app.backend.get_task_meta(str(job["retry_of"]))
         if previous.get("status") == "SUCCESS":
             indexes = job["indexes"] if "indexes" in job else results.read_json(str(job["indexes_url"]))
-            # The merge of a retry holds both outcomes (small or not, it is in memory).
-            merged = merge_retry(
-                results.materialize(previous["result"]), results.materialize(outcome), list(indexes), job_id
-            )
-            outcome = results.keep(merged, str(where)) if where else merged
+            earlier: Outcome = previous["result"]
+            if where and "ref" in earlier:  # both by reference: merged a part at a time
+                outcome = results.merge_retry_refs(earlier, outcome, indexes, job_id, str(where))
+            else:
+                merged = merge_retry(
+                    results.materialize(earlier), results.materialize(outcome), list(indexes), job_id
+                )
+                outcome = results.keep(merged, str(where)) if where else merged
         else:
             outcome["stopped"] = f"the outcome of job {job['retry_of']} is gone (expired?): not merged"
     if self.request.group:
