@@ -247,6 +247,9 @@ def test_a_batch_delivered_twice_writes_its_part_twice_and_counts_once(
     assert_every_index_once(outcome, values)
     ran = sorted(p.name.split(".")[0] for p in marks.iterdir())
     assert ran.count("0") == 2, "the copy should have run too"
+    # Both runs wrote a part of their own (4 batches, 5 files); the outcome counted one.
+    parts = sorted(p.name.split("-")[0] for p in (tmp_path / "r" / job.job_id / "parts").iterdir())
+    assert parts.count(f"{0:012d}") == 2 and len(parts) == 5
 
 
 @pytest.mark.system
