@@ -206,7 +206,8 @@ def _items_ref(items: Sequence[Any], start: int, batch_size: int, where: str) ->
     if _plain_range(items):
         batch = items[start : start + batch_size]
         return {"range": [batch.start, batch.stop]}  # type: ignore[attr-defined]
-    return {"url": results.input_url(where, start)}
+    # The count lets a header report every item failed if the file cannot be read.
+    return {"url": results.input_url(where, start), "count": len(items[start : start + batch_size])}
 
 
 def build_double(values: Sequence[int], batch_size: int, job_id: str | None = None) -> Plan:

@@ -366,3 +366,19 @@ def test_a_retry_merges_two_outcomes_kept_by_reference_a_part_at_a_time(tmp_path
     assert results.materialize(merged)["results"] == expected["results"] == [0, 2, 4, None, 8, 10, 12, 14]
     assert list(results.iter_errors(new_dir)) == expected["errors"]
     assert (merged["failed"], merged["retry_of"]) == (1, "old")
+
+
+@pytest.mark.system
+def test_cancel_of_a_job_kept_by_reference_reports_its_queued_batches_by_reference(
+    by_ref_here: Path, worker: LocalWorker, redis_client: redis.Redis
+) -> None:
+    job = fanout.submit(userjobs.sleepy, [0.05] * 2000, batch_size=10)
+    wait_until(lambda: job.progress().batches_done >= 1, 60, "the first batch")
+    job.cancel()  # the queued batches are taken off the queue, their parts written as files
+    outcome = job.wait(timeout=60)
+    assert outcome.by_reference and outcome.data.get("stopped") == "cancelled"
+    done = [i for i, r in enumerate(outcome.results) if r is not None]
+    assert 0 < len(done) < 2000 and all(outcome.results[i] == 0.05 for i in done)
+    assert {f.error for f in outcome.errors} == {"cancelled"}
+    assert len(done) + len(outcome.errors) == 2000
+    wait_until(lambda: redis_client.llen(get_settings().queue) == 0, 10, "the queue to empty")

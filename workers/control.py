@@ -179,6 +179,7 @@ def purge(app: Any, queue: str, group_id: str, reason: str, chord_size: int) -> 
     from celery.app.task import Context
 
     from workers.fanin import fail_batch
+    from workers.results import write_part
 
     client = app.backend.client
     _, taken = client.eval(PURGE_LUA, 1, queue, group_id, PURGE_LIMIT)
@@ -187,14 +188,16 @@ def purge(app: Any, queue: str, group_id: str, reason: str, chord_size: int) -> 
     chord: Any = None
     for raw in taken:
         try:
-            request, start, items, label = _batch_of(app, raw)
-        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            request, start, items, label, where = _batch_of(app, raw)
+        except (KeyError, ValueError, TypeError, IndexError, OSError) as exc:
             logger.warning(
                 "a queued batch of group %s has another shape (%s): left for a worker", group_id, exc
             )
             client.lpush(queue, raw)
             continue
-        parts.append(fail_batch(start, items, reason, label))
+        part = fail_batch(start, items, reason, label)
+        # A job sent by reference: the part goes to its results location, as a header's would.
+        parts.append(write_part(where, part) if where else part)
         indexes.append(int(request.group_index or 0))
         chord = request.chord
     if not parts:
@@ -210,14 +213,14 @@ def purge(app: Any, queue: str, group_id: str, reason: str, chord_size: int) -> 
     return len(parts)
 
 
-def _batch_of(app: Any, raw: bytes) -> tuple[Any, int, list[Any], Any]:
-    """The request, start, items and item label of one queued header message."""
+def _batch_of(app: Any, raw: bytes) -> tuple[Any, int, list[Any], Any, str | None]:
+    """The request, start, items, item label and results location (if by reference) of a queued header."""
     import base64
     import json
 
     from celery.app.task import Context
 
-    from workers.core import lookup
+    from workers.core import batch_items, lookup
 
     envelope = json.loads(raw)
     headers = envelope["headers"]
@@ -225,7 +228,8 @@ def _batch_of(app: Any, raw: bytes) -> tuple[Any, int, list[Any], Any]:
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     args, _, embed = json.loads(body)
-    start, items = int(args[0]), list(args[1])
+    start, items = int(args[0]), batch_items(args[1])  # a list, or (by reference) its bounds or file
+    where = str(args[3]) if len(args) > 3 and args[3] else None
     definition = lookup(str(headers["task"]))
     request = Context(
         id=headers["id"],
@@ -236,4 +240,4 @@ def _batch_of(app: Any, raw: bytes) -> tuple[Any, int, list[Any], Any]:
         root_id=headers.get("root_id"),
         ignore_result=True,
     )
-    return request, start, items, definition.label if definition else (lambda item: item)
+    return request, start, items, definition.label if definition else (lambda item: item), where

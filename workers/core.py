@@ -41,7 +41,7 @@ from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.control import JobControl, JobStopped
 from workers.errors import FanoutError, ItemError
-from workers.fanin import Part, fail_batch
+from workers.fanin import Part, describe, fail_batch
 from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -250,7 +250,18 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
     ) -> Any:
         # ``where``: the job's directory in the results location, for a job sent by
         # reference; the part goes there and a reference to it through the chord.
-        part = definition.run_batch(self, start, batch_items(items), kwargs or {})
+        try:
+            listed = batch_items(items)
+        except Exception as exc:  # a header must return, or the chord fails
+            if not isinstance(items, dict) or "count" not in items:
+                raise
+            logger.warning(
+                "%s: cannot read the items at %s", definition.name, items.get("url"), exc_info=True
+            )
+            reason = f"could not read this batch's items from {items.get('url')}: {describe(exc)}"
+            part = fail_batch(start, [None] * int(items["count"]), reason)
+        else:
+            part = definition.run_batch(self, start, listed, kwargs or {})
         if where is None:
             return part
         from workers.results import write_part

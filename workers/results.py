@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, NotRequired, TypedDict
+from typing import IO, Any, NotRequired, TypedDict, TypeVar
 
 from workers import storage
 from workers.errors import ConfigError, InfrastructureError
-from workers.fanin import ItemFailure, Outcome, Part
+from workers.fanin import ItemFailure, Outcome, Part, flatten
 
 #: A part carries its errors in its reference when it has at most this many
 #: (the callback then never opens its file); more stay in the file alone.
@@ -40,6 +41,11 @@ INPUTS = "inputs"
 OUTCOME = "outcome.json"
 ERRORS = "errors.jsonl"
 LOST = "lost: no worker reported this item"
+#: Tries of one read or write on an object store (0.5 s, 1 s, 2 s apart).
+IO_ATTEMPTS = 4
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PartRef(TypedDict):
@@ -61,12 +67,34 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
+def retrying_io(url: str, operation: Callable[[], T]) -> T:
+    """``operation`` on ``url``, tried again on an object store's passing errors (a few seconds in all).
+
+    A local file's errors (no space, no permission, no such file) do not pass with
+    time, and an object that is not there is not there: those are raised at once.
+    """
+    pause = 0.5
+    for attempt in range(1, IO_ATTEMPTS + 1):
+        try:
+            return operation()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if storage.is_local(url) or attempt == IO_ATTEMPTS:
+                raise
+            logger.warning("%s: %s; trying again in %.1f s", url, exc, pause)
+            time.sleep(pause)
+            pause *= 2
+    raise AssertionError("unreachable")
+
+
 def write_json(url: str, value: Any) -> int:
-    return storage.write_atomic(url, lambda fh: fh.write(_dumps(value)))
+    data = _dumps(value)
+    return retrying_io(url, lambda: storage.write_atomic(url, lambda fh: fh.write(data)))
 
 
 def read_json(url: str) -> Any:
-    return json.loads(storage.read_bytes(url))
+    return json.loads(retrying_io(url, lambda: storage.read_bytes(url)))
 
 
 def write_part(where: str, part: Part) -> PartRef:
@@ -183,7 +211,9 @@ def merge_refs(refs: Iterable[PartRef | None], total: int, job_id: str, task: st
     """
     chosen: list[PartRef] = []
     dropped: list[str] = []
-    for ref in sorted((r for r in refs if r), key=lambda r: r["start"]):
+    # A cancel reports the batches it took off the queue as one part holding their references.
+    flat: Iterable[Any] = flatten(refs)  # type: ignore[arg-type]
+    for ref in sorted(flat, key=lambda r: r["start"]):
         if chosen and chosen[-1]["start"] == ref["start"]:
             dropped.append(ref["url"])
             continue
