@@ -69,6 +69,8 @@ class Row:
     #: The machine's 1-minute load average when the command ended (2 cores: above 2,
     #: something else competed for them, and the times mean less).
     load_1m: float = 0.0
+    #: FANOUT_BY_REFERENCE_ITEMS for the run (None: fanout's default).
+    by_reference_items: int | None = None
 
 
 def _free_port() -> int:
@@ -171,7 +173,7 @@ def _python(code: Path) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def _env(code: Path, redis_url: str, results: Path) -> dict[str, str]:
+def _env(code: Path, redis_url: str, results: Path, threshold: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         FANOUT_REDIS_URL=redis_url,
@@ -180,6 +182,8 @@ def _env(code: Path, redis_url: str, results: Path) -> dict[str, str]:
     )
     for name in ("FANOUT_BROKER_URL", "FANOUT_RESULT_BACKEND", "FANOUT_BY_REFERENCE_ITEMS", "FANOUT_QUEUE"):
         env.pop(name, None)
+    if threshold is not None:
+        env["FANOUT_BY_REFERENCE_ITEMS"] = str(threshold)
     return env
 
 
@@ -241,12 +245,12 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def measure(n: int, code: Path, work: Path, timeout: float, report: Any) -> Row:
+def measure(n: int, code: Path, work: Path, timeout: float, report: Any, threshold: int | None = None) -> Row:
     work.mkdir(parents=True, exist_ok=True)
     results = work / "results"
     own = OwnRedis(work / "redis")
     with own as client:
-        env = _env(code, own.url, results)
+        env = _env(code, own.url, results, threshold)
         worker = _start_worker(code, env, client, work / "worker.log")
         try:
             time.sleep(1.0)  # let the worker settle: its start-up is not the job's
@@ -288,6 +292,7 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any) -> Row:
                 results_mb=round(_du(results) / MB, 1),
                 ok=ok,
                 load_1m=round(load, 2),
+                by_reference_items=threshold,
             )
         finally:
             _stop_worker(worker)
@@ -361,13 +366,19 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path | None:
 )
 @click.option("--timeout", type=float, default=3600, show_default=True, help="Bound on each run, seconds.")
 @click.option(
+    "--by-reference-items",
+    "threshold",
+    type=click.IntRange(min=1),
+    help="FANOUT_BY_REFERENCE_ITEMS for the runs [default: fanout's own], to compare the two paths.",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
     help="Where memory.json and memory.png go.",
 )
-def main(ns: str, code: Path, timeout: float, out: Path) -> None:
+def main(ns: str, code: Path, timeout: float, threshold: int | None, out: Path) -> None:
     """Measure client, worker and Redis memory against N for `fanout double --range N`."""
 
     def report(line: str) -> None:
@@ -378,7 +389,7 @@ def main(ns: str, code: Path, timeout: float, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="fanout-membench-") as tmp:
         for n in (int(part.replace("_", "")) for part in ns.split(",") if part.strip()):
             report(f"N={n:,} ({code})")
-            row = measure(n, code.resolve(), Path(tmp) / str(n), timeout, report)
+            row = measure(n, code.resolve(), Path(tmp) / str(n), timeout, report, threshold)
             report(json.dumps(asdict(row)))
             rows.append(row)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
