@@ -352,6 +352,9 @@ def test_the_compose_defaults_are_fanouts_own(path: Path) -> None:
         environment = rendered(path=path)["services"][name]["environment"]
         fanout_env = {k: v for k, v in environment.items() if k.startswith("FANOUT_")}
         url = fanout_env["FANOUT_REDIS_URL"]
+        # One deliberate difference: the results location is on the volume every container shares.
+        assert fanout_env["FANOUT_RESULTS_URL"] == "/data/.fanout-results", name
+        fanout_env["FANOUT_RESULTS_URL"] = ""
         assert Settings.from_env(fanout_env) == Settings.from_env({"FANOUT_REDIS_URL": url}), name
 
 
