@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +28,6 @@ def run_cli(
     return subprocess.run(
         fanout_command(*args), env=env, capture_output=True, text=True, timeout=timeout, input=stdin
     )
-
-
-def other_database(env: dict[str, str], below: int) -> str:
-    """The test Redis URL with a database number ``below`` lower: one no test worker listens on."""
-    base, db = env["FANOUT_REDIS_URL"].rsplit("/", 1)
-    return f"{base}/{int(db) - below}"
 
 
 def test_worker_fixture_answers_with_its_concurrency(app: Celery, worker: LocalWorker) -> None:
@@ -136,8 +133,8 @@ def test_cli_exit_3_when_redis_is_unreachable(cli_env: dict[str, str]) -> None:
     assert "cannot reach Redis" in proc.stderr and "FANOUT_REDIS_URL" in proc.stderr
 
 
-def test_cli_exit_3_when_no_worker_answers(cli_env: dict[str, str], redis_client: object) -> None:
-    env = dict(cli_env, FANOUT_REDIS_URL=other_database(cli_env, 2))
+def test_cli_exit_3_when_no_worker_answers(cli_env: dict[str, str], quiet_url: str) -> None:
+    env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
     proc = run_cli(env, "double", "1", timeout=30)
     assert proc.returncode == 3
     assert "no worker is running" in proc.stderr
@@ -160,10 +157,10 @@ def test_cli_workers_lists_the_worker(cli_env: dict[str, str], worker: LocalWork
 
 
 def test_demo_starts_its_own_worker_when_none_answers(
-    cli_env: dict[str, str], redis_client: object, tmp_path: Path
+    cli_env: dict[str, str], quiet_url: str, tmp_path: Path
 ) -> None:
-    # A database no worker listens on: the demo must start (and stop) its own.
-    env = dict(cli_env, FANOUT_REDIS_URL=other_database(cli_env, 1))
+    # A Redis no worker listens on: the demo must start (and stop) its own.
+    env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
     proc = run_cli(env, "demo", "--dir", str(tmp_path), "--photos", "6", "--numbers", "2000", timeout=110)
     assert proc.returncode == 0, proc.stderr
     assert "starting a local one" in proc.stderr
@@ -172,5 +169,52 @@ def test_demo_starts_its_own_worker_when_none_answers(
     assert f"outputs: {tmp_path / 'resized'}" in proc.stdout
     assert len(list((tmp_path / "resized").glob("*.jpg"))) == 6
     assert json.loads((tmp_path / "resized" / "manifest.json").read_text())["succeeded"] == 6
-    probe = run_cli(env, "workers", timeout=20)
-    assert probe.returncode == 3, "the demo's worker should be gone"
+    assert processes_using(quiet_url) == [], "the demo's worker should be gone"
+
+
+def processes_using(redis_url: str) -> list[int]:
+    """The processes whose environment points fanout at ``redis_url`` (workers started for it)."""
+    wanted = f"FANOUT_REDIS_URL={redis_url}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+    return found
+
+
+def test_a_demo_killed_outright_leaves_no_worker_behind(
+    app: Celery, cli_env: dict[str, str], quiet_url: str, tmp_path: Path
+) -> None:
+    # As a subprocess timeout ends it: SIGKILL, so no `finally` of the demo's own runs.
+    from tests.faultkit import app_for
+
+    env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
+    quiet = app_for(quiet_url)
+    demo = subprocess.Popen(
+        fanout_command("demo", "--dir", str(tmp_path), "--photos", "24", "--numbers", "10"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not quiet.control.ping(timeout=0.5):  # the demo's worker is up (and busy soon)
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo's worker never answered"
+        assert len(processes_using(quiet_url)) > 1  # the demo, the worker and its pool
+        demo.kill()
+        demo.wait(10)
+        deadline = time.monotonic() + 30  # a warm shutdown: the running batches finish first
+        while processes_using(quiet_url):
+            assert time.monotonic() < deadline, f"left behind: {processes_using(quiet_url)}"
+            time.sleep(0.2)
+        assert not quiet.control.ping(timeout=1)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for pid in processes_using(quiet_url):
+            os.kill(pid, signal.SIGKILL)
+        quiet.close()
