@@ -36,7 +36,9 @@ def test_no_wait_prints_the_job_id_and_status_wait_brings_the_results(
     assert text.returncode == 0 and text.stdout.split()[:3] == ["0", "2", "4"]
 
 
-def test_status_of_a_job_still_running_shows_done_and_pending(cli_env: dict[str, str], quiet_url: str) -> None:
+def test_status_of_a_job_still_running_shows_done_and_pending(
+    cli_env: dict[str, str], quiet_url: str
+) -> None:
     # A Redis no worker listens on: the job cannot move.
     env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
     from orchestrator.run import submit
