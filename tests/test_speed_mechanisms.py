@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -157,42 +159,66 @@ def test_a_bulk_published_chord_reports_every_index_once_in_order(app: Celery, w
     assert (outcome["succeeded"], outcome["failed"], outcome["errors"]) == (300, 0, [])
 
 
-class CommandLog:
-    """Every command the result backend's Redis client sends, with its argument count."""
+@contextlib.contextmanager
+def commands_sent() -> Iterator[list[tuple[str, ...]]]:
+    """Every command this thread sends to any Redis meanwhile, through any client, pipelines included.
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.commands: list[tuple[str, int]] = []
-        self._execute: Callable[..., Any] = client.execute_command
+    redis-py packs each command it sends, alone or in a pipeline, with its
+    serializer's ``pack``; each is recorded as (name, first argument).
+    """
+    from redis.connection import HiredisRespSerializer, PythonRespSerializer
 
-    def __call__(self, *args: Any, **options: Any) -> Any:
-        self.commands.append((str(args[0]).upper(), len(args) - 1))
-        return self._execute(*args, **options)
+    sent: list[tuple[str, ...]] = []
+    me = threading.get_ident()
+    with pytest.MonkeyPatch.context() as patch:
+        for serializer in (PythonRespSerializer, HiredisRespSerializer):
+            pack = serializer.pack
+
+            def recording(self: Any, *args: Any, _pack: Callable[..., Any] = pack) -> Any:
+                if threading.get_ident() == me:
+                    sent.append(tuple(_text(a) for a in args[:2]))
+                return _pack(self, *args)
+
+            patch.setattr(serializer, "pack", recording)
+        yield sent
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @system
-def test_progress_costs_the_same_few_commands_per_refresh_whatever_the_size(
-    app: Celery, worker: LocalWorker, monkeypatch: pytest.MonkeyPatch
+def test_progress_costs_the_same_two_commands_per_poll_whatever_the_size(
+    app: Celery, worker: LocalWorker
 ) -> None:
-    def commands_while_waiting(n: int) -> tuple[list[tuple[str, int]], list[int]]:
-        job = build_double(list(range(n)), 1)
+    def poll_commands(n: int) -> tuple[list[tuple[str, ...]], list[int], str, str]:
+        job = build_double(list(range(n)), 1)  # one task per item: a per-item loop is a per-batch loop
         group_id = submit(app, job, 600)
-        log = CommandLog(app.backend.client)
         refreshes: list[int] = []
-        with monkeypatch.context() as patch:
-            patch.setattr(app.backend.client, "execute_command", log)
+        with commands_sent() as sent:
             outcome = wait(app, job, group_id, timeout=90, progress=lambda done, _all: refreshes.append(done))
         assert outcome["failed"] == 0 and len(outcome["results"]) == n
-        return log.commands, refreshes
+        state_key = _text(app.backend.get_key_for_task(job.job_id))
+        join_key = _text(app.backend.get_key_for_group(group_id, ".j"))
+        return sent, refreshes, state_key, join_key
 
+    per_poll = {}
     for n in (10, 600):
-        commands, refreshes = commands_while_waiting(n)
-        polls = sum(1 for name, _ in commands if name == "GET")
-        assert refreshes and refreshes[-1] == n
-        # Each poll: the callback's state (GET) and the count of finished batches (ZCARD),
-        # each naming one key: never a command per item, however many items.
-        assert {name for name, _ in commands} <= {"GET", "ZCARD"}, (n, set(commands))
-        assert all(nargs == 1 for _, nargs in commands), (n, commands)
-        assert len(commands) <= 2 * polls, (n, len(commands), polls)
+        sent, refreshes, state_key, join_key = poll_commands(n)
+        # Each poll: one GET of the callback's state, one ZCARD of the chord's join, nothing
+        # else; the last poll's GET finds the outcome.  Exactly that, however many items.
+        polls = (len(sent) + 1) // 2
+        assert sent == [("GET", state_key), ("ZCARD", join_key)] * (polls - 1) + [("GET", state_key)], (
+            n,
+            sent[:6],
+        )
+        per_poll[n] = (len(sent) - 1) / (polls - 1) if polls > 1 else 2.0
+        assert refreshes == sorted(refreshes) and refreshes[-1] == n
+        if n == 600:
+            assert polls > 2, "the large job should take several polls"
+            assert any(0 < done < n for done in refreshes), "progress should be seen mid-run"
+    # The same cost per poll for 10 and 600 items.
+    assert per_poll[10] == per_poll[600] == 2
 
 
 @system
