@@ -133,6 +133,51 @@ def test_cli_exit_3_when_redis_is_unreachable(cli_env: dict[str, str]) -> None:
     assert "cannot reach Redis" in proc.stderr and "FANOUT_REDIS_URL" in proc.stderr
 
 
+REFUSED = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@pytest.mark.parametrize(
+    ("broker", "backend", "named"),
+    [
+        ("test", REFUSED, "(result backend) at redis://127.0.0.1:1/0"),
+        (REFUSED, "test", "(broker) at redis://127.0.0.1:1/0"),
+        (REFUSED, REFUSED, "(broker and result backend) at redis://127.0.0.1:1/0"),
+        ("test", "redis://:s3cret@127.0.0.1:1/2", "(result backend) at redis://:**@127.0.0.1:1/2"),
+    ],
+)
+def test_the_preflight_check_names_the_redis_that_does_not_answer(
+    redis_client: object, broker: str, backend: str, named: str
+) -> None:
+    from orchestrator.run import check_redis
+    from tests.conftest import TEST_REDIS_URL
+    from workers.errors import InfrastructureError
+    from workers.settings import Settings
+
+    settings = Settings(
+        broker_url=TEST_REDIS_URL if broker == "test" else broker,
+        result_backend=TEST_REDIS_URL if backend == "test" else backend,
+    )
+    started = time.monotonic()
+    with pytest.raises(InfrastructureError) as info:
+        check_redis(settings)
+    assert time.monotonic() - started < 5, "reported within a few seconds"
+    message = str(info.value)
+    assert f"cannot reach Redis {named}" in message, message
+    assert "s3cret" not in message
+    assert message.count("cannot reach") == 1
+
+
+def test_the_preflight_check_passes_with_separate_broker_and_backend(
+    redis_client: object, quiet_url: str
+) -> None:
+    from orchestrator.run import check_redis
+    from tests.conftest import TEST_REDIS_URL
+    from workers.settings import Settings
+
+    check_redis(Settings(broker_url=TEST_REDIS_URL, result_backend=quiet_url))
+    check_redis(Settings(broker_url=quiet_url, result_backend=TEST_REDIS_URL))
+
+
 def test_cli_exit_3_when_no_worker_answers(cli_env: dict[str, str], quiet_url: str) -> None:
     env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
     proc = run_cli(env, "double", "1", timeout=30)
