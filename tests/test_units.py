@@ -260,6 +260,8 @@ TRANSIENT = [
     OSError(errno.EIO, "Input/output error"),
     OSError(errno.ETIMEDOUT, "Connection timed out"),
     OSError(errno.ESTALE, "Stale file handle"),
+    OSError(errno.EAGAIN, "Resource temporarily unavailable"),
+    OSError(errno.ENOSPC, "No space left on device"),
     TimeoutError("timed out"),  # a socket timeout: no errno
     ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),  # as a real socket raises it
     ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
