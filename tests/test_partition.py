@@ -123,6 +123,7 @@ def script_calls(app: Celery) -> int:
     return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
 
 
+@pytest.mark.timeout(360)  # the run, then up to 130 s for TCP to retransmit after the heal
 def test_a_partitioned_worker_host_loses_nothing_and_counts_nothing_twice(
     hosts: Hosts, tmp_path: Path
 ) -> None:
@@ -165,8 +166,9 @@ def test_a_partitioned_worker_host_loses_nothing_and_counts_nothing_twice(
 
         ip("-n", hosts.worker_ns["a"], "link", "set", hosts.links["a"], "up")  # the link heals
         # The heal: every late report reaches Redis (the chord script answers it, and only
-        # then does the task end), and host a answers again.
-        wait_until(lambda: all(reported(task_id) for task_id in late), 30, "host a's late reports")
+        # then does the task end), and host a answers again.  A report goes out at TCP's
+        # next retransmission, whose back-off grows through the cut up to 120 s.
+        wait_until(lambda: all(reported(task_id) for task_id in late), 130, "host a's late reports")
         assert script_calls(app) >= evals_before + len(late), "the late reports never reached Redis"
         wait_until(lambda: bool(app.control.ping([workers["a"].hostname], timeout=1)), 30, "host a")
         meta = callback_meta(app, job.job_id)
