@@ -349,8 +349,9 @@ def test_the_cli_reports_a_header_published_in_part_with_exit_3(own_url: str, tm
     from tests.faultkit import app_for, worker
 
     probe = app_for(own_url)
-    # A worker that answers (so the CLI sends) but consumes another queue (so nothing drains).
-    local = worker(probe, "elsewhere", tmp_path, "idle", env={"FANOUT_REDIS_URL": own_url})
+    # A worker on the queue, so the CLI sends (it takes far longer to drain a message than
+    # the pipeline takes to fill Redis).
+    local = worker(probe, "fanout", tmp_path, "slow", env={"FANOUT_REDIS_URL": own_url}, concurrency=1)
     cramp(own_url)
     try:
         proc = subprocess.run(
