@@ -40,8 +40,8 @@ LOST_WORKER_BOUND_S = 120
 POOL_LOSS_BOUND_S = 10
 #: With no progress for this long, the wait asks whether any worker still answers...
 STALL_S = 10
-#: ...and reports within this long of the run's last progress: the 1.5 s ping for workers
-#: and its set-up come on top (12.1 s measured on a loaded 2-core machine).
+#: ...and reports within this long of the run's last progress when its workers died with it
+#: (their registrations expire within 6 s): 10.0 s measured, and a loaded machine's delays.
 STALL_REPORT_S = 14
 #: After an outage the client noticed, a lost state is reported this soon after Redis answers again.
 LOST_STATE_REPORT_S = 2
@@ -394,7 +394,7 @@ def polling(server: RedisServer) -> Callable[[], bool]:
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="known bug: the wait counts the outage as 'not moving' and, once Redis is back, "
-                "asks for workers before they reconnected (exit 3); see docs/failures.md",
+                "looks for workers before they re-registered (exit 3); see docs/failures.md",
             ),
         ),
     ],
