@@ -306,7 +306,7 @@ def own_url(tmp_path: Any) -> Iterator[str]:
     server.stop()
 
 
-def cramp(url: str, headroom: int = 300_000) -> None:
+def cramp(url: str, headroom: int = 600_000) -> None:
     """Make the Redis at ``url`` refuse writes (OOM) once about ``headroom`` more bytes are stored."""
     client = redis.Redis.from_url(url)
     used = int(client.info("memory")["used_memory"])
@@ -322,8 +322,8 @@ def test_a_header_published_in_part_is_an_error_not_a_silent_wait(own_url: str) 
     probe = app_for(own_url)
     client = redis.Redis.from_url(own_url)
     cramp(own_url)
-    # Given a header larger than Redis will take: 400 messages of about 2 KB
-    job = build_double(list(range(40_000)), 100)
+    # Given a header larger than Redis will take: 1,000 messages of about 2 KB
+    job = build_double(list(range(100_000)), 100)
     # When it is submitted, the pipeline fails part-way
     with pytest.raises(redis.RedisError, match="maxmemory"):
         submit(probe, job, 600)
