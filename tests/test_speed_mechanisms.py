@@ -75,7 +75,16 @@ def quiet_app(quiet_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
     client = redis.Redis.from_url(quiet_url)
     yield probe, client
     client.close()
-    probe.close()
+    close_app(probe)
+
+
+def close_app(app: Celery) -> None:
+    """Close ``app``'s Redis connections now, its result subscriptions' included."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.stop()
+    app.backend.client.connection_pool.disconnect()
+    app.close()
 
 
 def _queued(client: redis.Redis) -> list[dict[str, Any]]:
@@ -333,7 +342,7 @@ def test_a_header_published_in_part_is_an_error_not_a_silent_wait(own_url: str) 
     assert 0 < queued < job.batches
     assert load_record(probe, job.job_id) is None
     client.close()
-    probe.close()
+    close_app(probe)
 
 
 @system
@@ -363,6 +372,6 @@ def test_the_cli_reports_a_header_published_in_part_with_exit_3(own_url: str, tm
         )
     finally:
         local.stop(timeout=10)
-        probe.close()
+        close_app(probe)
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 3 and "maxmemory" in proc.stderr
