@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import click
 
@@ -71,6 +75,9 @@ def run_demo(
         click.echo(f"no worker is running: starting a local one (log: {log})", err=True)
         local = LocalWorker(app, concurrency=available_cores(), name="demo", log_path=str(log)).start()
     failed = 0
+    # `kill` (SIGTERM) of the demo unwinds through the `finally` below and stops the
+    # worker cleanly; a `kill -9` cannot, and LocalWorker has the kernel stop it then.
+    previous = _stop_on_sigterm()
     try:
         plan = plan_images([photo_dir], out_dir)
         outcome, elapsed = _run(
@@ -111,8 +118,21 @@ def run_demo(
         shown = ", ".join(map(str, results[:5]))
         click.echo(f"  doubled 0..{numbers - 1}: [{shown}, ..., {results[-1]}] (in input order)")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if local is not None:
             click.echo("stopping the local worker", err=True)
             local.stop()
     click.echo(f"outputs: {out_dir}")
     return 1 if failed else 0
+
+
+def _stop_on_sigterm() -> signal.Handlers | Callable[[int, FrameType | None], Any] | int | None:
+    """Make SIGTERM raise SystemExit (exit 143) in the main thread; return the handler it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, leave)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +22,12 @@ class LocalWorker:
 
     ``start()`` returns once the worker has registered itself in Redis; ``stop()`` asks for a
     warm shutdown and kills it if it does not leave in time.
+
+    The worker runs in a session of its own (a Ctrl-C meant for the orchestrator
+    does not reach it mid-task), so it would outlive an orchestrator that is
+    killed outright (``kill -9``, a test's subprocess timeout).  On Linux it is
+    therefore tied to the thread that started it: when that thread's process
+    dies, the kernel sends the worker SIGTERM, a warm shutdown.
     """
 
     def __init__(
@@ -50,7 +56,12 @@ class LocalWorker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_ended_with(os.getpid()),
             )
         finally:
             if log is not subprocess.DEVNULL:
@@ -114,6 +125,30 @@ def available_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, cores)
+
+
+#: prctl(2) option: the signal the calling process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _ended_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when ``parent`` dies (Linux only).
+
+    The setting survives the ``exec`` of the worker and is not inherited by its
+    pool processes, which the worker's own warm shutdown ends.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def tie() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the tie was made
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return tie
 
 
 def _hostname() -> str:

@@ -1,13 +1,21 @@
 """Fixtures: a real Redis on a dedicated database and real ``celery worker`` processes.
 
-The test Redis comes from FANOUT_TEST_REDIS_URL (default database 15 on the
-local Redis).  It is flushed before and after the session.  Without a Redis,
-the system tests are skipped on a laptop but fail under CI (CI=true).
+The Redis databases the tests touch are named here and nowhere else:
+
+* ``TEST_REDIS_URL``, from FANOUT_TEST_REDIS_URL (default database 15 on the
+  local Redis): the session's worker and most tests.  It is flushed before and
+  after the session.  Without a Redis there, the system tests are skipped on a
+  laptop but fail under CI (CI=true).
+* ``quiet_url``: a Redis no worker listens on, for tests that need one (no worker
+  answers, messages that must stay queued, a state that must vanish).  It is a
+  ``redis-server`` of the session's own on a free loopback port, so flushing it
+  can never touch anyone else's data, as a neighbouring database number could.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +54,31 @@ def redis_client() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(TEST_REDIS_URL)
     client.flushdb()
     yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def spare_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``redis-server`` of the session's own, on a free loopback port: the URL of its database 0."""
+    from tests.faultkit import RedisServer
+
+    if shutil.which("redis-server") is None:
+        message = "no redis-server to start a Redis of the tests' own"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer(tmp_path_factory.mktemp("spare-redis"), persistent=False).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def quiet_url(spare_redis: str) -> Iterator[str]:
+    """A Redis that no worker listens on (unless the test starts one), empty before and after the test."""
+    client = redis.Redis.from_url(spare_redis)
+    client.flushdb()
+    yield spare_redis
     client.flushdb()
     client.close()
 

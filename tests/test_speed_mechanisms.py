@@ -8,7 +8,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,8 +23,7 @@ from celery import Celery, chord, group
 from orchestrator.canvas import build_double
 from orchestrator.local import LocalWorker
 from orchestrator.publish import _argsrepr, bulk_supported, header_of, publish_chord
-from orchestrator.run import submit, wait
-from tests.conftest import TEST_REDIS_URL
+from orchestrator.run import load_record, submit, wait
 from workers import tasks as _tasks  # noqa: F401 - the client knows the built-in tasks (and their limits)
 from workers.app import celery_config
 from workers.settings import Settings
@@ -65,18 +68,23 @@ system = pytest.mark.system
 
 
 @pytest.fixture
-def quiet_app(redis_client: redis.Redis) -> Iterator[tuple[Celery, redis.Redis]]:
-    """A second app on a database no worker listens on, so published messages stay put."""
-    base, db = TEST_REDIS_URL.rsplit("/", 1)
-    url = f"{base}/{int(db) - 1}"
+def quiet_app(quiet_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
+    """A second app on a Redis no worker listens on, so published messages stay put."""
     probe = Celery("fanout-probe", set_as_current=False)
-    probe.config_from_object(celery_config(Settings(broker_url=url, result_backend=url)))
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+    probe.config_from_object(celery_config(Settings(broker_url=quiet_url, result_backend=quiet_url)))
+    client = redis.Redis.from_url(quiet_url)
     yield probe, client
-    client.flushdb()
     client.close()
-    probe.close()
+    close_app(probe)
+
+
+def close_app(app: Celery) -> None:
+    """Close ``app``'s Redis connections now, its result subscriptions' included."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.stop()
+    app.backend.client.connection_pool.disconnect()
+    app.close()
 
 
 def _queued(client: redis.Redis) -> list[dict[str, Any]]:
@@ -157,50 +165,213 @@ def test_a_bulk_published_chord_reports_every_index_once_in_order(app: Celery, w
     assert (outcome["succeeded"], outcome["failed"], outcome["errors"]) == (300, 0, [])
 
 
-class CommandLog:
-    """Every command the result backend's Redis client sends, with its argument count."""
+@contextlib.contextmanager
+def commands_sent() -> Iterator[list[tuple[str, ...]]]:
+    """Every command this thread sends to any Redis meanwhile, through any client, pipelines included.
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.commands: list[tuple[str, int]] = []
-        self._execute: Callable[..., Any] = client.execute_command
+    redis-py packs each command it sends, alone or in a pipeline, with its
+    serializer's ``pack``; each is recorded as (name, first argument).
+    """
+    from redis.connection import HiredisRespSerializer, PythonRespSerializer
 
-    def __call__(self, *args: Any, **options: Any) -> Any:
-        self.commands.append((str(args[0]).upper(), len(args) - 1))
-        return self._execute(*args, **options)
+    sent: list[tuple[str, ...]] = []
+    me = threading.get_ident()
+    with pytest.MonkeyPatch.context() as patch:
+        for serializer in (PythonRespSerializer, HiredisRespSerializer):
+            pack = serializer.pack
+
+            def recording(self: Any, *args: Any, _pack: Callable[..., Any] = pack) -> Any:
+                if threading.get_ident() == me:
+                    sent.append(tuple(_text(a) for a in args[:2]))
+                return _pack(self, *args)
+
+            patch.setattr(serializer, "pack", recording)
+        yield sent
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @system
-def test_progress_costs_the_same_few_commands_per_refresh_whatever_the_size(
-    app: Celery, worker: LocalWorker, monkeypatch: pytest.MonkeyPatch
+def test_progress_costs_the_same_two_commands_per_poll_whatever_the_size(
+    app: Celery, worker: LocalWorker
 ) -> None:
-    def commands_while_waiting(n: int) -> tuple[list[tuple[str, int]], list[int]]:
-        job = build_double(list(range(n)), 1)
+    def poll_commands(n: int) -> tuple[list[tuple[str, ...]], list[int], str, str]:
+        job = build_double(list(range(n)), 1)  # one task per item: a per-item loop is a per-batch loop
         group_id = submit(app, job, 600)
-        log = CommandLog(app.backend.client)
         refreshes: list[int] = []
-        with monkeypatch.context() as patch:
-            patch.setattr(app.backend.client, "execute_command", log)
+        with commands_sent() as sent:
             outcome = wait(app, job, group_id, timeout=90, progress=lambda done, _all: refreshes.append(done))
         assert outcome["failed"] == 0 and len(outcome["results"]) == n
-        return log.commands, refreshes
+        state_key = _text(app.backend.get_key_for_task(job.job_id))
+        join_key = _text(app.backend.get_key_for_group(group_id, ".j"))
+        return sent, refreshes, state_key, join_key
 
+    per_poll = {}
     for n in (10, 600):
-        commands, refreshes = commands_while_waiting(n)
-        polls = sum(1 for name, _ in commands if name == "GET")
-        assert refreshes and refreshes[-1] == n
-        # Each poll: the callback's state (GET) and the count of finished batches (ZCARD),
-        # each naming one key: never a command per item, however many items.
-        assert {name for name, _ in commands} <= {"GET", "ZCARD"}, (n, set(commands))
-        assert all(nargs == 1 for _, nargs in commands), (n, commands)
-        assert len(commands) <= 2 * polls, (n, len(commands), polls)
+        sent, refreshes, state_key, join_key = poll_commands(n)
+        # Each poll: one GET of the callback's state, one ZCARD of the chord's join, nothing
+        # else; the last poll's GET finds the outcome.  Exactly that, however many items.
+        polls = (len(sent) + 1) // 2
+        assert sent == [("GET", state_key), ("ZCARD", join_key)] * (polls - 1) + [("GET", state_key)], (
+            n,
+            sent[:6],
+        )
+        per_poll[n] = (len(sent) - 1) / (polls - 1) if polls > 1 else 2.0
+        assert refreshes == sorted(refreshes) and refreshes[-1] == n
+        if n == 600:
+            assert polls > 2, "the large job should take several polls"
+            assert any(0 < done < n for done in refreshes), "progress should be seen mid-run"
+    # The same cost per poll for 10 and 600 items.
+    assert per_poll[10] == per_poll[600] == 2
+
+
+def probe_chord(probe: Celery, n: int, batch: int, **options: Any) -> Any:
+    """A fanout double job's chord, its signatures bound to ``probe``."""
+    job = {"job_id": f"job-{n}", "task": "double", "total": n}
+    header = [
+        probe.signature("fanout.double_batch", args=(i, list(range(i, min(n, i + batch))))).set(
+            ignore_result=True, **options
+        )
+        for i in range(0, n, batch)
+    ]
+    body = probe.signature("fanout.collect", kwargs={"job": job}).set(task_id=job["job_id"])
+    return chord(group(header), body)
+
+
+def subscribers(client: redis.Redis, probe: Celery, task_ids: list[str]) -> int:
+    """How many Redis connections are subscribed to any of these tasks' results."""
+    keys = [probe.backend.get_key_for_task(task_id) for task_id in task_ids]
+    return sum(int(count) for _, count in client.pubsub_numsub(*keys))
 
 
 @system
 def test_a_header_the_bulk_path_does_not_cover_goes_through_apply_async(
-    app: Celery, worker: LocalWorker
+    quiet_app: tuple[Celery, redis.Redis],
 ) -> None:
-    job = build_double(list(range(20)), 4)
-    for sig in job.signature.tasks:
-        sig.set(expires=600)  # an option only Celery's own path sends
-    outcome = wait(app, job, publish_chord(app, job.signature), timeout=60)
-    assert outcome["results"] == [2 * i for i in range(20)] and outcome["failed"] == 0
+    probe, client = quiet_app
+    # Given a header with an option only Celery's own path sends
+    signature = probe_chord(probe, 8, 4, expires=600)
+    assert not bulk_supported(probe, header_of(signature)[0])
+    # When it is published
+    group_id = publish_chord(probe, signature)
+    sent = _queued(client)
+    # Then Celery's apply_async sent it: the option is there, and the arguments are
+    # printed Celery's way, not the bulk path's "<N items>"
+    assert [m["headers"]["group"] for m in sent] == [group_id] * 2
+    assert all(m["headers"]["expires"] for m in sent)
+    assert [m["headers"]["argsrepr"] for m in sent] == ["(0, [0, 1, 2, 3])", "(4, [4, 5, 6, 7])"]
+    # And the client keeps no subscription to a header result
+    ids = [m["headers"]["id"] for m in sent]
+    wait_for(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
+
+
+@system
+def test_the_bulk_path_sends_what_it_covers_and_subscribes_to_no_header_result(
+    quiet_app: tuple[Celery, redis.Redis],
+) -> None:
+    probe, client = quiet_app
+    signature = probe_chord(probe, 8, 4)
+    assert bulk_supported(probe, header_of(signature)[0])
+    publish_chord(probe, signature)
+    sent = _queued(client)
+    assert [m["headers"]["argsrepr"] for m in sent] == ["(0, <4 items>)", "(4, <4 items>)"]
+    ids = [m["headers"]["id"] for m in sent]
+    wait_for(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
+
+
+@system
+def test_submit_subscribes_the_client_to_no_header_result(quiet_app: tuple[Celery, redis.Redis]) -> None:
+    probe, client = quiet_app
+    # Given the tutorial pattern, which does subscribe: the check below can see a subscription
+    control = probe_chord(probe, 4, 2).apply_async()
+    ids = [child.id for child in control.parent.results]
+    wait_for(lambda: subscribers(client, probe, ids) == len(ids), 5, "apply_async's subscriptions")
+    client.delete("fanout")
+    # When fanout submits a job
+    job = build_double(list(range(12)), 3)
+    submit(probe, job, 600)
+    # Then none of its header tasks has a subscriber
+    ids = [m["headers"]["id"] for m in _queued(client)]
+    assert len(ids) == 4
+    wait_for(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def own_url(tmp_path: Any) -> Iterator[str]:
+    """A Redis of the test's own."""
+    from tests.faultkit import RedisServer
+
+    server = RedisServer(tmp_path / "redis", persistent=False).start()
+    yield server.url
+    server.stop()
+
+
+def cramp(url: str, headroom: int = 600_000) -> None:
+    """Make the Redis at ``url`` refuse writes (OOM) once about ``headroom`` more bytes are stored."""
+    client = redis.Redis.from_url(url)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", used + headroom)
+    client.close()
+
+
+@system
+def test_a_header_published_in_part_is_an_error_not_a_silent_wait(own_url: str) -> None:
+    from tests.faultkit import app_for
+
+    probe = app_for(own_url)
+    client = redis.Redis.from_url(own_url)
+    cramp(own_url)
+    # Given a header larger than Redis will take: 1,000 messages of about 2 KB
+    job = build_double(list(range(100_000)), 100)
+    # When it is submitted, the pipeline fails part-way
+    with pytest.raises(redis.RedisError, match="maxmemory"):
+        submit(probe, job, 600)
+    # Then some of the header went out and the rest did not, and no job was recorded as
+    # sent: nothing waits for a chord that cannot complete
+    queued = int(client.llen("fanout"))
+    assert 0 < queued < job.batches
+    assert load_record(probe, job.job_id) is None
+    client.close()
+    close_app(probe)
+
+
+@system
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: a Redis error while publishing escapes the CLI's error handling "
+    "(a traceback and exit 1, not exit 3 with a message); see docs/failures.md",
+)
+def test_the_cli_reports_a_header_published_in_part_with_exit_3(own_url: str, tmp_path: Any) -> None:
+    import subprocess
+
+    from tests.conftest import fanout_command
+    from tests.faultkit import app_for, worker
+
+    probe = app_for(own_url)
+    # A worker on the queue, so the CLI sends (it takes far longer to drain a message than
+    # the pipeline takes to fill Redis).
+    local = worker(probe, "fanout", tmp_path, "slow", env={"FANOUT_REDIS_URL": own_url}, concurrency=1)
+    cramp(own_url)
+    try:
+        proc = subprocess.run(
+            fanout_command("double", "--range", "40000", "--batch-size", "100"),
+            env={**os.environ, "FANOUT_REDIS_URL": own_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        local.stop(timeout=10)
+        close_app(probe)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 3 and "maxmemory" in proc.stderr

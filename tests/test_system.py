@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +28,6 @@ def run_cli(
     return subprocess.run(
         fanout_command(*args), env=env, capture_output=True, text=True, timeout=timeout, input=stdin
     )
-
-
-def other_database(env: dict[str, str], below: int) -> str:
-    """The test Redis URL with a database number ``below`` lower: one no test worker listens on."""
-    base, db = env["FANOUT_REDIS_URL"].rsplit("/", 1)
-    return f"{base}/{int(db) - below}"
 
 
 def test_worker_fixture_answers_with_its_concurrency(app: Celery, worker: LocalWorker) -> None:
@@ -136,8 +133,53 @@ def test_cli_exit_3_when_redis_is_unreachable(cli_env: dict[str, str]) -> None:
     assert "cannot reach Redis" in proc.stderr and "FANOUT_REDIS_URL" in proc.stderr
 
 
-def test_cli_exit_3_when_no_worker_answers(cli_env: dict[str, str], redis_client: object) -> None:
-    env = dict(cli_env, FANOUT_REDIS_URL=other_database(cli_env, 2))
+REFUSED = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@pytest.mark.parametrize(
+    ("broker", "backend", "named"),
+    [
+        ("test", REFUSED, "(result backend) at redis://127.0.0.1:1/0"),
+        (REFUSED, "test", "(broker) at redis://127.0.0.1:1/0"),
+        (REFUSED, REFUSED, "(broker and result backend) at redis://127.0.0.1:1/0"),
+        ("test", "redis://:s3cret@127.0.0.1:1/2", "(result backend) at redis://:**@127.0.0.1:1/2"),
+    ],
+)
+def test_the_preflight_check_names_the_redis_that_does_not_answer(
+    redis_client: object, broker: str, backend: str, named: str
+) -> None:
+    from orchestrator.run import check_redis
+    from tests.conftest import TEST_REDIS_URL
+    from workers.errors import InfrastructureError
+    from workers.settings import Settings
+
+    settings = Settings(
+        broker_url=TEST_REDIS_URL if broker == "test" else broker,
+        result_backend=TEST_REDIS_URL if backend == "test" else backend,
+    )
+    started = time.monotonic()
+    with pytest.raises(InfrastructureError) as info:
+        check_redis(settings)
+    assert time.monotonic() - started < 5, "reported within a few seconds"
+    message = str(info.value)
+    assert f"cannot reach Redis {named}" in message, message
+    assert "s3cret" not in message
+    assert message.count("cannot reach") == 1
+
+
+def test_the_preflight_check_passes_with_separate_broker_and_backend(
+    redis_client: object, quiet_url: str
+) -> None:
+    from orchestrator.run import check_redis
+    from tests.conftest import TEST_REDIS_URL
+    from workers.settings import Settings
+
+    check_redis(Settings(broker_url=TEST_REDIS_URL, result_backend=quiet_url))
+    check_redis(Settings(broker_url=quiet_url, result_backend=TEST_REDIS_URL))
+
+
+def test_cli_exit_3_when_no_worker_answers(cli_env: dict[str, str], quiet_url: str) -> None:
+    env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
     proc = run_cli(env, "double", "1", timeout=30)
     assert proc.returncode == 3
     assert "no worker is running" in proc.stderr
@@ -160,10 +202,10 @@ def test_cli_workers_lists_the_worker(cli_env: dict[str, str], worker: LocalWork
 
 
 def test_demo_starts_its_own_worker_when_none_answers(
-    cli_env: dict[str, str], redis_client: object, tmp_path: Path
+    cli_env: dict[str, str], quiet_url: str, tmp_path: Path
 ) -> None:
-    # A database no worker listens on: the demo must start (and stop) its own.
-    env = dict(cli_env, FANOUT_REDIS_URL=other_database(cli_env, 1))
+    # A Redis no worker listens on: the demo must start (and stop) its own.
+    env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
     proc = run_cli(env, "demo", "--dir", str(tmp_path), "--photos", "6", "--numbers", "2000", timeout=110)
     assert proc.returncode == 0, proc.stderr
     assert "starting a local one" in proc.stderr
@@ -172,5 +214,52 @@ def test_demo_starts_its_own_worker_when_none_answers(
     assert f"outputs: {tmp_path / 'resized'}" in proc.stdout
     assert len(list((tmp_path / "resized").glob("*.jpg"))) == 6
     assert json.loads((tmp_path / "resized" / "manifest.json").read_text())["succeeded"] == 6
-    probe = run_cli(env, "workers", timeout=20)
-    assert probe.returncode == 3, "the demo's worker should be gone"
+    assert processes_using(quiet_url) == [], "the demo's worker should be gone"
+
+
+def processes_using(redis_url: str) -> list[int]:
+    """The processes whose environment points fanout at ``redis_url`` (workers started for it)."""
+    wanted = f"FANOUT_REDIS_URL={redis_url}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+    return found
+
+
+def test_a_demo_killed_outright_leaves_no_worker_behind(
+    app: Celery, cli_env: dict[str, str], quiet_url: str, tmp_path: Path
+) -> None:
+    # As a subprocess timeout ends it: SIGKILL, so no `finally` of the demo's own runs.
+    from tests.faultkit import app_for
+
+    env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
+    quiet = app_for(quiet_url)
+    demo = subprocess.Popen(
+        fanout_command("demo", "--dir", str(tmp_path), "--photos", "24", "--numbers", "3000000"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(processes_using(quiet_url)) < 3:  # the demo, its worker and the worker's pool
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo's worker never started"
+            time.sleep(0.05)
+        demo.kill()
+        assert demo.wait(10) == -signal.SIGKILL, "the demo should still have been running"
+        deadline = time.monotonic() + 30  # a warm shutdown: the running batches finish first
+        while processes_using(quiet_url):
+            assert time.monotonic() < deadline, f"left behind: {processes_using(quiet_url)}"
+            time.sleep(0.2)
+        assert not quiet.control.ping(timeout=1)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for pid in processes_using(quiet_url):
+            os.kill(pid, signal.SIGKILL)
+        quiet.close()

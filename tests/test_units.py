@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import io
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from orchestrator.inputs import InputError, parse_numbers, plan_images
 from orchestrator.samples import make_photo
+from workers import backend, storage
 from workers.doubling import double
-from workers.errors import ConfigError, ImageError, InvalidNumber, ItemError
+from workers.errors import ConfigError, ImageError, InvalidNumber, ItemError, TransientError
 from workers.fanin import merge, run_batch
 from workers.imaging import resize_image
+from workers.paths import inside_url
+from workers.resizing import ResizeOptions, render, resize_to
 from workers.settings import DEFAULT_REDIS_URL, Settings
 
 # --- doubling ---------------------------------------------------------------
@@ -228,3 +234,230 @@ def test_a_combined_part_counts_each_of_its_batches_once() -> None:
         (3, "cancelled"),
         (4, "cancelled"),
     ]
+
+
+# --- I/O errors: transient (the batch is retried) or permanent (the item fails) ---------
+
+
+class _FailingRead(io.BytesIO):
+    """A source whose bytes stop coming with ``error`` after the first ``good`` bytes."""
+
+    def __init__(self, data: bytes, good: int, error: BaseException) -> None:
+        super().__init__(data)
+        self.good, self.error = good, error
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.good:
+            raise self.error
+        return super().read(size if size is None or size < 0 else min(size, self.good - self.tell()))
+
+
+class _NoCredentialsError(Exception):
+    """Shaped like botocore's: a store that refuses us will refuse us again."""
+
+
+TRANSIENT = [
+    OSError(errno.EIO, "Input/output error"),
+    OSError(errno.ETIMEDOUT, "Connection timed out"),
+    OSError(errno.ESTALE, "Stale file handle"),
+    OSError(errno.EAGAIN, "Resource temporarily unavailable"),
+    OSError(errno.ENOSPC, "No space left on device"),
+    TimeoutError("timed out"),  # a socket timeout: no errno
+    ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),  # as a real socket raises it
+    ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+    RuntimeError("503 Slow Down"),  # a store's server-side error
+]
+PERMANENT = [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), "no such file"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory"), "is a directory"),
+    (OSError(errno.EROFS, "Read-only file system"), "Read-only"),
+    (ValueError("bad bucket name"), "bad bucket name"),
+    (_NoCredentialsError("Unable to locate credentials"), "credentials"),
+]
+
+
+@pytest.mark.parametrize("error", TRANSIENT, ids=repr)
+def test_a_read_or_write_that_may_pass_again_is_transient(
+    error: BaseException, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_photo(tmp_path / "in.jpg", (300, 200))
+
+    def fail(*_: object) -> object:
+        raise error
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "open_source", fail)
+        with pytest.raises(TransientError, match=r"in\.jpg"):
+            resize_to(str(src), str(tmp_path / "out.jpg"), (100, 100), ResizeOptions())
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "write_atomic", fail)
+        with pytest.raises(TransientError, match=r"in\.jpg"):
+            resize_to(str(src), str(tmp_path / "out.jpg"), (100, 100), ResizeOptions())
+
+
+@pytest.mark.parametrize(("error", "reason"), PERMANENT, ids=lambda e: repr(e))
+def test_a_read_or_write_that_cannot_pass_fails_the_item_by_name(
+    error: BaseException, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_photo(tmp_path / "in.jpg", (300, 200))
+
+    def fail(*_: object) -> object:
+        raise error
+
+    for target in ("open_source", "write_atomic"):
+        with monkeypatch.context() as patch:
+            patch.setattr(storage, target, fail)
+            with pytest.raises(ImageError) as info:
+                resize_to(str(src), str(tmp_path / "out.jpg"), (100, 100), ResizeOptions())
+        assert info.value.item == str(src), target
+        assert reason.lower() in info.value.reason.lower(), (target, info.value.reason)
+
+
+def test_an_io_error_while_decoding_is_transient_and_a_damaged_file_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_photo(tmp_path / "in.jpg", (600, 400))
+    data = src.read_bytes()
+    flaky = _FailingRead(data, len(data) // 2, OSError(errno.EIO, "Input/output error"))
+    monkeypatch.setattr(storage, "open_source", lambda _url: flaky)
+    with pytest.raises(TransientError):
+        resize_to(str(src), str(tmp_path / "out.jpg"), (100, 100), ResizeOptions())
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])  # the same bytes, but that is all there is
+    monkeypatch.undo()
+    with pytest.raises(ImageError):
+        resize_to(str(cut), str(tmp_path / "out.jpg"), (100, 100), ResizeOptions())
+
+
+def test_a_batch_counts_its_transient_errors_so_the_task_can_retry_it() -> None:
+    def work(value: int) -> int:
+        if value == 2:
+            raise TransientError("s3://b/2.jpg: cannot read: ReadTimeoutError")
+        if value == 3:
+            raise ImageError("s3://b/3.jpg", "not an image Pillow can identify")
+        return value
+
+    part = run_batch(work, 0, [1, 2, 3])
+    assert part["transient"] == 1
+    assert [e["index"] for e in part["errors"]] == [1, 2]
+
+
+# --- retrying Redis through a restart ------------------------------------------------
+
+
+class _Clock:
+    """A stand-in for the ``time`` module: sleeping advances it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.pauses: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+
+
+def test_retrying_gives_up_once_its_time_is_spent_and_raises_the_last_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(backend, "time", clock)
+    calls = []
+
+    def down() -> None:
+        calls.append(clock.now)
+        raise redis.ConnectionError(f"refused #{len(calls)}")
+
+    with pytest.raises(redis.ConnectionError, match="refused #8"):
+        backend.retrying(down, "a test", retry_for=10.0)
+    # Backing off 0.2 s, doubling, capped at 2 s (9 s in all); the next pause would end past
+    # the deadline, so the eighth failure is raised.
+    assert clock.pauses == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
+    assert len(calls) == 8
+    assert clock.now - 1000.0 <= 10.0
+
+
+def test_retrying_returns_once_redis_answers_and_does_not_retry_a_real_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(backend, "time", clock)
+    answers: list[BaseException | int] = [redis.ConnectionError("down"), redis.BusyLoadingError("loading"), 7]
+
+    def flaky() -> int:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    assert backend.retrying(flaky, "a test") == 7
+    assert clock.pauses == [0.2, 0.4]
+
+    def wrong() -> None:
+        raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    with pytest.raises(redis.ResponseError):
+        backend.retrying(wrong, "a test")
+    assert clock.pauses == [0.2, 0.4], "an error that is not an outage is raised at once"
+
+
+# --- outputs stay under --out in an object store --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        "s3://bucket/out/../secret.jpg",
+        "s3://bucket/out/sub/../../x.jpg",
+        "s3://bucket/out/./x.jpg",
+        "s3://bucket/out//x.jpg",
+        "s3://bucket/out/..",
+        "s3://bucket/out/",
+        "s3://bucket/outside/x.jpg",
+        "s3://bucket/out-2/x.jpg",  # shares the prefix's letters, not the prefix
+        "s3://other/out/x.jpg",
+        "/tmp/out/x.jpg",
+    ],
+)
+def test_an_object_key_outside_the_output_prefix_is_refused(destination: str) -> None:
+    with pytest.raises(ImageError) as info:
+        inside_url(destination, "s3://bucket/out", "photo.jpg")
+    assert info.value.item == "photo.jpg" and "outside" in info.value.reason
+
+
+@pytest.mark.parametrize("root", ["s3://bucket/out", "s3://bucket/out/"])
+def test_an_object_key_under_the_output_prefix_is_kept(root: str) -> None:
+    for key in ("s3://bucket/out/x.jpg", "s3://bucket/out/a/b/x..jpg", "s3://bucket/out/.x/y.jpg"):
+        assert inside_url(key, root, "photo.jpg") == key
+
+
+def test_a_local_root_refuses_an_object_store_destination(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not under the output directory"):
+        inside_url("s3://bucket/x.jpg", str(tmp_path), "photo.jpg")
+
+
+# --- JPEG draft decoding ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("box", "decoded"),
+    [
+        (256, (480, 270)),  # the README's example: 1/4 scale, not 1/2 (960 px)
+        (480, (480, 270)),  # exactly the box: still 1/4
+        (481, (960, 540)),  # one pixel more: 1/2
+        (200, (240, 135)),  # 1/8, the smallest DCT scale
+        (1000, (1920, 1080)),  # 1/2 would be too small: decoded whole
+    ],
+)
+def test_jpeg_is_decoded_at_the_smallest_dct_scale_still_at_least_the_box(
+    tmp_path: Path, box: int, decoded: tuple[int, int]
+) -> None:
+    src = make_photo(tmp_path / "photo.jpg", (1920, 1080))
+    with Image.open(src) as im:
+        out = render(im, (box, box), ResizeOptions())
+        assert im.size == decoded  # draft() set the size the decoder produced
+    assert out.size == (box, round(box * 1080 / 1920))

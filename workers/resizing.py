@@ -473,6 +473,10 @@ def _io_error(source: str, exc: BaseException, doing: str) -> ImageError | Trans
     if isinstance(exc, PermissionError):
         return ImageError(source, f"cannot {doing}: permission denied")
     text = f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, ConnectionError | TimeoutError):
+        # A reset, refused or timed-out connection to a store: sockets raise these with an
+        # errno (ECONNRESET...), which the errno test below would take for the file's fault.
+        return TransientError(f"{source}: cannot {doing}: {text}")
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in _TRANSIENT_ERRNOS:
         return ImageError(source, f"cannot {doing}: {text}")
     if isinstance(exc, (ValueError, TypeError)) or "Credentials" in exc.__class__.__name__:
