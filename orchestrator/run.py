@@ -9,6 +9,7 @@ batches finish) are built on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import zlib
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 import redis
 from celery import Celery
 from celery.states import READY_STATES
+from kombu.exceptions import OperationalError
 
 from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
@@ -93,10 +95,17 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     prepare = _prepare(app, job, expires, max_failures)
     try:
         group_id = publish_chord(app, job.signature, before=prepare)
-    except BaseException:
+    except BaseException as exc:
         # Interrupted (Ctrl-C) or failed half-way: what was sent must not run for nobody.
         if prepare.group_id is not None:
-            app.backend.client.set(keys.stop(prepare.group_id), CANCELLED, ex=expires)
+            with contextlib.suppress(redis.RedisError):  # a Redis refusing writes refuses this too
+                app.backend.client.set(keys.stop(prepare.group_id), CANCELLED, ex=expires)
+        if isinstance(exc, redis.RedisError | OSError | OperationalError):
+            raise InfrastructureError(
+                f"sending job {job.job_id} failed part-way: {exc}. The batches already sent are "
+                "cancelled (nothing waits for them). Check Redis (is it out of memory? see its "
+                "maxmemory), then send the job again."
+            ) from None
         raise
     record = {**job.record(group_id), "sent_at": time.time()}
     app.backend.client.set(keys.job(job.job_id), json.dumps(record), ex=expires)
@@ -206,6 +215,9 @@ def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generato
         try:
             if lost_since is not None:
                 _require_state(app, job, done)
+                # An outage is not the run standing still: the workers get their time to
+                # come back and re-register before the stall check looks for them.
+                last_change = now
             lost_since = None
             meta = callback_meta(app, job.job_id)
             if meta is not None and meta.get("status") in READY_STATES:

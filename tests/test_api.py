@@ -270,13 +270,11 @@ def test_the_wordcount_example_runs_and_merges_the_counts(
     assert lines[2].split() == ["2", "end"]
 
 
-def test_fanout_worker_imports_the_users_modules_and_registers_them(tmp_path: Path) -> None:
+def test_fanout_worker_imports_the_users_modules_and_registers_them(tmp_path: Path, quiet_url: str) -> None:
     from orchestrator.discovery import list_workers
-    from tests.conftest import TEST_REDIS_URL
     from tests.faultkit import app_for
 
-    base, db = TEST_REDIS_URL.rsplit("/", 1)
-    url = f"{base}/{int(db) - 3}"
+    url = quiet_url
     app = app_for(url)
     env = {**os.environ, "FANOUT_REDIS_URL": url}
     env.pop("FANOUT_IMPORTS", None)
@@ -296,6 +294,5 @@ def test_fanout_worker_imports_the_users_modules_and_registers_them(tmp_path: Pa
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
-        app.backend.client.flushdb()
         app.backend.client.close()
         app.close()

@@ -15,7 +15,7 @@ import redis
 
 from orchestrator.discovery import list_workers
 from orchestrator.local import LocalWorker
-from tests.conftest import TEST_REDIS_URL, fanout_command
+from tests.conftest import fanout_command
 from tests.faultkit import app_for
 from workers.registration import TTL_S
 
@@ -23,22 +23,18 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture
-def lone_worker(tmp_path: Path, redis_client: redis.Redis) -> Iterator[tuple[LocalWorker, str]]:
-    """One worker on a database of its own (three below the test one), killed and flushed afterwards."""
-    base, db = TEST_REDIS_URL.rsplit("/", 1)
-    url = f"{base}/{int(db) - 3}"
-    app = app_for(url)
-    app.backend.client.flushdb()
-    env = {**os.environ, "FANOUT_REDIS_URL": url}
+def lone_worker(tmp_path: Path, quiet_url: str) -> Iterator[tuple[LocalWorker, str]]:
+    """One worker on a Redis no other worker uses (the tests' spare one), killed afterwards."""
+    app = app_for(quiet_url)
+    env = {**os.environ, "FANOUT_REDIS_URL": quiet_url}
     local = LocalWorker(app, 1, "lone", env, str(tmp_path / "lone.log"))
     local.start(timeout=60)
     try:
-        yield local, url
+        yield local, quiet_url
     finally:
         if local.process is not None and local.process.poll() is None:
             os.killpg(local.process.pid, signal.SIGKILL)
             local.process.wait(10)
-        app.backend.client.flushdb()
         app.backend.client.close()
         app.close()
 

@@ -390,16 +390,7 @@ def polling(server: RedisServer) -> Callable[[], bool]:
         (True, 5, 0),
         # Workers that come back 3 s after Redis does (a slower host, a longer reconnect): their
         # registrations expired in the outage, and the wait must give them its 10 s.
-        pytest.param(
-            True,
-            REDIS_GRACE_S - 8,
-            3,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known bug: the wait counts the outage as 'not moving' and, once Redis is back, "
-                "looks for workers before they re-registered (exit 3); see docs/failures.md",
-            ),
-        ),
+        (True, REDIS_GRACE_S - 8, 3),
     ],
     indirect=["own_redis"],
 )

@@ -346,11 +346,6 @@ def test_a_header_published_in_part_is_an_error_not_a_silent_wait(own_url: str) 
 
 
 @system
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a Redis error while publishing escapes the CLI's error handling "
-    "(a traceback and exit 1, not exit 3 with a message); see docs/failures.md",
-)
 def test_the_cli_reports_a_header_published_in_part_with_exit_3(own_url: str, tmp_path: Any) -> None:
     import subprocess
 

@@ -461,3 +461,39 @@ def test_jpeg_is_decoded_at_the_smallest_dct_scale_still_at_least_the_box(
         out = render(im, (box, box), ResizeOptions())
         assert im.size == decoded  # draft() set the size the decoder produced
     assert out.size == (box, round(box * 1080 / 1920))
+
+
+def test_resize_retries_a_transient_error_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real task's policy: a transient I/O error retries the item, 1, 2 and 4 s apart, and the
+    # error reported after the last attempt is that attempt's.
+    import time
+
+    from workers import tasks
+    from workers.errors import TransientError
+    from workers.resizing import ResizeOptions
+
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    attempts: list[str] = []
+
+    def flaky(source: str, destination: str, box: tuple[int, int], options: object) -> dict[str, object]:
+        attempts.append(source)
+        if len(attempts) < 3:
+            raise TransientError(f"{source}: connection reset (attempt {len(attempts)})")
+        return {"source": source, "destination": destination, "width": box[0], "height": box[1]}
+
+    monkeypatch.setattr(tasks, "resize_to", flaky)
+    options = {"options": ResizeOptions().to_json()}
+    record = tasks.resize_items.run_item(["s3://in/a.jpg", "s3://out/a.jpg", 64, 64], options)
+    assert record["source"] == "s3://in/a.jpg" and len(attempts) == 3 and pauses == [1.0, 2.0]
+
+    def never(source: str, destination: str, box: tuple[int, int], options: object) -> dict[str, object]:
+        attempts.append(source)
+        raise TransientError(f"{source}: connection reset (attempt {len(attempts)})")
+
+    attempts.clear()
+    pauses.clear()
+    monkeypatch.setattr(tasks, "resize_to", never)
+    with pytest.raises(TransientError, match=r"attempt 4\)"):
+        tasks.resize_items.run_item(["s3://in/b.jpg", "s3://out/b.jpg", 64, 64], options)
+    assert pauses == [1.0, 2.0, 4.0]
