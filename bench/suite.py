@@ -274,16 +274,16 @@ def bench_publish(app: Celery, config: Config) -> Figure:
             started = time.perf_counter()
             publish_chord(app, job.signature)
             ours.append(n / (time.perf_counter() - started))
-            _drain(client)
+            _drain(client, app.conf.task_default_queue)
             job = build_double(list(range(n)), 1)
             started = time.perf_counter()
             result = job.signature.apply_async()
             theirs.append(n / (time.perf_counter() - started))
             for child in result.parent.results:
                 app.backend.result_consumer.cancel_for(child.id)
-            _drain(client)
+            _drain(client, app.conf.task_default_queue)
     finally:
-        _drain(client)
+        _drain(client, app.conf.task_default_queue)
         client.close()
     return Figure(
         "publish header (batch 1)",
@@ -296,9 +296,9 @@ def bench_publish(app: Celery, config: Config) -> Figure:
     )
 
 
-def _drain(client: Any) -> None:
+def _drain(client: Any, queue: str) -> None:
     """Drop the benchmark's unconsumed messages and chord counters (this database only)."""
-    client.delete("celery")
+    client.delete(queue)
     for key in client.scan_iter("celery-taskset-meta-*", count=1000):
         client.delete(key)
 
