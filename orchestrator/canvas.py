@@ -78,10 +78,6 @@ class Plan:
         }
 
 
-#: The older name of :class:`Plan`.
-Job = Plan
-
-
 def auto_batch_size(total: int, processes: int, cap: int) -> int:
     """A batch size giving each worker process about BATCHES_PER_PROCESS batches, at most ``cap``."""
     if total <= 0:

@@ -92,7 +92,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     if job.where is not None:  # before anything is sent: a location no one can write is a usage error
         root = job.spec.get("root") or job.where.rsplit("/", 1)[0]
         results.check_writable(str(root))
-    prepare = _prepare(app, job, expires, max_failures)
+    prepare = _Prepare(app, job, expires, max_failures)
     try:
         group_id = publish_chord(app, job.signature, before=prepare)
     except BaseException as exc:
@@ -139,9 +139,6 @@ class _Prepare:
             if self.max_failures is not None:
                 pipe.set(keys.budget(group_id), f"{self.max_failures}/{self.job.total}", ex=self.expires)
             pipe.execute()
-
-
-_prepare = _Prepare
 
 
 def pack(items: Any) -> bytes:

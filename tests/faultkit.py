@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery, chord, group
 
-from orchestrator.canvas import Job, new_job_id
+from orchestrator.canvas import Plan, new_job_id
 from orchestrator.local import LocalWorker
 from workers.app import celery_config
 from workers.settings import Settings
@@ -49,7 +49,7 @@ def rigged_job(
     marks: Path | None = None,
     limits: tuple[int, int] | None = QUICK_LIMITS,
     results_root: Path | None = None,
-) -> Job:
+) -> Plan:
     """A chord of ``fanout.test.rigged_batch`` headers and the real ``fanout.collect``, on ``queue``.
 
     ``limits`` are the headers' (hard, soft) time limits; None keeps the settings' defaults.
@@ -71,7 +71,7 @@ def rigged_job(
     if where:
         job.update(where=where, root=str(results_root))
     body = app.signature("fanout.collect", kwargs={"job": job}).set(task_id=job_id, queue=queue)
-    return Job(job_id, "double", len(values), batch_size, chord(group(header), body))
+    return Plan(job_id, "double", len(values), batch_size, chord(group(header), body))
 
 
 def worker(
