@@ -375,10 +375,9 @@ def start(
     def planned(size: int) -> Plan:
         plan = factory(size)
         spec = {**plan.spec, "batch_cap": batch_cap}
-        if inputs_of:  # a retry: the items are a subset of another job's, kept there
-            # (by reference, its messages still name files of its own items: they are written)
-            items = plan.items if plan.where is not None else ()
-            return replace(plan, items=items, spec={**spec, "inputs_of": inputs_of})
+        if inputs_of:  # a retry: the items are a subset of another job's, read from there by
+            # `fanout retry`; kept with this job too, so that a batch Redis drops can be sent again
+            return replace(plan, spec={**spec, "inputs_of": inputs_of})
         return replace(plan, spec=spec)
 
     plan, group_id, sent = run.send_job(app, planned, total, batch_cap, batch_size, requires, budget)

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import redis
 from celery.backends.redis import RedisBackend
 
+from workers import keys
+
 logger = logging.getLogger(__name__)
 
 #: How long a worker keeps retrying Redis for one operation (a restart takes seconds).
@@ -36,16 +38,37 @@ def retrying(operation: Callable[[], T], what: str, retry_for: float = RETRY_FOR
 
 
 class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down.
+    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is
+    down, and marked in the job's done bitmap once the chord has it.
 
     Unretried, a chord part reported during a Redis restart raises, Celery then
     marks the header FAILED, and one failed header fails the whole chord.  The
     report is a Lua script that counts each task id once, so sending it again
-    is safe.
+    is safe.  The done bitmap (``keys.done``) is what the healer reads to know
+    which batches the chord has counted; it is set after the report, so a
+    batch marked done is always counted, and before the message is
+    acknowledged, so a batch is always in one of the broker's places or done.
     """
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
-        return retrying(
+        returned = retrying(
             lambda: super(RetryingRedisBackend, self).on_chord_part_return(request, state, result, **kwargs),
             f"the chord report of {request.id}",
         )
+        group, index = getattr(request, "group", None), getattr(request, "group_index", None)
+        if group and index is not None:
+            retrying(
+                lambda: mark_done(self.client, str(group), [int(index)], self.expires), "marking a batch done"
+            )
+        return returned
+
+
+def mark_done(client: Any, group_id: str, indexes: list[int], expires: int | None) -> None:
+    """Mark batches ``indexes`` of group ``group_id`` as counted by the chord (one round trip)."""
+    key = keys.done(group_id)
+    with client.pipeline(transaction=False) as pipe:
+        for index in indexes:
+            pipe.setbit(key, index, 1)
+        if expires:
+            pipe.expire(key, int(expires))
+        pipe.execute()

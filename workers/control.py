@@ -136,7 +136,7 @@ PURGE_LIMIT = 200_000
 # envelopes whose `headers.group` names the group) in one atomic step, keeping
 # the others in order; returns the queue's length and the messages taken.
 PURGE_LUA = """
-local key, group, limit = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local key, done, group, limit = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
 local n = redis.call('LLEN', key)
 if n == 0 or n > limit then return {n, {}} end
 local all = redis.call('LRANGE', key, 0, -1)
@@ -146,11 +146,16 @@ for _, raw in ipairs(all) do
   if ok and type(message) == 'table' and type(message.headers) == 'table'
       and message.headers.group == group then
     taken[#taken + 1] = raw
+    -- Done for the healer (workers/healing.py) from this moment: never sent again.
+    if type(message.headers.group_index) == 'number' then
+      redis.call('SETBIT', done, message.headers.group_index, 1)
+    end
   else
     kept[#kept + 1] = raw
   end
 end
 if #taken > 0 then
+  redis.call('EXPIRE', done, tonumber(ARGV[3]))
   redis.call('DEL', key)
   for i = 1, #kept, 5000 do
     redis.call('RPUSH', key, unpack(kept, i, math.min(i + 4999, #kept)))
@@ -182,7 +187,8 @@ def purge(app: Any, queue: str, group_id: str, reason: str, chord_size: int) -> 
     from workers.results import write_part
 
     client = app.backend.client
-    _, taken = client.eval(PURGE_LUA, 1, queue, group_id, PURGE_LIMIT)
+    expires = int(app.backend.expires or 86_400)
+    _, taken = client.eval(PURGE_LUA, 2, queue, keys.done(group_id), group_id, PURGE_LIMIT, expires)
     parts: list[Any] = []
     indexes: list[int] = []
     chord: Any = None
