@@ -209,7 +209,7 @@ class Job:
         still completes: finished items keep their results, every other item
         fails with ``cancelled``.  Works from any process, on a job sent from anywhere.
         """
-        cancel(self.app, self.group_id, self.batches, terminate)
+        cancel(self.app, self.group_id, terminate)
 
     def retry_failed(self, batch_size: BatchSize = "auto") -> Job:
         """Send this finished job's failed and cancelled items again, as a new job linked to this one.
@@ -223,7 +223,7 @@ class Job:
         return f"<Job {self.id} ({self.task}): {self.total} items in {self.batches} batches>"
 
 
-def cancel(app: Celery, group_id: str, chord_size: int, terminate: bool = False) -> None:
+def cancel(app: Celery, group_id: str, terminate: bool = False) -> None:
     """Set the job's stop reason (a budget's, set first, stays); ``terminate`` interrupts its items too."""
     from workers.control import purge
     from workers.fanin import CANCELLED
@@ -233,7 +233,7 @@ def cancel(app: Celery, group_id: str, chord_size: int, terminate: bool = False)
     app.backend.client.set(keys.stop(group_id), CANCELLED, nx=True, ex=settings.result_expires)
     reason = (app.backend.client.get(keys.stop(group_id)) or CANCELLED.encode()).decode()
     # Queued batches are taken off the queue and reported as cancelled at once...
-    purge(app, settings.queue, group_id, reason, chord_size)
+    purge(app, settings.queue, group_id, reason)
     if terminate:  # ...running ones are interrupted...
         app.control.broadcast("fanout_interrupt", arguments={"group_id": group_id})
     # ...and the rest stop at their next item.

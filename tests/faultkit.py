@@ -50,8 +50,10 @@ def rigged_job(
     marks: Path | None = None,
     limits: tuple[int, int] | None = QUICK_LIMITS,
     results_root: Path | None = None,
+    callback_queue: str | None = None,
 ) -> Plan:
-    """A chord of ``fanout.test.rigged_batch`` headers and the real ``fanout.collect``, on ``queue``.
+    """A chord of ``fanout.test.rigged_batch`` headers and the real ``fanout.collect``, on ``queue``
+    (the callback on ``callback_queue`` if given).
 
     ``limits`` are the headers' (hard, soft) time limits; None keeps the settings' defaults.
     With ``results_root``, the job is sent by reference (its parts are files there).
@@ -77,7 +79,9 @@ def rigged_job(
     job: dict[str, Any] = {"job_id": job_id, "task": "double", "total": len(values)}
     if where:
         job.update(where=where, root=str(results_root))
-    body = app.signature("fanout.collect", kwargs={"job": job}).set(task_id=job_id, queue=queue)
+    body = app.signature("fanout.collect", kwargs={"job": job}).set(
+        task_id=job_id, queue=callback_queue or queue
+    )
     # The values are kept with the job (as fanout's own jobs keep theirs), so the healer
     # can send a batch Redis dropped again.
     return Plan(job_id, "double", len(values), batch_size, chord(group(header), body), items=values)

@@ -45,11 +45,11 @@ def test_missing_batches_reads_redis_bit_order() -> None:
 def test_a_batch_is_lost_only_when_missing_from_two_scans_confirm_s_apart() -> None:
     detector = Detector()
     # Given a job with batches 3 and 4 not done, and batch 4 in the queue
-    assert detector.observe("j", [3, 4], 5, now=0.0)  # never scanned: due at once
+    assert detector.observe("j", [3, 4], 3, now=0.0)  # never scanned: due at once
     # When a scan finds batch 3 nowhere, it is only a suspect...
     assert detector.lost("j", [3, 4], {4}, now=0.0) == []
     # ...still a suspect just before CONFIRM_S...
-    assert detector.observe("j", [3, 4], 5, now=1.0)  # a suspect keeps the job due
+    assert detector.observe("j", [3, 4], 3, now=1.0)  # a suspect keeps the job due
     assert detector.lost("j", [3, 4], {4}, now=CONFIRM_S - 0.1) == []
     # Then lost once it has been missing for CONFIRM_S
     assert detector.lost("j", [3, 4], {4}, now=CONFIRM_S) == [3]
@@ -57,7 +57,7 @@ def test_a_batch_is_lost_only_when_missing_from_two_scans_confirm_s_apart() -> N
 
 def test_a_batch_found_again_is_no_longer_a_suspect() -> None:
     detector = Detector()
-    detector.observe("j", [3], 5, now=0.0)
+    detector.observe("j", [3], 4, now=0.0)
     assert detector.lost("j", [3], set(), now=0.0) == []
     # It shows up (restored to the queue by kombu in between): the clock starts again.
     assert detector.lost("j", [3], {3}, now=1.0) == []
@@ -67,26 +67,26 @@ def test_a_batch_found_again_is_no_longer_a_suspect() -> None:
 
 def test_a_moving_job_is_scanned_only_every_sweep_and_a_stalled_one_after_stall_s() -> None:
     detector = Detector()
-    assert detector.observe("j", [1, 2, 3], 4, now=0.0)
+    assert detector.observe("j", [1, 2, 3], 1, now=0.0)
     detector.lost("j", [1, 2, 3], {1, 2, 3}, now=0.0)
     # Moving (one more batch done each second): not due until the sweep.
-    assert not detector.observe("j", [2, 3], 4, now=1.0)
-    assert not detector.observe("j", [3], 4, now=2.0)
+    assert not detector.observe("j", [2, 3], 2, now=1.0)
+    assert not detector.observe("j", [3], 3, now=2.0)
     # Stalled since t=2: due once STALL_S have passed without a change.
-    assert not detector.observe("j", [3], 4, now=2.0 + STALL_S - 0.1)
-    assert detector.observe("j", [3], 4, now=2.0 + STALL_S)
+    assert not detector.observe("j", [3], 3, now=2.0 + STALL_S - 0.1)
+    assert detector.observe("j", [3], 3, now=2.0 + STALL_S)
     # A job that keeps moving is still looked at every SWEEP_S.
     other = Detector()
-    other.observe("k", list(range(100)), 100, now=0.0)
+    other.observe("k", list(range(100)), 0, now=0.0)
     other.lost("k", list(range(100)), set(range(100)), now=0.0)
     for t in range(1, int(SWEEP_S)):
-        assert not other.observe("k", list(range(t, 100)), 100, now=float(t))
-    assert other.observe("k", list(range(int(SWEEP_S), 100)), 100, now=SWEEP_S)
+        assert not other.observe("k", list(range(t, 100)), t, now=float(t))
+    assert other.observe("k", list(range(int(SWEEP_S), 100)), int(SWEEP_S), now=SWEEP_S)
 
 
 def test_a_batch_sent_again_is_not_sent_again_while_it_waits_in_the_queue() -> None:
     detector = Detector()
-    detector.observe("j", [0], 1, now=0.0)
+    detector.observe("j", [0], 0, now=0.0)
     detector.lost("j", [0], set(), now=0.0)
     assert detector.lost("j", [0], set(), now=CONFIRM_S) == [0]
     detector.resent("j", [0], now=CONFIRM_S)
@@ -279,6 +279,82 @@ def test_a_lost_batch_whose_inputs_are_gone_ends_the_wait_with_exit_3(
     assert took <= HEAL_AFTER_STALL_S + 14, took
     with pytest.raises(InfrastructureError, match="cannot complete"):
         wait(app, job, group_id, timeout=30)
+
+
+@system
+def test_a_callback_never_sent_by_a_dead_reporter_is_sent_by_a_copy_of_one_batch(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    queue = new_queue()
+    values = list(range(6))
+    client = app.backend.client
+    job = rigged_job(app, values, 2, queue)
+    group_id = submit(app, job, 600)
+    # Given a chord whose last report counted the parts but sent no callback (as when the
+    # worker reporting it dies in between): here the chord expects one part more...
+    client.incr(app.backend.get_key_for_group(group_id, ".t"))
+    workers_started.append(worker(app, queue, tmp_path, "nocb", env=QUICK, concurrency=2))
+    wait_until(lambda: batches_done(app, group_id) == 3, 30, "every batch to report")
+    # ...until that is undone: complete, and nothing left to send the callback
+    client.delete(app.backend.get_key_for_group(group_id, ".t"))
+    # Then the healer sends one batch again, whose report sends the callback
+    outcome = wait(app, job, group_id, timeout=60)
+    assert_every_index_once(outcome, values)
+    assert healed(client, job.job_id) == 1
+
+
+@system
+def test_a_callback_dropped_after_the_chord_sent_it_runs_the_job_again(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    queue, callbacks = new_queue(), new_queue()
+    values = list(range(6))
+    client = app.backend.client
+    # Given a job whose callback goes to a queue no worker consumes yet
+    job = rigged_job(app, values, 2, queue, callback_queue=callbacks)
+    group_id = submit(app, job, 600)
+    workers_started.append(worker(app, queue, tmp_path, "headers", env=QUICK, concurrency=2))
+    wait_until(lambda: client.llen(callbacks) == 1, 30, "the chord to send its callback")
+    # When Redis drops the callback (and the parts it carries)
+    client.delete(callbacks)
+    workers_started.append(worker(app, callbacks, tmp_path, "callbacks", env=QUICK, concurrency=1))
+    # Then the job runs again on a fresh chord and completes, every index once
+    outcome = wait(app, job, group_id, timeout=90)
+    assert_every_index_once(outcome, values)
+    assert healed(client, job.job_id) == 3
+
+
+@system
+def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finished_by_the_healer(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    from workers.control import PURGE_LIMIT, PURGE_LUA
+    from workers.fanin import CANCELLED
+    from workers.healing import PURGE_GRACE_S
+
+    queue = new_queue()
+    values = list(range(8))
+    client = app.backend.client
+    job = rigged_job(app, values, 1, queue, seconds=0.5)
+    group_id = submit(app, job, 600)
+    # Given a cancel that took the queued batches off the queue and died before reporting them
+    # (its purge started PURGE_GRACE_S ago)
+    client.set(keys.stop(group_id), CANCELLED)
+    _, taken = client.eval(
+        PURGE_LUA, 5, queue, keys.done(group_id), keys.purged(group_id, "dead"), keys.purges(group_id),
+        app.backend.get_key_for_group(group_id, ".t"), group_id, PURGE_LIMIT, 600, "dead",
+        time.time() - PURGE_GRACE_S,
+    )  # fmt: skip
+    assert len(taken) == len(values)
+    # When a worker runs (there is nothing left in the queue for it)
+    workers_started.append(worker(app, queue, tmp_path, "purge", env=QUICK, concurrency=1))
+    # Then its healer reports them, and the job ends cancelled, every item accounted for once
+    outcome = wait(app, job, group_id, timeout=60)
+    assert outcome["total"] == len(values) and outcome["failed"] == len(values)
+    assert [e["index"] for e in outcome["errors"]] == list(range(len(values)))
+    assert {e["error"] for e in outcome["errors"]} == {CANCELLED}
+    assert outcome.get("stopped") == CANCELLED
+    assert client.hlen(keys.purges(group_id)) == 0
 
 
 @system

@@ -67,6 +67,10 @@ RESEND_GRACE_S = 30.0
 LEASE_S = 10.0
 #: The most jobs one cycle looks at (the oldest first).
 MAX_JOBS = 1000
+#: A cancel's purge not reported this long after it took its batches is reported by the healer.
+PURGE_GRACE_S = 30.0
+#: Stands for a job's chord callback where batch indexes are listed (it has no index).
+CALLBACK = -1
 #: A queue longer than this is not scanned (a scan costs about 1 us a message, in Redis).
 SCAN_LIMIT = 1_000_000
 
@@ -164,6 +168,12 @@ class Recipe:
             sent_at=float(record.get("sent_at") or 0.0),
         )
 
+    @property
+    def callback_queue(self) -> str:
+        """The queue the chord sends its callback to (the job's own unless routed elsewhere)."""
+        options = self.callback.get("options") or {}
+        return str(options.get("queue") or self.queue)
+
     def items_of(self, index: int, kept: Sequence[Any] | None) -> Any:
         """Batch ``index``'s items as its header message carries them (``kept``: the job's inputs)."""
         start = index * self.batch_size
@@ -215,13 +225,13 @@ class Detector:
         self.stall_s, self.sweep_s, self.confirm_s = stall_s, sweep_s, confirm_s
         self.watches: dict[str, _Watch] = {}
 
-    def observe(self, job_id: str, missing: Sequence[int], batches: int, now: float) -> bool:
-        """Note how many of ``job_id``'s batches are done; True if it is due for a scan."""
+    def observe(self, job_id: str, pending: Sequence[int], done: int, now: float) -> bool:
+        """Note that ``done`` of ``job_id``'s batches are done and ``pending`` are not (or the
+        callback, :data:`CALLBACK`, once every batch is); True if the job is due for a scan."""
         watch = self.watches.setdefault(job_id, _Watch(moved_at=now))
-        done = batches - len(missing)
         if done != watch.done:
             watch.done, watch.moved_at = done, now
-        if not missing:
+        if not pending:
             watch.suspects.clear()
             return False
         return bool(
@@ -303,24 +313,36 @@ class Healer:
         with client.pipeline(transaction=False) as pipe:
             for job in jobs:
                 pipe.get(keys.done(job.group_id))
-            bitmaps = pipe.execute()
+                pipe.hgetall(keys.purges(job.group_id))
+            replies = pipe.execute()
+        bitmaps, purges = replies[0::2], replies[1::2]
+        for job, started in zip(jobs, purges, strict=True):
+            self._finish_purges(job, started)
         due: dict[str, list[tuple[Recipe, list[int]]]] = {}
-        for job, bitmap in zip(jobs, bitmaps, strict=True):
+        for job, bitmap, started in zip(jobs, bitmaps, purges, strict=True):
             missing = missing_batches(bitmap, job.batches)
-            if self.detector.observe(job.job_id, missing, job.batches, now):
-                due.setdefault(job.queue, []).append((job, missing))
+            # Every batch done and no outcome yet: the callback is what must be somewhere
+            # (unless a cancel has yet to report the batches it took: see _finish_purges).
+            pending = missing or ([] if started else [CALLBACK])
+            if self.detector.observe(job.job_id, pending, job.batches - len(missing), now):
+                due.setdefault(job.queue, []).append((job, pending))
         healed: list[tuple[str, int]] = []
         for queue, watched in due.items():
-            present = scan(
-                self._broker_client(), queue, self._unacked_key(), [j.group_id for j, _ in watched]
-            )
-            if present is None:
-                logger.warning("queue %s is too long to scan for lost batches (over %d)", queue, SCAN_LIMIT)
-                continue
-            for job, missing in watched:
-                lost = self.detector.lost(job.job_id, missing, present[job.group_id], now)
-                if lost:
-                    healed.extend((job.job_id, index) for index in self.heal(job, lost, now))
+            # The callback may be routed elsewhere: its queue is looked at too.
+            queues = sorted({queue} | {job.callback_queue for job, _ in watched})
+            present: dict[str, set[int]] = {job.group_id: set() for job, _ in watched}
+            for name in queues:
+                found = scan(self._broker_client(), name, self._unacked_key(), sorted(present))
+                if found is None:
+                    logger.warning("queue %s is too long to scan (over %d messages)", name, SCAN_LIMIT)
+                    break
+                for group_id, indexes in found.items():
+                    present[group_id] |= indexes
+            else:
+                for job, pending in watched:
+                    lost = self.detector.lost(job.job_id, pending, present[job.group_id], now)
+                    if lost:
+                        healed.extend((job.job_id, index) for index in self.heal(job, lost, now))
         return healed
 
     def heal(self, job: Recipe, lost: Sequence[int], now: float) -> list[int]:
@@ -328,6 +350,8 @@ class Healer:
         kept = self._inputs(job) if job.inputs == "redis" else None
         sent: list[int] = []
         try:
+            if list(lost) == [CALLBACK]:
+                lost = self._callback_lost(job)
             for index in lost:
                 self._send(job, index, kept)
                 sent.append(index)
@@ -352,6 +376,53 @@ class Healer:
                 pipe.execute()
             self.detector.resent(job.job_id, sent, now)
         return sent
+
+    def _finish_purges(self, job: Recipe, started: Mapping[bytes, bytes]) -> None:
+        """Report the purges (a cancel's) whose process died before it reported them."""
+        for purge_id, at in started.items():
+            if time.time() - float(at) < PURGE_GRACE_S:
+                continue
+            from workers.control import finish_purge
+            from workers.fanin import CANCELLED
+
+            reason = _text(self.client.get(keys.stop(job.group_id)) or CANCELLED.encode())
+            count = finish_purge(self.app, job.group_id, _text(purge_id), reason)
+            logger.warning(
+                "healing job %s: a cancel took %d batches off the queue %.0f s ago and never reported "
+                "them; reported now as %r",
+                job.job_id, count, time.time() - float(at), reason,
+            )  # fmt: skip
+
+    def _callback_lost(self, job: Recipe) -> list[int]:
+        """The batches to send again when every batch is done but the callback is nowhere.
+
+        While the chord still holds the parts (the worker that was to send the callback
+        died first), a copy of one batch is enough: counted once, its report finds the
+        chord complete and sends the callback.  Once the chord has sent it (its parts
+        went with the message, and Redis dropped that), the whole job runs again on a
+        fresh chord: the only way back to the parts.
+        """
+        backend = self.app.backend
+        claim_key = backend.get_key_for_group(job.group_id, ".c")
+        size_key = backend.get_key_for_group(job.group_id, ".s")
+        claim, size = self.client.mget(claim_key, size_key)
+        if size is not None and claim != b"done":
+            logger.warning(
+                "healing job %s: every batch is done but its callback was never sent; "
+                "sending batch 0 again so that the chord sends it",
+                job.job_id,
+            )
+            return [0]
+        logger.error(
+            "healing job %s: its callback (and the results it carried) was lost after the chord "
+            "sent it; running all %d batches again",
+            job.job_id, job.batches,
+        )  # fmt: skip
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.done(job.group_id), claim_key)
+            pipe.execute()
+        backend.set_chord_size(job.group_id, job.batches)
+        return list(range(job.batches))
 
     def _send(self, job: Recipe, index: int, kept: Sequence[Any] | None) -> None:
         hard, soft = job.limits

@@ -35,6 +35,10 @@ HEALED = "fanout:healed:{job_id}"
 UNHEALABLE = "fanout:unhealable:{job_id}"
 #: Which worker heals now (a lease, renewed while it lives).
 HEALER = "fanout:healer"
+#: A job's purges not yet reported to its chord (a hash: purge id -> when), by group id.
+PURGES = "fanout:purges:{group_id}"
+#: The messages one purge took off the queue, kept until they are reported.
+PURGED = "fanout:purged:{group_id}:{purge_id}"
 
 
 def job(job_id: str) -> str:
@@ -79,3 +83,11 @@ def healed(job_id: str) -> str:
 
 def unhealable(job_id: str) -> str:
     return UNHEALABLE.format(job_id=job_id)
+
+
+def purges(group_id: str) -> str:
+    return PURGES.format(group_id=group_id)
+
+
+def purged(group_id: str, purge_id: str) -> str:
+    return PURGED.format(group_id=group_id, purge_id=purge_id)
