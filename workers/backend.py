@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import redis
 from celery.backends.redis import RedisBackend
 
+from workers import softlimit
+
 logger = logging.getLogger(__name__)
 
 #: How long a worker keeps retrying Redis for one operation (a restart takes seconds).
@@ -41,11 +43,17 @@ class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
     Unretried, a chord part reported during a Redis restart raises, Celery then
     marks the header FAILED, and one failed header fails the whole chord.  The
     report is a Lua script that counts each task id once, so sending it again
-    is safe.
+    is safe.  The soft time limit is held meanwhile (:mod:`workers.softlimit`):
+    raised in here, even inside Celery's join of the last part, it would fail
+    the chord as surely.
     """
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
-        return retrying(
-            lambda: super(RetryingRedisBackend, self).on_chord_part_return(request, state, result, **kwargs),
-            f"the chord report of {request.id}",
-        )
+        what = f"the chord report of {request.id}"
+        with softlimit.held(what):
+            return retrying(
+                lambda: super(RetryingRedisBackend, self).on_chord_part_return(
+                    request, state, result, **kwargs
+                ),
+                what,
+            )
