@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError
 
 from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
+from orchestrator.room import require_room, stall_cause
 from workers import keys, results
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
 from workers.fanin import CANCELLED, Outcome, Part, flatten
@@ -92,6 +93,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     if job.where is not None:  # before anything is sent: a location no one can write is a usage error
         root = job.spec.get("root") or job.where.rsplit("/", 1)[0]
         results.check_writable(str(root))
+    require_room(app, job)  # a job that would not fit in Redis's maxmemory is refused
     prepare = _Prepare(app, job, expires, max_failures)
     try:
         group_id = publish_chord(app, job.signature, before=prepare)
@@ -247,6 +249,9 @@ def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generato
                 running = list_workers(app)
             except redis.RedisError:
                 continue
+            full = stall_cause(app, job.job_id, _pending(job, done))  # Redis at its maxmemory
+            if full is not None:
+                raise InfrastructureError(full)
             if not running:
                 raise InfrastructureError(
                     f"no worker is running and job {job.job_id} has not moved for "

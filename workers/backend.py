@@ -11,34 +11,50 @@ import redis
 from celery.backends.redis import RedisBackend
 
 from workers import softlimit
+from workers.memory import REMEDY
 
 logger = logging.getLogger(__name__)
 
 #: How long a worker keeps retrying Redis for one operation (a restart takes seconds).
 RETRY_FOR_S = 60.0
+#: How long it keeps retrying a write Redis refuses for want of memory: until an operator
+#: makes room.  In a pool process the task's hard time limit usually ends the wait first,
+#: and the batch goes back to the queue (its message stays in `unacked` meanwhile).
+FULL_RETRY_FOR_S = 600.0
 #: Errors that mean "Redis is not there right now" rather than "this is wrong".
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+#: ...and "Redis is there but full" (maxmemory, noeviction): it passes once there is room.
+REDIS_FULL = (redis.OutOfMemoryError,)
 
 T = TypeVar("T")
 
 
 def retrying(operation: Callable[[], T], what: str, retry_for: float = RETRY_FOR_S) -> T:
-    """Run ``operation``, retrying while Redis is down, for at most ``retry_for`` seconds."""
-    deadline = time.monotonic() + retry_for
+    """Run ``operation``, retrying while Redis is down, for at most ``retry_for`` seconds,
+    or while it is full (its maxmemory), for at most FULL_RETRY_FOR_S."""
+    started = time.monotonic()
     pause = 0.2
     while True:
         try:
             return operation()
-        except REDIS_DOWN as exc:
-            if time.monotonic() + pause > deadline:
+        except REDIS_DOWN + REDIS_FULL as exc:
+            full = isinstance(exc, REDIS_FULL)
+            if time.monotonic() + pause > started + (FULL_RETRY_FOR_S if full else retry_for):
                 raise
-            logger.warning("Redis unavailable during %s (%s); retrying in %.1f s", what, exc, pause)
+            if full:
+                logger.warning(
+                    "Redis is full (at its maxmemory) during %s; retrying in %.1f s until it has room: %s",
+                    what, pause, REMEDY,
+                )  # fmt: skip
+            else:
+                logger.warning("Redis unavailable during %s (%s); retrying in %.1f s", what, exc, pause)
             time.sleep(pause)
-            pause = min(pause * 2, 2.0)
+            pause = min(pause * 2, 2.0 if not full else 5.0)
 
 
 class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down.
+    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down
+    or full.
 
     Unretried, a chord part reported during a Redis restart raises, Celery then
     marks the header FAILED, and one failed header fails the whole chord.  The
@@ -47,6 +63,11 @@ class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
     raised in here, even inside Celery's join of the last part, it would fail
     the chord as surely.
     """
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Celery's own retries of a result it stores (``result_backend_always_retry``) cover a full
+        Redis too: the chord callback's outcome is written once, after the parts it merged are gone."""
+        return isinstance(exc, REDIS_FULL) or bool(super().exception_safe_to_retry(exc))
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
         what = f"the chord report of {request.id}"
