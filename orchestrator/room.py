@@ -47,12 +47,16 @@ def footprint(job: Plan) -> int:
 
 def _clients(app: Celery) -> list[tuple[str, Any]]:
     """The Redis clients of the result backend and (if another one) the broker, with their roles."""
-    clients: list[tuple[str, Any]] = [("result backend", app.backend.client)]
     broker = str(app.conf.broker_url or "")
     backend = str(app.conf.result_backend or "")
-    if broker.startswith(("redis://", "rediss://")) and not backend.endswith(broker):
-        clients.append(("broker", redis.Redis.from_url(broker, socket_connect_timeout=3, socket_timeout=3)))
-    return clients
+    if backend.endswith(broker):
+        return [("broker and result backend", app.backend.client)]
+    if not broker.startswith(("redis://", "rediss://")):
+        return [("result backend", app.backend.client)]
+    return [
+        ("result backend", app.backend.client),
+        ("broker", redis.Redis.from_url(broker, socket_connect_timeout=3, socket_timeout=3)),
+    ]
 
 
 def _memory(app: Celery) -> list[tuple[str, RedisMemory]]:

@@ -29,9 +29,11 @@ REDIS_FULL = (redis.OutOfMemoryError,)
 T = TypeVar("T")
 
 
-def retrying(operation: Callable[[], T], what: str, retry_for: float = RETRY_FOR_S) -> T:
+def retrying(
+    operation: Callable[[], T], what: str, retry_for: float = RETRY_FOR_S, full_for: float = FULL_RETRY_FOR_S
+) -> T:
     """Run ``operation``, retrying while Redis is down, for at most ``retry_for`` seconds,
-    or while it is full (its maxmemory), for at most FULL_RETRY_FOR_S."""
+    or while it is full (its maxmemory), for at most ``full_for`` seconds."""
     started = time.monotonic()
     pause = 0.2
     while True:
@@ -39,7 +41,7 @@ def retrying(operation: Callable[[], T], what: str, retry_for: float = RETRY_FOR
             return operation()
         except REDIS_DOWN + REDIS_FULL as exc:
             full = isinstance(exc, REDIS_FULL)
-            if time.monotonic() + pause > started + (FULL_RETRY_FOR_S if full else retry_for):
+            if time.monotonic() + pause > started + (full_for if full else retry_for):
                 raise
             if full:
                 logger.warning(

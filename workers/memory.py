@@ -18,6 +18,8 @@ import redis
 
 #: Redis's reply to a write it refuses for want of memory (redis-py raises OutOfMemoryError).
 OOM_REPLY = "command not allowed when used memory > 'maxmemory'"
+#: How close to its maxmemory (or 1 % of it, if more) a Redis counts as full.
+FULL_MARGIN_B = 256 * 1024
 #: What an operator can do about it, in one sentence.
 REMEDY = (
     "raise Redis's maxmemory (CONFIG SET maxmemory, or REDIS_MAXMEMORY in compose), or free "
@@ -52,8 +54,13 @@ class RedisMemory:
 
     @property
     def refuses_writes(self) -> bool:
-        """At its limit with a policy that refuses writes rather than evicting keys."""
-        return bool(self.maxmemory) and self.used >= self.maxmemory and self.policy == "noeviction"
+        """At its limit (give or take FULL_MARGIN) with a policy that refuses writes rather than evicting.
+
+        The margin: a full Redis serves the pops and deletes that free a little memory, so
+        at any one look it may be just under its limit, and refuse the next write all the same.
+        """
+        margin = max(self.maxmemory // 100, FULL_MARGIN_B)
+        return bool(self.maxmemory) and self.used >= self.maxmemory - margin and self.policy == "noeviction"
 
     def __str__(self) -> str:
         if not self.maxmemory:
