@@ -26,8 +26,6 @@ from tests.faultkit import RedisServer, kill_all, new_queue, rigged_job, worker
 from workers.app import celery_config
 from workers.settings import Settings
 
-pytestmark = pytest.mark.system
-
 #: The headers' (hard, soft) time limits: a soft limit that fires well inside the outage,
 #: a hard one well past it (so what the test sees is the soft limit's doing).
 LIMITS = (40, 2)
@@ -66,6 +64,7 @@ def wait_for_outcome(app: Celery, job_id: str, timeout: float) -> dict[str, obje
     raise AssertionError(f"job {job_id} did not end within {timeout} s")
 
 
+@pytest.mark.system
 @pytest.mark.timeout(180)
 def test_soft_limit_before_the_first_item_fails_the_batchs_items_not_the_chord(
     servers: tuple[RedisServer, RedisServer], tmp_path: Path
@@ -105,6 +104,7 @@ def test_soft_limit_before_the_first_item_fails_the_batchs_items_not_the_chord(
     }
 
 
+@pytest.mark.system
 @pytest.mark.timeout(180)
 def test_soft_limit_while_a_finished_batch_reports_is_held_and_the_part_arrives(
     servers: tuple[RedisServer, RedisServer], tmp_path: Path
@@ -139,3 +139,40 @@ def test_soft_limit_while_a_finished_batch_reports_is_held_and_the_part_arrives(
     assert isinstance(outcome, dict)
     assert outcome["results"] == [2]
     assert (outcome["succeeded"], outcome["failed"]) == (1, 0)
+
+
+def test_the_hold_is_a_no_op_where_billiards_soft_limit_handler_is_not_installed() -> None:
+    import signal
+
+    from workers import softlimit
+
+    # This process is no pool process: SIGUSR1 has no soft-limit handler to hold.
+    assert signal.getsignal(signal.SIGUSR1) is not None
+    assert softlimit.hold("a test") is False
+    assert softlimit.release() is False
+    with softlimit.held("a test"):
+        pass
+
+
+def test_the_hold_notes_the_soft_limit_and_release_puts_billiards_handler_back() -> None:
+    import os
+    import signal
+
+    from billiard.pool import soft_timeout_sighandler
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from workers import softlimit
+
+    previous = signal.signal(signal.SIGUSR1, soft_timeout_sighandler)  # as in a pool process
+    try:
+        assert softlimit.hold("reporting a test batch") is True
+        os.kill(os.getpid(), signal.SIGUSR1)  # the soft limit fires: noted, not raised
+        time.sleep(0.01)
+        assert softlimit.release() is True
+        assert signal.getsignal(signal.SIGUSR1) is soft_timeout_sighandler
+        with pytest.raises(SoftTimeLimitExceeded):  # released: it raises again
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)
+    finally:
+        softlimit.release()
+        signal.signal(signal.SIGUSR1, previous)
