@@ -8,6 +8,7 @@ session's worker never takes their messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -371,17 +372,41 @@ def cli_waiting(env: dict[str, str], job_id: str, timeout: float = 120) -> subpr
 
 
 def polling(server: RedisServer) -> Callable[[], bool]:
-    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD."""
+    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD.
+
+    The test's own connections are left out: its ``batches_done`` sends ZCARD too, and
+    taken for the client's, it let a test stop Redis before the client had even started.
+    """
     import redis
 
     def seen() -> bool:
         client = redis.Redis(host=server.bind, port=server.port)
         try:
-            return any(c.get("cmd") == "zcard" for c in client.client_list())
+            own = own_tcp_ports()
+            return any(
+                c.get("cmd") == "zcard" and int(str(c["addr"]).rsplit(":", 1)[1]) not in own
+                for c in client.client_list()
+            )
         finally:
             client.close()
 
     return seen
+
+
+def own_tcp_ports() -> set[int]:
+    """The local ports of this process's TCP sockets (Linux: its fds' inodes in /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ its work; the policy is declared once on the decorator and applied here:
   most, with exponential backoff; the last attempt's error is the one reported;
 * the soft time limit ends the batch at the item it interrupts; the items done
   keep their results, the rest fail with the reason; before the first item it
-  fails them all, and once the last is done it is held (:mod:`workers.softlimit`):
-  a soft limit never fails the chord, wherever in the batch it fires;
+  puts the batch back on the queue (only a slow Redis can use up the limit there),
+  and once the last is done it is held (:mod:`workers.softlimit`): a soft limit
+  never fails the chord, wherever in the batch it fires;
 * a pool process killed mid-batch (OOM, hard time limit, kill -9) puts the
   batch back on the queue, and an item that kills its process again and again
   is failed instead of run forever (:mod:`workers.attempts`).
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from workers import softlimit
 from workers.app import app, soft_limit
@@ -204,8 +205,18 @@ class FanoutTask(Generic[P, R]):
                 stop_on=(SoftTimeLimitExceeded, JobStopped),
                 stopped=stopped,
             )
-        except SoftTimeLimitExceeded as exc:  # between two items: nothing to keep but the reason
-            return fail_batch(start, items, stopped(exc)[1], self.label)
+        except SoftTimeLimitExceeded:  # before the first item: nothing ran
+            reason = control.stop_reason() if control is not None else None
+            if reason is not None:  # cancelled (--terminate) or over budget: the items fail with it
+                return fail_batch(start, items, reason, self.label)
+            # Redis took the whole soft limit to answer (a restart): the batch goes back to the
+            # queue and runs once it answers, as if it had never been taken.
+            logger.warning(
+                "%s: soft time limit (%s s) reached before the first item of batch %s (Redis slow to "
+                "answer?): putting the batch back on the queue",
+                self.name, soft, task.request.id,
+            )  # fmt: skip
+            raise Reject("soft time limit before the first item", requeue=True) from None
         # The items are done: from here to the chord's join, the soft limit has nothing
         # left to stop, and raised it would fail the whole chord (workers/softlimit.py).
         softlimit.hold("reporting a finished batch")
