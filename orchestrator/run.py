@@ -25,6 +25,7 @@ from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
 from orchestrator.room import require_room, stall_cause
 from workers import keys, results
+from workers.backend import replicated
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
 from workers.fanin import CANCELLED, Outcome, Part, flatten
 from workers.settings import Settings
@@ -111,6 +112,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
         raise
     record = {**job.record(group_id), "sent_at": time.time()}
     app.backend.client.set(keys.job(job.job_id), json.dumps(record), ex=expires)
+    replicated(app.backend.client, f"job {job.job_id}'s record and inputs")  # FANOUT_WAIT_REPLICAS
     return group_id
 
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery.backends.redis import RedisBackend
+from celery.states import READY_STATES
 
 from workers import softlimit
 from workers.memory import REMEDY
@@ -54,6 +55,38 @@ def retrying(
             pause = min(pause * 2, 2.0 if not full else 5.0)
 
 
+#: Replicas found behind for this long between two warnings are not warned about again.
+LATE_REPLICA_LOG_EVERY_S = 30.0
+_late_logged_at = float("-inf")
+
+
+def replicated(client: Any, what: str) -> None:
+    """Wait (Redis WAIT) for FANOUT_WAIT_REPLICAS replicas to have this connection's writes so far.
+
+    At most FANOUT_WAIT_MS; a replica that is late or missing is logged (once in a while),
+    never raised: the write itself has succeeded on the master.
+    """
+    global _late_logged_at
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    if settings.wait_replicas <= 0:
+        return
+    try:
+        acked = int(client.wait(settings.wait_replicas, settings.wait_ms))
+    except redis.RedisError as exc:
+        acked, reason = 0, f" ({exc})"
+    else:
+        reason = ""
+    now = time.monotonic()
+    if acked < settings.wait_replicas and now - _late_logged_at >= LATE_REPLICA_LOG_EVERY_S:
+        _late_logged_at = now
+        logger.warning(
+            "%d of %d replica(s) had %s within %d ms%s: a failover now could lose it",
+            acked, settings.wait_replicas, what, settings.wait_ms, reason,
+        )  # fmt: skip
+
+
 class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
     """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down
     or full.
@@ -74,9 +107,17 @@ class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
         what = f"the chord report of {request.id}"
         with softlimit.held(what):
-            return retrying(
+            returned = retrying(
                 lambda: super(RetryingRedisBackend, self).on_chord_part_return(
                     request, state, result, **kwargs
                 ),
                 what,
             )
+            replicated(self.client, what)
+            return returned
+
+    def _store_result(self, task_id: str, result: Any, state: str, *args: Any, **kwargs: Any) -> Any:
+        stored = super()._store_result(task_id, result, state, *args, **kwargs)
+        if state in READY_STATES:  # an outcome (the headers' results are not stored at all)
+            replicated(self.client, f"the result of {task_id}")
+        return stored
