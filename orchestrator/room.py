@@ -17,8 +17,9 @@ import redis
 from celery import Celery
 
 from orchestrator.canvas import Plan
+from workers import keys
 from workers.errors import InfrastructureError
-from workers.memory import REMEDY, RedisMemory, megabytes, read_memory
+from workers.memory import REMEDY, RedisMemory, is_full, megabytes, read_memory
 
 #: What each batch costs Redis besides its items: a header message's envelope (measured: a
 #: message of 100 small ints takes 3.2 KB in the queue's list, 2.4 KB of it the envelope) and
@@ -59,15 +60,25 @@ def _clients(app: Celery) -> list[tuple[str, Any]]:
     ]
 
 
-def _memory(app: Celery) -> list[tuple[str, RedisMemory]]:
+def _memory(app: Celery, probe: bool = False) -> list[tuple[str, RedisMemory]]:
+    """Each Redis's memory figures; with ``probe``, only those that refuse a write now."""
     found: list[tuple[str, RedisMemory]] = []
     for role, client in _clients(app):
         memory = read_memory(client)
-        if memory is not None:
+        if memory is not None and (not probe or (memory.refuses_writes and _refuses_a_write(client))):
             found.append((role, memory))
         if role == "broker":
             client.close()
     return found
+
+
+def _refuses_a_write(client: Any) -> bool:
+    """Whether Redis refuses a small write for want of memory now: near its limit is not yet full."""
+    try:
+        client.set(keys.ROOM_PROBE, "1", px=1000)
+    except redis.RedisError as exc:
+        return is_full(exc)
+    return False
 
 
 def require_room(app: Celery, job: Plan) -> None:
@@ -86,9 +97,8 @@ def require_room(app: Celery, job: Plan) -> None:
 
 def stall_cause(app: Celery, job_id: str, pending: str) -> str | None:
     """Why a job that has not moved cannot finish, if the reason is a full Redis; else None."""
-    for role, memory in _memory(app):
-        if memory.refuses_writes:
-            return full_redis_message(job_id, role, memory, pending)
+    for role, memory in _memory(app, probe=True):
+        return full_redis_message(job_id, role, memory, pending)
     return None
 
 

@@ -24,6 +24,8 @@ INPUTS = "fanout:inputs:{job_id}"
 WORKERS = "fanout:workers"
 #: One worker's registration (JSON), kept alive by the worker, gone soon after it dies.
 WORKER = "fanout:worker:{hostname}"
+#: A one-second key a stalled client writes to learn whether Redis refuses writes (orchestrator/room.py).
+ROOM_PROBE = "fanout:room-probe"
 
 
 def job(job_id: str) -> str:
