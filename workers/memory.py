@@ -6,7 +6,7 @@ used memory > 'maxmemory'``) and keeps serving the rest: reads, deletes, pops.
 Nothing is wrong with the workers or the job then; Redis needs room.  This
 module names that cause: workers log it while they wait for room
 (:mod:`workers.broker`, :mod:`workers.backend`), and the client ends a job
-that cannot finish with it (:mod:`orchestrator.diagnosis`).
+that cannot finish with it (:mod:`orchestrator.room`).
 """
 
 from __future__ import annotations
