@@ -8,7 +8,6 @@ session's worker never takes their messages.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -23,13 +22,23 @@ import pytest
 from celery import Celery
 
 from orchestrator.local import LocalWorker
-from orchestrator.run import batches_done, callback_meta, submit, wait
+from orchestrator.run import callback_meta, submit, wait
 from tests.conftest import fanout_command
-from tests.faultkit import QUICK, RedisServer, app_for, kill_all, new_queue, rigged_job, worker
+from tests.faultkit import (
+    QUICK,
+    RedisServer,
+    app_for,
+    assert_every_index_once,
+    counted,
+    kill_all,
+    new_queue,
+    rigged_job,
+    wait_until,
+    worker,
+)
 from tests.faulty import HANG, KILL, KILL_ONCE
 from workers.attempts import MAX_KILLS
 from workers.errors import InfrastructureError
-from workers.fanin import Outcome
 from workers.settings import Settings
 
 pytestmark = pytest.mark.system
@@ -51,31 +60,6 @@ REDIS_GRACE_S = 30
 REDIS_GRACE_REPORT_S = 32
 #: A visibility timeout no test outlives: only an immediate requeue can bring a batch back.
 NO_REDELIVERY = {**QUICK, "FANOUT_VISIBILITY_TIMEOUT": "600"}
-
-
-@pytest.fixture
-def workers_started() -> Iterator[list[LocalWorker]]:
-    """Workers a test starts; whatever is left of them is killed afterwards."""
-    started: list[LocalWorker] = []
-    yield started
-    for local in started:
-        local.stop(timeout=10)
-        kill_all(local)
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def assert_every_index_once(outcome: Outcome, values: list[int]) -> None:
-    assert outcome["total"] == len(values)
-    assert outcome["results"] == [2 * v for v in values]
-    assert (outcome["succeeded"], outcome["failed"], outcome["errors"]) == (len(values), 0, [])
 
 
 def test_default_visibility_timeout_bounds_the_loss_of_a_worker_to_two_minutes() -> None:
@@ -372,41 +356,18 @@ def cli_waiting(env: dict[str, str], job_id: str, timeout: float = 120) -> subpr
 
 
 def polling(server: RedisServer) -> Callable[[], bool]:
-    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD.
-
-    The test's own connections are left out: its ``batches_done`` sends ZCARD too, and
-    taken for the client's, it let a test stop Redis before the client had even started.
-    """
+    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD (the test
+    reads its progress with ``counted``)."""
     import redis
 
     def seen() -> bool:
         client = redis.Redis(host=server.bind, port=server.port)
         try:
-            own = own_tcp_ports()
-            return any(
-                c.get("cmd") == "zcard" and int(str(c["addr"]).rsplit(":", 1)[1]) not in own
-                for c in client.client_list()
-            )
+            return any(c.get("cmd") == "zcard" for c in client.client_list())
         finally:
             client.close()
 
     return seen
-
-
-def own_tcp_ports() -> set[int]:
-    """The local ports of this process's TCP sockets (Linux: its fds' inodes in /proc/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    ports = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[9] in inodes:
-            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 @pytest.mark.parametrize(
@@ -442,7 +403,7 @@ def test_redis_restart_with_aof_mid_chord_the_waiting_cli_rides_it_out(
                 os.killpg(local.process.pid, signum)
 
     try:
-        wait_until(lambda: batches_done(app, group_id) >= 2, 30, "the first batches")
+        wait_until(lambda: counted(app, group_id) >= 2, 30, "the first batches")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         down_at = time.monotonic()
@@ -475,7 +436,7 @@ def test_the_waiting_cli_gives_up_on_redis_30_s_after_it_went_away(
     group_id = submit(app, job, 600)
     waiting = cli_waiting({**os.environ, "FANOUT_REDIS_URL": own_redis.url}, job.job_id)
     try:
-        wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
+        wait_until(lambda: counted(app, group_id) >= 1, 30, "the first batch")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         down_at = time.monotonic()
@@ -515,7 +476,7 @@ def test_redis_restart_without_persistence_ends_the_wait_with_exit_3(
     group_id = submit(app, job, 600)
     waiting = cli_waiting({**os.environ, "FANOUT_REDIS_URL": own_redis.url}, job.job_id)
     try:
-        wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
+        wait_until(lambda: counted(app, group_id) >= 1, 30, "the first batch")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         time.sleep(outage_s)  # the outage: the fault itself, not a wait for a condition

@@ -11,7 +11,7 @@ import redis
 from celery.backends.redis import RedisBackend
 from celery.states import READY_STATES
 
-from workers import softlimit
+from workers import keys, softlimit
 from workers.memory import REMEDY
 
 logger = logging.getLogger(__name__)
@@ -88,15 +88,18 @@ def replicated(client: Any, what: str) -> None:
 
 
 class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down
-    or full.
+    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is
+    down or full, and marked in the job's done bitmap once the chord has it.
 
     Unretried, a chord part reported during a Redis restart raises, Celery then
     marks the header FAILED, and one failed header fails the whole chord.  The
     report is a Lua script that counts each task id once, so sending it again
     is safe.  The soft time limit is held meanwhile (:mod:`workers.softlimit`):
     raised in here, even inside Celery's join of the last part, it would fail
-    the chord as surely.
+    the chord as surely.  The done bitmap (``keys.done``) is what the healer reads
+    to know which batches the chord has counted; it is set after the report, so a
+    batch marked done is always counted, and before the message is
+    acknowledged, so a batch is always in one of the broker's places or done.
     """
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
@@ -113,6 +116,12 @@ class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
                 ),
                 what,
             )
+            group, index = getattr(request, "group", None), getattr(request, "group_index", None)
+            if group and index is not None:
+                retrying(
+                    lambda: mark_done(self.client, str(group), [int(index)], self.expires),
+                    "marking a batch done",
+                )
             replicated(self.client, what)
             return returned
 
@@ -121,3 +130,14 @@ class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
         if state in READY_STATES:  # an outcome (the headers' results are not stored at all)
             replicated(self.client, f"the result of {task_id}")
         return stored
+
+
+def mark_done(client: Any, group_id: str, indexes: list[int], expires: int | None) -> None:
+    """Mark batches ``indexes`` of group ``group_id`` as counted by the chord (one round trip)."""
+    key = keys.done(group_id)
+    with client.pipeline(transaction=False) as pipe:
+        for index in indexes:
+            pipe.setbit(key, index, 1)
+        if expires:
+            pipe.expire(key, int(expires))
+        pipe.execute()
