@@ -23,7 +23,9 @@ from kombu.exceptions import OperationalError
 
 from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
+from orchestrator.room import require_room, stall_cause
 from workers import keys, results
+from workers.backend import replicated
 from workers.batches import batch_task_id
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
 from workers.fanin import CANCELLED, Outcome, Part, flatten
@@ -93,6 +95,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     if job.where is not None:  # before anything is sent: a location no one can write is a usage error
         root = job.spec.get("root") or job.where.rsplit("/", 1)[0]
         results.check_writable(str(root))
+    require_room(app, job)  # a job that would not fit in Redis's maxmemory is refused
     prepare = _Prepare(app, job, expires, max_failures)
     try:
         group_id = publish_chord(app, job.signature, before=prepare)
@@ -118,6 +121,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
         # Watched by the workers' healer until its fan-in is done (workers/healing.py).
         pipe.zadd(keys.ACTIVE, {job.job_id: sent_at})
         pipe.execute()
+    replicated(app.backend.client, f"job {job.job_id}'s record and inputs")  # FANOUT_WAIT_REPLICAS
     return group_id
 
 
@@ -282,6 +286,9 @@ def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generato
                 running = list_workers(app)
             except redis.RedisError:
                 continue
+            full = stall_cause(app, job.job_id, _pending(job, done))  # Redis at its maxmemory
+            if full is not None:
+                raise InfrastructureError(full)
             if not running:
                 raise InfrastructureError(
                     f"no worker is running and job {job.job_id} has not moved for "

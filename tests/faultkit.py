@@ -50,24 +50,24 @@ def rigged_job(
     marks: Path | None = None,
     limits: tuple[int, int] | None = QUICK_LIMITS,
     results_root: Path | None = None,
+    task: str = "fanout.test.rigged_batch",
+    kwargs: dict[str, Any] | None = None,
     callback_queue: str | None = None,
 ) -> Plan:
-    """A chord of ``fanout.test.rigged_batch`` headers and the real ``fanout.collect``, on ``queue``
-    (the callback on ``callback_queue`` if given).
+    """A chord of ``fanout.test.rigged_batch`` headers (or ``task``'s, with ``kwargs``) and the real
+    ``fanout.collect``, on ``queue`` (the callback on ``callback_queue`` if given).
 
     ``limits`` are the headers' (hard, soft) time limits; None keeps the settings' defaults.
     With ``results_root``, the job is sent by reference (its parts are files there).
     """
     job_id = new_job_id()
     values = list(values)
-    kwargs = {"seconds": seconds, "marks": str(marks or "")}
+    kwargs = {"seconds": seconds, "marks": str(marks or "")} if kwargs is None else kwargs
     time_limits = {"time_limit": limits[0], "soft_time_limit": limits[1]} if limits else {}
     where = str(results_root / job_id) if results_root else None
     by_ref = (where,) if where else ()
     header = [
-        app.signature(
-            "fanout.test.rigged_batch", args=(start, values[start : start + batch_size], kwargs, *by_ref)
-        ).set(
+        app.signature(task, args=(start, values[start : start + batch_size], kwargs, *by_ref)).set(
             immutable=True,
             ignore_result=True,
             queue=queue,

@@ -60,3 +60,9 @@ def _mark(directory: Path, value: Any, exclusive: bool = False) -> tuple[int, st
             return -1, str(path)
     path = directory / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
     return os.open(path, os.O_CREAT | os.O_WRONLY), str(path)
+
+
+@fanout.task(name="fanout.test.padded", batch_size=200)
+def padded(value: int, size: int = 512) -> str:
+    """A result of about ``size`` bytes for ``value``: jobs whose results fill a small Redis."""
+    return f"{value}:" + "x" * size

@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery
 
+from workers.broker import transport_for
 from workers.settings import Settings, get_settings
 
 
@@ -31,8 +32,13 @@ def soft_limit(hard: int) -> int:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``; every entry differs from Celery's default."""
+    broker_url = _broker_url(settings.broker_url)
+    transport = transport_for(broker_url)
     return {
-        "broker_url": _broker_url(settings.broker_url),
+        "broker_url": broker_url,
+        # kombu's Redis transport, except that a worker waits out a full Redis (maxmemory)
+        # instead of exiting and losing the message it had taken (workers/broker.py).
+        **({"broker_transport": transport} if transport else {}),
         # Celery's Redis backend, with a chord part's report retried through a Redis restart.
         "result_backend": f"workers.backend:RetryingRedisBackend+{_backend_url(settings.result_backend)}",
         # A queue of fanout's own (FANOUT_QUEUE), which its workers consume by default:
@@ -79,8 +85,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
         },
-        # A result or chord part written while Redis restarts is retried, not lost
-        # (about a minute of back-off at most; the message is redelivered after that).
+        # A result or chord part written while Redis restarts (or is full) is retried, not
+        # lost (about a minute of back-off at most; the message is redelivered after that).
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
         "result_backend_max_sleep_between_retries_ms": 2000,

@@ -30,7 +30,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from workers import keys
-from workers.backend import retrying
+from workers.backend import REDIS_FULL, retrying
 from workers.errors import ItemError
 from workers.fanin import Part, run_batch
 
@@ -100,7 +100,13 @@ def run_counted(
 
 
 class RedisAttemptLog:
-    """An :class:`AttemptLog` for one task id, in Redis (the result backend's client)."""
+    """An :class:`AttemptLog` for one task id, in Redis (the result backend's client).
+
+    A Redis at its maxmemory refuses the counts: the batch then runs uncounted (as a
+    first run), rather than wait for room before its first item and fail its items at
+    the soft time limit.  While Redis is full, a batch whose process dies cannot go
+    back on the queue either (it stays in ``unacked``), so nothing reruns uncounted.
+    """
 
     def __init__(self, client: Any, task_id: str, expires: int) -> None:
         self.client = client
@@ -114,7 +120,7 @@ class RedisAttemptLog:
                 runs, _ = pipe.incr(self.runs_key).expire(self.runs_key, self.expires).execute()
             return int(runs)
 
-        return retrying(count, "counting a batch run")
+        return _or_uncounted(count, "counting a batch run", 1)
 
     def item_started(self, index: int) -> int:
         def count() -> int:
@@ -123,10 +129,19 @@ class RedisAttemptLog:
                 runs, _ = pipe.execute()
             return int(runs)
 
-        return retrying(count, "counting an item run")
+        return _or_uncounted(count, "counting an item run", 1)
 
     def item_finished(self, index: int) -> None:
-        retrying(lambda: self.client.hincrby(self.items_key, str(index), -1), "counting an item run")
+        _or_uncounted(lambda: self.client.hincrby(self.items_key, str(index), -1), "counting an item run", 0)
+
+
+def _or_uncounted(count: Callable[[], int], what: str, uncounted: int) -> int:
+    """``count()``, retried while Redis is down; ``uncounted`` at once if Redis is full."""
+    try:
+        return retrying(count, what, full_for=0)
+    except REDIS_FULL:
+        logger.warning("Redis is full (at its maxmemory): %s skipped, the batch runs uncounted", what)
+        return uncounted
 
 
 class HeaderRequest(Request):  # type: ignore[misc]

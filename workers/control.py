@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from celery.worker.control import control_command
 
 from workers import keys
@@ -67,14 +68,21 @@ class JobControl:
             if now - self.checked_at < CHECK_EVERY_S:
                 return
             self.checked_at = now
-            raw = self.client.get(keys.stop(self.group_id))
-            self.reason = raw.decode() if raw else None
+            self.reason = self.stop_reason()
         if self.reason is not None:
             raise JobStopped(self.reason)
 
     def stop_reason(self) -> str | None:
-        """The job's stop reason now (one GET)."""
-        raw = self.client.get(keys.stop(self.group_id))
+        """The job's stop reason now (one GET); None while Redis does not answer.
+
+        A look that fails is no reason to fail an item (or, from the soft limit's
+        handler, a whole batch): the next look, CHECK_EVERY_S later, sees a stop.
+        """
+        try:
+            raw = self.client.get(keys.stop(self.group_id))
+        except redis.RedisError as exc:
+            logger.warning("could not read the stop reason of job group %s: %s", self.group_id, exc)
+            return None
         return raw.decode() if raw else None
 
     def count_failures(self, failed: int) -> None:
@@ -85,7 +93,8 @@ class JobControl:
         count = int(retrying(lambda: self._add(failed), "counting the job's failures"))
         if count > limit:
             reason = f"failure budget exceeded: {count} of {total} items failed (at most {limit} allowed)"
-            if self.client.set(keys.stop(self.group_id), reason, nx=True, ex=self.expires):
+            stop = keys.stop(self.group_id)
+            if retrying(lambda: self.client.set(stop, reason, nx=True, ex=self.expires), "stopping the job"):
                 logger.warning("job of group %s stopped: %s", self.group_id, reason)
 
     def _add(self, failed: int) -> int:

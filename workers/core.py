@@ -13,7 +13,10 @@ its work; the policy is declared once on the decorator and applied here:
 * exceptions in ``retry_on`` retry that item in place, ``retries`` times at
   most, with exponential backoff; the last attempt's error is the one reported;
 * the soft time limit ends the batch at the item it interrupts; the items done
-  keep their results, the rest fail with the reason;
+  keep their results, the rest fail with the reason; before the first item it
+  puts the batch back on the queue (only a slow Redis can use up the limit there),
+  and once the last is done it is held (:mod:`workers.softlimit`): a soft limit
+  never fails the chord, wherever in the batch it fires;
 * a pool process killed mid-batch (OOM, hard time limit, kill -9) puts the
   batch back on the queue, and an item that kills its process again and again
   is failed instead of run forever (:mod:`workers.attempts`).
@@ -35,8 +38,9 @@ from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
+from workers import softlimit
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.control import JobControl, JobStopped
@@ -167,11 +171,9 @@ class FanoutTask(Generic[P, R]):
         client = task.app.backend.client
         expires = get_settings().result_expires
         group = task.request.group
-        control = JobControl(client, str(group), expires) if group else None
-        if control is not None and control.reason is not None:
-            return fail_batch(start, items, control.reason, self.label)  # queued when the job stopped
         limits = task.request.timelimit or (None, None)
         soft = limits[1] or task.soft_time_limit or app.conf.task_soft_time_limit
+        control: JobControl | None = None
 
         def stopped(exc: BaseException) -> tuple[str, str]:
             reason = exc.reason if isinstance(exc, JobStopped) else control.stop_reason() if control else None
@@ -189,6 +191,11 @@ class FanoutTask(Generic[P, R]):
 
         log = RedisAttemptLog(client, str(task.request.id), expires)
         try:
+            # Inside the try: the soft limit can fire here too (a Redis restart makes
+            # these reads wait), and then the batch's items fail with the reason.
+            control = JobControl(client, str(group), expires) if group else None
+            if control is not None and control.reason is not None:
+                return fail_batch(start, items, control.reason, self.label)  # queued when the job stopped
             part = run_counted(
                 work,
                 start,
@@ -198,8 +205,21 @@ class FanoutTask(Generic[P, R]):
                 stop_on=(SoftTimeLimitExceeded, JobStopped),
                 stopped=stopped,
             )
-        except SoftTimeLimitExceeded as exc:  # between two items: nothing to keep but the reason
-            return fail_batch(start, items, stopped(exc)[1], self.label)
+        except SoftTimeLimitExceeded:  # before the first item: nothing ran
+            reason = control.stop_reason() if control is not None else None
+            if reason is not None:  # cancelled (--terminate) or over budget: the items fail with it
+                return fail_batch(start, items, reason, self.label)
+            # Redis took the whole soft limit to answer (a restart): the batch goes back to the
+            # queue and runs once it answers, as if it had never been taken.
+            logger.warning(
+                "%s: soft time limit (%s s) reached before the first item of batch %s (Redis slow to "
+                "answer?): putting the batch back on the queue",
+                self.name, soft, task.request.id,
+            )  # fmt: skip
+            raise Reject("soft time limit before the first item", requeue=True) from None
+        # The items are done: from here to the chord's join, the soft limit has nothing
+        # left to stop, and raised it would fail the whole chord (workers/softlimit.py).
+        softlimit.hold("reporting a finished batch")
         # The batch ran to its end: its run counts are needed no more (a copy delivered
         # later runs as a first run, safely).  Not left behind, one key per batch, for a day.
         with contextlib.suppress(Exception):
@@ -262,6 +282,7 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
             part = fail_batch(start, [None] * int(items["count"]), reason)
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})
+        softlimit.hold("reporting a finished batch")  # released when the task ends
         if where is None:
             return part
         from workers.results import write_part

@@ -39,6 +39,8 @@ HEALER = "fanout:healer"
 PURGES = "fanout:purges:{group_id}"
 #: The messages one purge took off the queue, kept until they are reported.
 PURGED = "fanout:purged:{group_id}:{purge_id}"
+#: A one-second key a stalled client writes to learn whether Redis refuses writes (orchestrator/room.py).
+ROOM_PROBE = "fanout:room-probe"
 
 
 def job(job_id: str) -> str:

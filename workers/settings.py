@@ -109,6 +109,13 @@ class Settings:
     #: whatever the job's size (below it, a job's parts are small enough for Redis,
     #: and a few files per job would cost more than they save).
     by_reference_items: int = 200_000
+    #: After the writes a job cannot do without (a batch's part, a job's record and inputs,
+    #: its outcome), wait for this many replicas to have them (Redis WAIT), so that a
+    #: failover to a replica loses fewer acknowledged writes.  0: do not wait.
+    wait_replicas: int = 0
+    #: The longest one such wait lasts, milliseconds; a replica that is late is logged,
+    #: never an error (WAIT cannot make a write fail, only say how far it got).
+    wait_ms: int = 100
 
     @property
     def results_root(self) -> str:
@@ -140,6 +147,8 @@ class Settings:
             queue=_queue(env, "FANOUT_QUEUE", cls.queue),
             results_url=(env.get("FANOUT_RESULTS_URL") or "").strip() or None,
             by_reference_items=_int(env, "FANOUT_BY_REFERENCE_ITEMS", cls.by_reference_items),
+            wait_replicas=_int(env, "FANOUT_WAIT_REPLICAS", cls.wait_replicas, minimum=0),
+            wait_ms=_int(env, "FANOUT_WAIT_MS", cls.wait_ms),
         )
 
 
