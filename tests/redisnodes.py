@@ -7,6 +7,7 @@ session of its own and killed by PID at the end (:func:`kill`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -314,7 +315,7 @@ def fanout_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 def start_worker(env: Mapping[str, str], log: Path, name: str, concurrency: int = 2) -> LocalWorker:
     """A real ``celery -A workers worker`` configured by ``env``, that also imports tests.userjobs."""
-    env = {**env, "FANOUT_IMPORTS": "tests.userjobs"}
+    env = {**env, "FANOUT_IMPORTS": "tests.userjobs,tests.hajobs"}
     local = LocalWorker(
         app_for_env(env),
         concurrency=concurrency,
@@ -325,15 +326,26 @@ def start_worker(env: Mapping[str, str], log: Path, name: str, concurrency: int 
     return local.start(timeout=60)
 
 
-#: A client process that runs ``fanout.map(tests.userjobs.triple, range(N))`` and prints the outcome as JSON.
+#: A client process: ``fanout.map`` of a task over ``range(N)``, printing the outcome as JSON.
 MAP_SCRIPT = """
-import json, sys
+import importlib, json, sys
 import fanout
-from tests.userjobs import triple
-outcome = fanout.map(triple, range(int(sys.argv[1])), batch_size=int(sys.argv[2]), timeout=float(sys.argv[3]))
+module, name = sys.argv[1].split(":")
+task = getattr(importlib.import_module(module), name)
+kwargs = json.loads(sys.argv[5])
+outcome = fanout.map(task, range(int(sys.argv[2])), kwargs=kwargs or None, batch_size=int(sys.argv[3]),
+                     timeout=float(sys.argv[4]))
 print(json.dumps({"results": outcome.results, "errors": len(outcome.errors)}))
 """
 
 
-def map_command(items: int, batch_size: int, timeout: float) -> list[str]:
-    return [sys.executable, "-c", MAP_SCRIPT, str(items), str(batch_size), str(timeout)]
+def map_command(
+    items: int,
+    batch_size: int,
+    timeout: float,
+    task: str = "tests.userjobs:triple",
+    kwargs: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """A ``python -c`` command that runs ``fanout.map(task, range(items))`` and prints its outcome."""
+    arguments = [task, str(items), str(batch_size), str(timeout), json.dumps(kwargs or {})]
+    return [sys.executable, "-c", MAP_SCRIPT, *arguments]
