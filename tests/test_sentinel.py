@@ -23,7 +23,15 @@ from orchestrator.local import LocalWorker
 from orchestrator.publish import bulk_queue_key
 from orchestrator.samples import make_photos
 from tests.conftest import fanout_command
-from tests.redisnodes import SentinelGroup, app_for_env, fanout_env, map_command, sentinel_group, start_worker
+from tests.redisnodes import (
+    Certificates,
+    SentinelGroup,
+    app_for_env,
+    fanout_env,
+    map_command,
+    sentinel_group,
+    start_worker,
+)
 from workers import connections
 from workers.settings import Settings
 
@@ -231,3 +239,32 @@ def test_the_master_killed_mid_job_both_jobs_complete_after_the_failover(tmp_pat
                     client.wait(10)
             for local in workers:
                 local.stop()
+
+
+# --- Sentinel with passwords and TLS everywhere ----------------------------------------------
+
+
+def test_sentinels_with_their_own_password_and_tls_to_them_and_the_master(tmp_path: Path) -> None:
+    """Redis's password in the URL, the Sentinels' own in FANOUT_SENTINEL_PASSWORD, TLS only
+    (verified against the test's CA) to the Sentinels and the master; a wrong Sentinel password
+    exits 3 at once, naming it."""
+    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
+        pytest.skip("needs redis-server and openssl")
+    certificates = Certificates.make(tmp_path / "certs")
+    options = {"tls": certificates, "password": "redis-pw", "sentinel_password": "sentinel-pw"}
+    with sentinel_group(tmp_path / "ha", **options) as group:
+        env = fanout_env(group.env())
+        assert env["FANOUT_REDIS_URL"].startswith("sentinel://:redis-pw@127.0.0.1:")
+        local = start_worker(env, tmp_path / "worker.log", "sentinel-tls")
+        try:
+            cli_job_runs(env)
+            map_job_runs(env, 500)
+        finally:
+            local.stop()
+        wrong = env | {"FANOUT_SENTINEL_PASSWORD": "not-it"}
+        began = time.monotonic()
+        proc = run(fanout_command("double", "1"), wrong)
+        assert proc.returncode == 3, proc.stderr
+        assert "FANOUT_SENTINEL_PASSWORD" in proc.stderr and "No master found" in proc.stderr
+        assert "redis-pw" not in proc.stderr and "not-it" not in proc.stderr  # no password shown
+        assert time.monotonic() - began < 10
