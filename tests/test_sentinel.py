@@ -164,11 +164,6 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs the fan-in that heals (workers/healing.py, issue 17 item 1), not yet in main: "
-    "a failover drops the writes the replica had not received, and a batch lost that way stalls its job",
-)
 def test_the_master_killed_mid_job_both_jobs_complete_after_the_failover(tmp_path: Path) -> None:
     """``kill -9`` of the master while a 100,000-item map and a 500-image resize run: Sentinel
     promotes the replica, both waiting clients ride it out, workers reconnect by themselves,
