@@ -14,7 +14,7 @@ from celery import Celery
 from celery.states import READY_STATES
 
 from orchestrator.run import batches_done, callback_meta, load_record
-from workers import keys
+from workers import connections, keys
 from workers.errors import FanoutError, InfrastructureError
 from workers.fanin import CANCELLED, Outcome
 
@@ -116,7 +116,7 @@ def job_status(app: Celery, job_id: str) -> Status:
     job = StoredJob.load(app, job_id)
     meta = callback_meta(app, job_id)
     if meta is None or meta.get("status") not in READY_STATES:
-        raw = app.backend.client.get(keys.stop(job.group_id))
+        raw = connections.backend(app).get(keys.stop(job.group_id))
         stopped = raw.decode() if raw else None
         return Status(job, "running", batches_done(app, job.group_id), None, None, stopped)
     state = str(meta["status"])
