@@ -119,8 +119,13 @@ def test_a_recipe_rebuilds_each_batch_as_the_client_sent_it() -> None:
 
 
 def test_batch_task_ids_are_the_same_every_time_and_differ_between_batches() -> None:
-    assert batch_task_id("job", 3) == batch_task_id("job", 3)
-    assert len({batch_task_id("job", i) for i in range(1000)} | {batch_task_id("other", 0)}) == 1001
+    import uuid
+
+    for job_id in ("job", str(uuid.uuid4())):
+        assert batch_task_id(job_id, 3) == batch_task_id(job_id, 3)
+        ids = {batch_task_id(job_id, i) for i in range(1000)} | {batch_task_id("other", 0), job_id}
+        assert len(ids) == 1002
+        assert all(uuid.UUID(i) for i in ids - {"job"})
 
 
 # --- real workers, real Redis --------------------------------------------------------------------
@@ -226,6 +231,28 @@ def test_a_message_lost_from_unacked_with_its_worker_is_sent_again(
     outcome = wait(app, job, group_id, timeout=120)
     assert_every_index_once(outcome, values)
     assert healed(client, job.job_id) >= 1
+
+
+@system
+def test_a_batch_of_a_job_sent_by_reference_is_sent_again_from_its_input_file(
+    app: Celery, worker: LocalWorker, tmp_path: Path
+) -> None:
+    from orchestrator.canvas import build
+    from tests import userjobs
+    from workers import results
+
+    client = app.backend.client
+    # Given a user's job sent by reference (its items in files of the results location)
+    values = [0.6 + k / 100 for k in range(8)]
+    plan = build(userjobs.sleepy.name, values, 1, by_reference=True, results_root=str(tmp_path / "r"))
+    group_id = submit(app, plan, 600)
+    # When Redis drops one of its queued messages
+    take_message(client, "fanout", group_id, 7)
+    # Then the healer sends it again, naming the same file, and the job completes
+    outcome = wait(app, plan, group_id, timeout=90)
+    whole = results.materialize(outcome)
+    assert whole["results"] == values and whole["failed"] == 0
+    assert healed(client, plan.job_id) == 1
 
 
 @system
@@ -369,16 +396,18 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
     env = {**QUICK, "FANOUT_VISIBILITY_TIMEOUT": "8"}
     live = [worker(app, queue, tmp_path, f"soak{i}", env=env, concurrency=2) for i in range(2)]
     workers_started.extend(live)
-    incomplete, runs_twice = 0, 0
+    incomplete, resent, twice = 0, 0, 0
     for round_number in range(3):
         jobs = []
-        for _ in range(6):
-            values = [rng.randrange(1_000_000) for _ in range(rng.randrange(40, 120))]
-            plan = rigged_job(app, values, rng.choice([1, 5, 10]), queue, seconds=0.02)
-            jobs.append((plan, values, submit(app, plan, 600)))
+        for k in range(6):
+            values = rng.sample(range(1_000_000), rng.randrange(40, 120))
+            marks = tmp_path / f"marks-{round_number}-{k}"
+            marks.mkdir()
+            plan = rigged_job(app, values, rng.choice([1, 5, 10]), queue, seconds=0.02, marks=marks)
+            jobs.append((plan, values, submit(app, plan, 600), marks))
         time.sleep(0.5)
         # A message dropped, as kombu's BRPOP window or a failover drops one...
-        plan, _, group_id = jobs[rng.randrange(len(jobs))]
+        plan, _, group_id, _ = jobs[rng.randrange(len(jobs))]
         queued = [
             json.loads(raw)["headers"]["group_index"]
             for raw in client.lrange(queue, 0, -1)
@@ -403,14 +432,15 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
             if children:
                 os.kill(int(children[0]), signal.SIGKILL)
         round_started = time.monotonic()
-        for plan, values, group_id in jobs:
+        for plan, values, group_id, marks in jobs:
             try:
                 outcome = wait(app, plan, group_id, timeout=180)
             except InfrastructureError:
                 incomplete += 1
                 continue
             assert_every_index_once(outcome, values)
-            runs_twice += healed(client, plan.job_id)
+            resent += healed(client, plan.job_id)
+            twice += sum(1 for count in runs_by_value(marks).values() if count > 1)
         print(f"soak round {round_number}: {time.monotonic() - round_started:.1f} s")
     assert incomplete == 0
-    print(f"soak: 18 jobs complete, {runs_twice} batches sent again by the healer")
+    print(f"soak: 18 jobs complete, {resent} batches sent again by the healer, {twice} items ran twice")
