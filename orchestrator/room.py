@@ -17,7 +17,7 @@ import redis
 from celery import Celery
 
 from orchestrator.canvas import Plan
-from workers import keys
+from workers import connections, keys
 from workers.errors import InfrastructureError
 from workers.memory import REMEDY, RedisMemory, is_full, megabytes, read_memory
 
@@ -51,11 +51,11 @@ def _clients(app: Celery) -> list[tuple[str, Any]]:
     broker = str(app.conf.broker_url or "")
     backend = str(app.conf.result_backend or "")
     if backend.endswith(broker):
-        return [("broker and result backend", app.backend.client)]
+        return [("broker and result backend", connections.backend(app))]
     if not broker.startswith(("redis://", "rediss://")):
-        return [("result backend", app.backend.client)]
+        return [("result backend", connections.backend(app))]
     return [
-        ("result backend", app.backend.client),
+        ("result backend", connections.backend(app)),
         ("broker", redis.Redis.from_url(broker, socket_connect_timeout=3, socket_timeout=3)),
     ]
 

@@ -24,7 +24,7 @@ from kombu.exceptions import OperationalError
 from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
 from orchestrator.room import require_room, stall_cause
-from workers import keys, results
+from workers import connections, keys, results
 from workers.backend import replicated
 from workers.batches import batch_task_id
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
@@ -55,9 +55,11 @@ REDIS_GRACE_S = 30.0
 
 
 def _redact(url: str) -> str:
+    """``url`` without its password: every Sentinel of a sentinel:// URL carries one (kombu's
+    ``maybe_sanitize_url`` would hide only the first)."""
     from kombu.utils.url import maybe_sanitize_url
 
-    return str(maybe_sanitize_url(url))
+    return ";".join(str(maybe_sanitize_url(chunk)) for chunk in url.split(";"))
 
 
 def check_redis(settings: Settings) -> None:
@@ -67,18 +69,16 @@ def check_redis(settings: Settings) -> None:
         roles[url] = f"{roles[url]} and {name}" if url in roles else name
     # One connection and PING per distinct Redis: broker and backend are usually the same one.
     for url, name in roles.items():
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=settings.connect_timeout, socket_timeout=settings.connect_timeout
-        )
+        client = connections.client(url, settings)
         try:
             client.ping()
         except redis.RedisError as exc:
             raise InfrastructureError(
-                f"cannot reach Redis ({name}) at {_redact(url)}: {exc}. "
-                "Start Redis, or point FANOUT_REDIS_URL at a running one."
+                f"cannot reach Redis ({name}) at {_redact(url)}: {connections.describe(exc)}. "
+                + connections.remedy(exc)
             ) from None
         finally:
-            client.close()
+            connections.close(client)
 
 
 def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None) -> str:
@@ -103,7 +103,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
         # Interrupted (Ctrl-C) or failed half-way: what was sent must not run for nobody.
         if prepare.group_id is not None:
             with contextlib.suppress(redis.RedisError):  # a Redis refusing writes refuses this too
-                app.backend.client.set(keys.stop(prepare.group_id), CANCELLED, ex=expires)
+                connections.backend(app).set(keys.stop(prepare.group_id), CANCELLED, ex=expires)
         if isinstance(exc, redis.RedisError | OSError | OperationalError):
             raise InfrastructureError(
                 f"sending job {job.job_id} failed part-way: {exc}. The batches already sent are "
@@ -116,12 +116,12 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     recipe = heal_recipe(app, job, group_id)
     if recipe is not None:
         record["heal"] = recipe
-    with app.backend.client.pipeline(transaction=False) as pipe:
+    with connections.backend(app).pipeline(transaction=False) as pipe:
         pipe.set(keys.job(job.job_id), json.dumps(record), ex=expires)
         # Watched by the workers' healer until its fan-in is done (workers/healing.py).
         pipe.zadd(keys.ACTIVE, {job.job_id: sent_at})
         pipe.execute()
-    replicated(app.backend.client, f"job {job.job_id}'s record and inputs")  # FANOUT_WAIT_REPLICAS
+    replicated(connections.backend(app), f"job {job.job_id}'s record and inputs")  # FANOUT_WAIT_REPLICAS
     return group_id
 
 
@@ -159,7 +159,7 @@ class _Prepare:
 
     def __call__(self, group_id: str) -> None:
         self.group_id = group_id
-        client = self.app.backend.client
+        client = connections.backend(self.app)
         job = self.job
         if job.where is not None:
             # By reference: the inputs go to the results location (the header messages
@@ -194,7 +194,7 @@ Progress = Callable[[int, int], None]  # (batches done, batches in all)
 
 def batches_done(app: Celery, group_id: str) -> int:
     """How many header tasks have reported: one ZCARD, whatever the job's size."""
-    return int(app.backend.client.zcard(join_key(app, group_id)))
+    return int(connections.backend(app).zcard(join_key(app, group_id)))
 
 
 def join_key(app: Celery, group_id: str) -> bytes:
@@ -222,7 +222,7 @@ def callback_meta(app: Celery, job_id: str) -> dict[str, Any] | None:
     One GET on the backend's client (no retry loop of the backend's own), so
     a dead Redis shows up here at once, as a ``redis.RedisError``.
     """
-    raw = app.backend.client.get(app.backend.get_key_for_task(job_id))
+    raw = connections.backend(app).get(app.backend.get_key_for_task(job_id))
     if not raw:
         return None
     meta: dict[str, Any] = app.backend.decode_result(raw)
@@ -363,7 +363,7 @@ def parts_as_completed(app: Celery, job: Tracked, group_id: str, timeout: float)
 
 def _new_parts(app: Celery, key: bytes, seen: set[int], batches: int) -> Iterable[tuple[int, Part]]:
     gaps = _gaps(seen, batches)
-    client = app.backend.client
+    client = connections.backend(app)
     if len(gaps) > MAX_RANGES:
         rows = client.zrange(key, 0, -1, withscores=True)
     else:
@@ -408,7 +408,7 @@ def _require_state(app: Celery, job: Tracked, done: int) -> None:
 
 def _require_healable(app: Celery, job: Tracked, done: int) -> None:
     """Raise InfrastructureError if the healer found a batch of ``job`` lost for good (workers/healing.py)."""
-    reason = app.backend.client.get(keys.unhealable(job.job_id))
+    reason = connections.backend(app).get(keys.unhealable(job.job_id))
     if reason:
         raise InfrastructureError(
             f"job {job.job_id} cannot complete: {reason.decode()} ({_pending(job, done)}). "
@@ -426,7 +426,7 @@ def _pending(job: Tracked, done: int) -> str:
 
 
 def load_record(app: Celery, job_id: str) -> dict[str, Any] | None:
-    raw = app.backend.client.get(keys.job(job_id))
+    raw = connections.backend(app).get(keys.job(job_id))
     return json.loads(raw) if raw else None
 
 

@@ -1,4 +1,4 @@
-"""The result backend: Celery's Redis backend, with chord bookkeeping that rides out a Redis restart."""
+"""The result backend: Celery's Redis (or Sentinel) backend, its chord count riding out a Redis restart."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.states import READY_STATES
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from workers import keys, softlimit
+from workers.connections import following
 from workers.memory import REMEDY
 
 logger = logging.getLogger(__name__)
@@ -87,9 +90,9 @@ def replicated(client: Any, what: str) -> None:
         )  # fmt: skip
 
 
-class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is
-    down or full, and marked in the job's done bitmap once the chord has it.
+class RetryingChordMixin:
+    """A header's report to its chord is retried while Redis is down or full (or a Sentinel
+    fails over), and marked in the job's done bitmap once the chord has it.
 
     Unretried, a chord part reported during a Redis restart raises, Celery then
     marks the header FAILED, and one failed header fails the whole chord.  The
@@ -102,16 +105,19 @@ class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
     acknowledged, so a batch is always in one of the broker's places or done.
     """
 
+    client: Any
+    expires: Any
+
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         """Celery's own retries of a result it stores (``result_backend_always_retry``) cover a full
         Redis too: the chord callback's outcome is written once, after the parts it merged are gone."""
-        return isinstance(exc, REDIS_FULL) or bool(super().exception_safe_to_retry(exc))
+        return isinstance(exc, REDIS_FULL) or bool(super().exception_safe_to_retry(exc))  # type: ignore[misc]
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
         what = f"the chord report of {request.id}"
         with softlimit.held(what):
             returned = retrying(
-                lambda: super(RetryingRedisBackend, self).on_chord_part_return(
+                lambda: super(RetryingChordMixin, self).on_chord_part_return(  # type: ignore[misc]
                     request, state, result, **kwargs
                 ),
                 what,
@@ -126,10 +132,40 @@ class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
             return returned
 
     def _store_result(self, task_id: str, result: Any, state: str, *args: Any, **kwargs: Any) -> Any:
-        stored = super()._store_result(task_id, result, state, *args, **kwargs)
+        stored = super()._store_result(task_id, result, state, *args, **kwargs)  # type: ignore[misc]
         if state in READY_STATES:  # an outcome (the headers' results are not stored at all)
             replicated(self.client, f"the result of {task_id}")
         return stored
+
+
+class RetryingRedisBackend(RetryingChordMixin, RedisBackend):  # type: ignore[misc]
+    """Celery's Redis backend, with the chord report retried and marked done (RetryingChordMixin)."""
+
+
+#: How long one command of the Sentinel backend keeps retrying through a failover: Sentinel
+#: names a new master seconds after ``down-after-milliseconds`` (30 s in Sentinel's sample
+#: configuration), and every retry asks the Sentinels again.
+FAILOVER_RETRIES = 20  # 0.4, 0.8, 1.6, then 2 s apart: about 35 s in all
+
+
+class RetryingSentinelBackend(RetryingChordMixin, SentinelBackend):  # type: ignore[misc]
+    """Celery's Sentinel backend (the master the Sentinels name), with the same chord report,
+    and every command retried through a failover.
+
+    Celery catches a connection error in the chord's join (the last header's
+    ``on_chord_part_return``, past the part the mixin retries) and fails the whole
+    chord with ``ChordError('Join error: ...')``; a join that runs while Sentinel
+    promotes a replica must wait for the new master instead, as must a part's
+    report or a result.  redis-py's default (3 quick retries) is over before a
+    failover is.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Each retry asks the Sentinels for the master (redis-py's own class keeps the old one).
+        self.connparams["connection_class"] = following(self.connparams.get("connection_class"))
+        self.connparams["retry"] = Retry(ExponentialBackoff(cap=2.0, base=0.2), retries=FAILOVER_RETRIES)
+        self.connparams["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
 
 
 def mark_done(client: Any, group_id: str, indexes: list[int], expires: int | None) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from workers import keys, results
+from workers import connections, keys, results
 from workers.batches import batch_task_id, header_args
 
 logger = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ class Healer:
 
     @property
     def client(self) -> Any:
-        return self.app.backend.client
+        return connections.backend(self.app)
 
     def lead(self) -> bool:
         return bool(self.client.eval(LEASE_LUA, 1, keys.HEALER, self.name, int(LEASE_S * 1000)))
