@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError
 
 from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
-from workers import keys, results
+from workers import connections, keys, results
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
 from workers.fanin import CANCELLED, Outcome, Part, flatten
 from workers.settings import Settings
@@ -64,18 +64,16 @@ def check_redis(settings: Settings) -> None:
         roles[url] = f"{roles[url]} and {name}" if url in roles else name
     # One connection and PING per distinct Redis: broker and backend are usually the same one.
     for url, name in roles.items():
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=settings.connect_timeout, socket_timeout=settings.connect_timeout
-        )
+        client = connections.client(url, settings)
         try:
             client.ping()
         except redis.RedisError as exc:
             raise InfrastructureError(
-                f"cannot reach Redis ({name}) at {_redact(url)}: {exc}. "
-                "Start Redis, or point FANOUT_REDIS_URL at a running one."
+                f"cannot reach Redis ({name}) at {_redact(url)}: {str(exc).rstrip('.')}. "
+                + connections.remedy(exc)
             ) from None
         finally:
-            client.close()
+            connections.close(client)
 
 
 def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None) -> str:

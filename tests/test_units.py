@@ -180,7 +180,11 @@ def test_settings_allow_separate_broker_and_backend() -> None:
     s = Settings.from_env(
         {"FANOUT_REDIS_URL": "redis://h:1/2", "FANOUT_RESULT_BACKEND": "rediss://:pw@r:6380/3"}
     )
-    assert (s.broker_url, s.result_backend) == ("redis://h:1/2", "rediss://:pw@r:6380/3")
+    # A rediss:// URL without ssl_cert_reqs verifies the server (tests/test_connections.py).
+    assert (s.broker_url, s.result_backend) == (
+        "redis://h:1/2",
+        "rediss://:pw@r:6380/3?ssl_cert_reqs=required",
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ from typing import Any
 
 from celery import Celery
 
-from workers.settings import Settings, get_settings
+from workers import connections
+from workers.settings import Settings, get_settings, is_sentinel
 
 
 def _backend_url(url: str) -> str:
@@ -29,12 +30,19 @@ def soft_limit(hard: int) -> int:
     return hard - 10 if hard > 20 else max(1, hard * 2 // 3)
 
 
+def _backend(url: str) -> str:
+    """The result backend setting for ``url``: fanout's retrying Redis or Sentinel backend, and the URL."""
+    backend = "RetryingSentinelBackend" if is_sentinel(url) else "RetryingRedisBackend"
+    return f"workers.backend:{backend}+{_backend_url(url)}"
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``; every entry differs from Celery's default."""
+    sentinel = connections.celery_options(settings)
     return {
         "broker_url": _broker_url(settings.broker_url),
-        # Celery's Redis backend, with a chord part's report retried through a Redis restart.
-        "result_backend": f"workers.backend:RetryingRedisBackend+{_backend_url(settings.result_backend)}",
+        # Celery's Redis (or Sentinel) backend, with a chord part's report retried through a Redis restart.
+        "result_backend": _backend(settings.result_backend),
         # A queue of fanout's own (FANOUT_QUEUE), which its workers consume by default:
         # another Celery app on the same database keeps to its `celery` queue.
         "task_default_queue": settings.queue,
@@ -75,9 +83,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": settings.restore_interval,
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": settings.connect_timeout,
+            # For a sentinel:// URL: the master's name, and the Sentinels' password, TLS, timeouts.
+            **sentinel["broker_transport_options"],
         },
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
+            # For a sentinel:// URL: the master's name, and the Sentinels' password, TLS, timeouts.
+            **sentinel["result_backend_transport_options"],
         },
         # A result or chord part written while Redis restarts is retried, not lost
         # (about a minute of back-off at most; the message is redelivered after that).
@@ -87,6 +99,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Fail fast on a dead Redis instead of hanging in the connect call.
         "redis_socket_connect_timeout": settings.connect_timeout,
         "broker_connection_timeout": settings.connect_timeout,
+        # TLS to a Sentinel-named master (FANOUT_SENTINEL_TLS): a sentinel:// URL has no place for it.
+        **{key: sentinel[key] for key in ("broker_use_ssl", "redis_backend_use_ssl") if key in sentinel},
         # Workers keep retrying the broker at start-up (silences the 5.x warning).
         "broker_connection_retry_on_startup": True,
         # Publishing gives up after a few quick retries instead of retrying forever.

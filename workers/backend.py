@@ -1,4 +1,4 @@
-"""The result backend: Celery's Redis backend, with chord bookkeeping that rides out a Redis restart."""
+"""The result backend: Celery's Redis (or Sentinel) backend, its chord count riding out a Redis restart."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +35,27 @@ def retrying(operation: Callable[[], T], what: str, retry_for: float = RETRY_FOR
             pause = min(pause * 2, 2.0)
 
 
-class RetryingRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down.
+class RetryingChordMixin:
+    """A header's report to its chord is retried while Redis is down.
 
-    Unretried, a chord part reported during a Redis restart raises, Celery then
-    marks the header FAILED, and one failed header fails the whole chord.  The
-    report is a Lua script that counts each task id once, so sending it again
-    is safe.
+    Unretried, a chord part reported during a Redis restart (or a Sentinel
+    failover) raises, Celery then marks the header FAILED, and one failed
+    header fails the whole chord.  The report is a Lua script that counts each
+    task id once, so sending it again is safe.
     """
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
         return retrying(
-            lambda: super(RetryingRedisBackend, self).on_chord_part_return(request, state, result, **kwargs),
+            lambda: super(RetryingChordMixin, self).on_chord_part_return(  # type: ignore[misc]
+                request, state, result, **kwargs
+            ),
             f"the chord report of {request.id}",
         )
+
+
+class RetryingRedisBackend(RetryingChordMixin, RedisBackend):  # type: ignore[misc]
+    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down."""
+
+
+class RetryingSentinelBackend(RetryingChordMixin, SentinelBackend):  # type: ignore[misc]
+    """Celery's Sentinel backend (the master the Sentinels name), with the same retried chord report."""

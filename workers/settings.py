@@ -3,32 +3,227 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from workers.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket", "sentinel")
+#: ``ssl_cert_reqs`` as redis-py spells it, from every spelling Celery and kombu accept.
+_CERT_REQS = {
+    "required": "required",
+    "cert_required": "required",
+    "optional": "optional",
+    "cert_optional": "optional",
+    "none": "none",
+    "cert_none": "none",
+}
+#: The TLS parameters a ``rediss://`` URL may carry in its query string.
+_TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def cert_reqs(name: str, value: str) -> str:
+    """``value`` as redis-py spells it (``required``, ``optional``, ``none``).
+
+    Celery's and kombu's documentation write ``CERT_REQUIRED``; redis-py's own
+    clients accept only ``required``.  Both are taken here, so one URL serves all three.
+    """
+    normal = _CERT_REQS.get(value.strip().lower())
+    if normal is None:
+        raise ConfigError(
+            f"{name}: ssl_cert_reqs={value!r} is not one of CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE "
+            "(or required, optional, none)"
+        )
+    return normal
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A ``sentinel://h1:26379;sentinel://h2:26379/0`` URL, taken apart."""
+
+    hosts: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def url(self) -> str:
+        """The URL with the credentials and the database on every Sentinel, as kombu and Celery read it.
+
+        kombu reads the database and password from the first Sentinel's URL and
+        Celery from the first host's, while users often write the database on the
+        last one only (``sentinel://h1;sentinel://h2/0``).
+        """
+        auth = ""
+        if self.password is not None or self.username is not None:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
+        return ";".join(f"sentinel://{auth}{_netloc(host, port)}/{self.db}" for host, port in self.hosts)
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: for error messages."""
+    return re.sub(r"(://[^:@/;]*:)[^@/;]*@", r"\1***@", url)
+
+
+def parse_sentinel_url(name: str, url: str) -> SentinelUrl:
+    """Take a ``sentinel://`` URL apart, or raise ConfigError naming ``name``."""
+    hosts: list[tuple[str, int]] = []
+    dbs: set[int] = set()
+    users: set[str] = set()
+    passwords: set[str] = set()
+    for chunk in url.split(";"):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        try:
+            parts = urlsplit(chunk)
+            port = parts.port or 26379
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {_redacted(chunk)!r} is not a valid URL: {exc}") from None
+        if parts.scheme != "sentinel":
+            raise ConfigError(
+                f"{name}: {_redacted(chunk)!r} is not a Sentinel; write each Sentinel as "
+                "sentinel://host:port, separated by ';' (sentinel://h1:26379;sentinel://h2:26379/0)"
+            )
+        if not parts.hostname:
+            raise ConfigError(f"{name}: {_redacted(chunk)!r} names no host")
+        if parts.query or parts.fragment:
+            raise ConfigError(
+                f"{name}: {_redacted(chunk)!r}: a Sentinel URL takes no options; TLS to the Sentinels is "
+                "FANOUT_SENTINEL_TLS=1 with FANOUT_SENTINEL_TLS_CA_CERTS=..., see docs/configuration.md"
+            )
+        path = parts.path.strip("/")
+        if path:
+            if not path.isdigit():
+                raise ConfigError(
+                    f"{name}: {_redacted(chunk)!r}: the database must be a number (/0), not {path!r}"
+                )
+            dbs.add(int(path))
+        if parts.username:
+            users.add(unquote(parts.username))
+        if parts.password is not None:
+            passwords.add(unquote(parts.password))
+        hosts.append((parts.hostname, port))
+    if not hosts:
+        raise ConfigError(f"{name}={_redacted(url)!r} names no Sentinel")
+    for what, values in (("databases", dbs), ("user names", users), ("passwords", passwords)):
+        if len(values) > 1:
+            shown = sorted(str(v) for v in values) if what == "databases" else ["..."]
+            raise ConfigError(
+                f"{name}: the Sentinels give different {what} ({', '.join(shown)}); "
+                "they all point at one master, so give it once or the same on each"
+            )
+    return SentinelUrl(
+        hosts=tuple(hosts),
+        db=dbs.pop() if dbs else 0,
+        username=users.pop() if users else None,
+        password=passwords.pop() if passwords else None,
+    )
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith("sentinel://")
 
 
 def check_redis_url(name: str, url: str) -> str:
-    """Return ``url`` if it is a Redis URL, else raise ConfigError naming ``name``."""
+    """``url`` as fanout uses it, if it is a Redis URL, else raise ConfigError naming ``name``.
+
+    A ``sentinel://`` URL comes back with its database and credentials on every
+    Sentinel; a ``rediss://`` URL with ``ssl_cert_reqs`` as redis-py spells it
+    (``required`` when absent: verification is on unless the URL turns it off).
+    """
+    url = url.strip()
+    if is_sentinel(url):
+        return parse_sentinel_url(name, url).url()
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigError(f"{name}={url!r} is not a valid URL: {exc}") from None
+        raise ConfigError(f"{name}={_redacted(url)!r} is not a valid URL: {exc}") from None
     if parts.scheme not in _REDIS_SCHEMES:
         raise ConfigError(
-            f"{name}={url!r}: expected a Redis URL ({', '.join(s + '://' for s in _REDIS_SCHEMES)})"
+            f"{name}={_redacted(url)!r}: expected a Redis URL "
+            f"({', '.join(s + '://' for s in _REDIS_SCHEMES)})"
         )
     if parts.scheme in ("redis", "rediss") and not parts.hostname:
-        raise ConfigError(f"{name}={url!r}: the URL names no host")
+        raise ConfigError(f"{name}={_redacted(url)!r}: the URL names no host")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.scheme == "redis" and any(key in _TLS_PARAMS for key, _ in query):
+        raise ConfigError(f"{name}: TLS options ({', '.join(_TLS_PARAMS)}) need a rediss:// URL")
+    if parts.scheme == "rediss":
+        query = [(k, cert_reqs(name, v) if k == "ssl_cert_reqs" else v) for k, v in query]
+        if not any(key == "ssl_cert_reqs" for key, _ in query):
+            query.append(("ssl_cert_reqs", "required"))
+        url = urlunsplit(parts._replace(query=urlencode(query, safe="/")))
     return url
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "no", "false", "off"):
+        return False
+    if raw in ("1", "yes", "true", "on"):
+        return True
+    raise ConfigError(f"{name}={env.get(name)!r}: expected 1 or 0")
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the Sentinels and to the master they name (``FANOUT_SENTINEL_TLS_*``)."""
+
+    #: ``required``, ``optional`` or ``none``, as redis-py spells it.
+    cert_reqs: str = "required"
+    #: The CA bundle that signed the servers' certificates (None: the system's).
+    ca_certs: str | None = None
+    #: A client certificate and its key, for a Redis that asks for one (tls-auth-clients).
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """The ``ssl_*`` keyword arguments of a redis-py connection, as kombu and Celery take them too."""
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": self.cert_reqs}
+        for key, value in (
+            ("ssl_ca_certs", self.ca_certs),
+            ("ssl_certfile", self.certfile),
+            ("ssl_keyfile", self.keyfile),
+        ):
+            if value:
+                kwargs[key] = value
+        return kwargs
+
+
+def _tls(env: Mapping[str, str]) -> Tls | None:
+    """The Sentinel TLS options, None unless FANOUT_SENTINEL_TLS is on."""
+    names = {
+        "ca_certs": "FANOUT_SENTINEL_TLS_CA_CERTS",
+        "certfile": "FANOUT_SENTINEL_TLS_CERTFILE",
+        "keyfile": "FANOUT_SENTINEL_TLS_KEYFILE",
+    }
+    given = {key: (env.get(var) or "").strip() or None for key, var in names.items()}
+    reqs = (env.get("FANOUT_SENTINEL_TLS_CERT_REQS") or "").strip()
+    if not _flag(env, "FANOUT_SENTINEL_TLS"):
+        stray = [names[k] for k, v in given.items() if v]
+        stray += ["FANOUT_SENTINEL_TLS_CERT_REQS"] if reqs else []
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} given without FANOUT_SENTINEL_TLS=1")
+        return None
+    if bool(given["certfile"]) != bool(given["keyfile"]):
+        raise ConfigError("FANOUT_SENTINEL_TLS_CERTFILE and FANOUT_SENTINEL_TLS_KEYFILE go together")
+    return Tls(
+        cert_reqs=cert_reqs("FANOUT_SENTINEL_TLS_CERT_REQS", reqs) if reqs else "required",
+        ca_certs=given["ca_certs"],
+        certfile=given["certfile"],
+        keyfile=given["keyfile"],
+    )
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -109,6 +304,18 @@ class Settings:
     #: whatever the job's size (below it, a job's parts are small enough for Redis,
     #: and a few files per job would cost more than they save).
     by_reference_items: int = 200_000
+    #: The name of the master the Sentinels watch, for a ``sentinel://`` URL
+    #: (``FANOUT_SENTINEL_MASTER``, Sentinel's own default name).
+    sentinel_master: str = "mymaster"
+    #: The Sentinels' own password (``requirepass`` in sentinel.conf), not Redis's:
+    #: Redis's password goes in the URL (``sentinel://:PASSWORD@h1:26379;...``).
+    sentinel_password: str | None = None
+    #: TLS to the Sentinels and the master they name, None for plain TCP.
+    sentinel_tls: Tls | None = None
+
+    @property
+    def uses_sentinel(self) -> bool:
+        return is_sentinel(self.broker_url) or is_sentinel(self.result_backend)
 
     @property
     def results_root(self) -> str:
@@ -129,6 +336,16 @@ class Settings:
                 f"FANOUT_TASK_TIME_LIMIT={time_limit}, or a running task would be "
                 "handed to a second worker"
             )
+        master = (env.get("FANOUT_SENTINEL_MASTER") or "").strip() or cls.sentinel_master
+        if any(c.isspace() for c in master):
+            raise ConfigError(f"FANOUT_SENTINEL_MASTER={master!r}: a master name has no spaces")
+        sentinel_password = env.get("FANOUT_SENTINEL_PASSWORD") or None
+        tls = _tls(env)
+        if (tls is not None or sentinel_password) and not (is_sentinel(broker) or is_sentinel(backend)):
+            raise ConfigError(
+                "FANOUT_SENTINEL_TLS or FANOUT_SENTINEL_PASSWORD is set, but no Redis URL is a "
+                "sentinel:// one (for TLS straight to Redis, use a rediss:// URL)"
+            )
         return cls(
             broker_url=broker,
             result_backend=backend,
@@ -140,6 +357,9 @@ class Settings:
             queue=_queue(env, "FANOUT_QUEUE", cls.queue),
             results_url=(env.get("FANOUT_RESULTS_URL") or "").strip() or None,
             by_reference_items=_int(env, "FANOUT_BY_REFERENCE_ITEMS", cls.by_reference_items),
+            sentinel_master=master,
+            sentinel_password=sentinel_password,
+            sentinel_tls=tls,
         )
 
 
