@@ -20,6 +20,7 @@ from celery.canvas import Signature
 
 from workers import results, storage
 from workers.app import app
+from workers.batches import batch_task_id, header_args, items_ref, plain_range
 from workers.resizing import ResizeOptions
 from workers.settings import get_settings
 
@@ -124,21 +125,16 @@ def build(
     root = storage.normalize(results_root or settings.results_root) if by_reference else None
     where = results.job_dir(root, job_id) if root else None
     files: list[tuple[str, Any]] = []
-    if where is None:
-        extra = (kwargs,) if kwargs else ()
-        header = [
-            app.signature(task, args=(start, list(items[start : start + batch_size]), *extra)).set(
-                immutable=True, ignore_result=True
-            )
-            for start in range(0, len(items), batch_size)
-        ]
-    else:
-        header = [
-            app.signature(task, args=(start, _items_ref(items, start, batch_size, where), kwargs, where)).set(
-                immutable=True, ignore_result=True
-            )
-            for start in range(0, len(items), batch_size)
-        ]
+    tail: tuple[Any, ...] = ((kwargs,) if kwargs else ()) if where is None else (kwargs, where)
+    header = [
+        app.signature(task, args=header_args(start, _batch(items, start, batch_size, where), tail)).set(
+            # The same id every time this batch is sent: a batch sent again is counted once.
+            immutable=True,
+            ignore_result=True,
+            task_id=batch_task_id(job_id, index),
+        )
+        for index, start in enumerate(range(0, len(items), batch_size))
+    ]
     job: dict[str, Any] = {"job_id": job_id, "task": shown_as, "total": len(items)}
     if where is not None:
         job["where"] = where
@@ -172,7 +168,7 @@ def build(
     if where is not None:
         spec["where"] = where
         spec["root"] = root
-        if _plain_range(items):
+        if plain_range(items):
             spec["range"] = [items.start, items.stop]  # type: ignore[attr-defined]
     return Plan(
         job_id,
@@ -189,21 +185,11 @@ def build(
     )
 
 
-def _plain_range(items: Sequence[Any]) -> bool:
-    return isinstance(items, range) and items.step == 1
-
-
-def _items_ref(items: Sequence[Any], start: int, batch_size: int, where: str) -> dict[str, Any]:
-    """A batch's items as a header message carries them in a job sent by reference.
-
-    A range of integers travels as its bounds; anything else as the URL of the
-    file the client writes before sending (see orchestrator/run.py).
-    """
-    if _plain_range(items):
-        batch = items[start : start + batch_size]
-        return {"range": [batch.start, batch.stop]}  # type: ignore[attr-defined]
-    # The count lets a header report every item failed if the file cannot be read.
-    return {"url": results.input_url(where, start), "count": len(items[start : start + batch_size])}
+def _batch(items: Sequence[Any], start: int, batch_size: int, where: str | None) -> Any:
+    """A batch's items as its header message carries them: listed, or by reference."""
+    if where is None:
+        return list(items[start : start + batch_size])
+    return items_ref(items, start, batch_size, where)
 
 
 def build_double(values: Sequence[int], batch_size: int, job_id: str | None = None) -> Plan:

@@ -209,7 +209,7 @@ class Job:
         still completes: finished items keep their results, every other item
         fails with ``cancelled``.  Works from any process, on a job sent from anywhere.
         """
-        cancel(self.app, self.group_id, self.batches, terminate)
+        cancel(self.app, self.group_id, terminate)
 
     def retry_failed(self, batch_size: BatchSize = "auto") -> Job:
         """Send this finished job's failed and cancelled items again, as a new job linked to this one.
@@ -223,7 +223,7 @@ class Job:
         return f"<Job {self.id} ({self.task}): {self.total} items in {self.batches} batches>"
 
 
-def cancel(app: Celery, group_id: str, chord_size: int, terminate: bool = False) -> None:
+def cancel(app: Celery, group_id: str, terminate: bool = False) -> None:
     """Set the job's stop reason (a budget's, set first, stays); ``terminate`` interrupts its items too."""
     from workers.control import purge
     from workers.fanin import CANCELLED
@@ -233,7 +233,7 @@ def cancel(app: Celery, group_id: str, chord_size: int, terminate: bool = False)
     app.backend.client.set(keys.stop(group_id), CANCELLED, nx=True, ex=settings.result_expires)
     reason = (app.backend.client.get(keys.stop(group_id)) or CANCELLED.encode()).decode()
     # Queued batches are taken off the queue and reported as cancelled at once...
-    purge(app, settings.queue, group_id, reason, chord_size)
+    purge(app, settings.queue, group_id, reason)
     if terminate:  # ...running ones are interrupted...
         app.control.broadcast("fanout_interrupt", arguments={"group_id": group_id})
     # ...and the rest stop at their next item.
@@ -375,10 +375,9 @@ def start(
     def planned(size: int) -> Plan:
         plan = factory(size)
         spec = {**plan.spec, "batch_cap": batch_cap}
-        if inputs_of:  # a retry: the items are a subset of another job's, kept there
-            # (by reference, its messages still name files of its own items: they are written)
-            items = plan.items if plan.where is not None else ()
-            return replace(plan, items=items, spec={**spec, "inputs_of": inputs_of})
+        if inputs_of:  # a retry: the items are a subset of another job's, read from there by
+            # `fanout retry`; kept with this job too, so that a batch Redis drops can be sent again
+            return replace(plan, spec={**spec, "inputs_of": inputs_of})
         return replace(plan, spec=spec)
 
     plan, group_id, sent = run.send_job(app, planned, total, batch_cap, batch_size, requires, budget)

@@ -83,6 +83,26 @@ def bulk_supported(app: Celery, header: Sequence[Signature]) -> bool:
     return bool(queue.exchange.type == "direct" and not queue.max_priority)
 
 
+def frozen_callback(callback: Signature, group_id: str) -> dict[str, Any]:
+    """The chord callback as every header message of group ``group_id`` carries it.
+
+    As chord.run does: the callback learns its group before it is embedded.
+    """
+    body = callback.clone()
+    body.freeze(body.options.get("task_id"), group_id=group_id)
+    return dict(body)
+
+
+def task_limits(app: Celery, name: str) -> tuple[Any, Any]:
+    """Task ``name``'s (hard, soft) time limits: its own when it sets them, else the app's,
+    as Task.apply_async does."""
+    task = app.tasks.get(name)
+    return (
+        getattr(task, "time_limit", None) or app.conf.task_time_limit,
+        getattr(task, "soft_time_limit", None) or app.conf.task_soft_time_limit,
+    )
+
+
 def _apply_async(app: Celery, signature: Signature, before: Callable[[str], None] | None = None) -> str:
     """Celery's own path, for a header the bulk path does not cover."""
     group_id = str(uuid.uuid4())
@@ -122,18 +142,10 @@ def publish_chord(
     group_id = str(uuid.uuid4())
     if before is not None:
         before(group_id)
-    body = callback.clone()
-    # As chord.run does: the callback learns its group (and the reply queue) before
-    # it is embedded in every header message.
-    body.freeze(body.options.get("task_id"), group_id=group_id)
-    body_dict = dict(body)
+    body_dict = frozen_callback(callback, group_id)
 
-    conf = app.conf
     amqp = app.amqp
-    task = app.tasks.get(header[0].task)
-    # A task's own limits when it sets them, else the app's, as Task.apply_async does.
-    time_limit = getattr(task, "time_limit", None) or conf.task_time_limit
-    soft_time_limit = getattr(task, "soft_time_limit", None) or conf.task_soft_time_limit
+    time_limit, soft_time_limit = task_limits(app, header[0].task)
     # The chord counts its header tasks from here; set before any of them can finish.
     app.backend.set_chord_size(group_id, len(header))
 

@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 from orchestrator.canvas import Plan
 from orchestrator.discovery import WorkerInfo, list_workers, require_workers
 from workers import connections, keys, results
+from workers.batches import batch_task_id
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
 from workers.fanin import CANCELLED, Outcome, Part, flatten
 from workers.settings import Settings
@@ -105,9 +106,42 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
                 "maxmemory), then send the job again."
             ) from None
         raise
-    record = {**job.record(group_id), "sent_at": time.time()}
-    app.backend.client.set(keys.job(job.job_id), json.dumps(record), ex=expires)
+    sent_at = time.time()
+    record = {**job.record(group_id), "sent_at": sent_at}
+    recipe = heal_recipe(app, job, group_id)
+    if recipe is not None:
+        record["heal"] = recipe
+    with app.backend.client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.job(job.job_id), json.dumps(record), ex=expires)
+        # Watched by the workers' healer until its fan-in is done (workers/healing.py).
+        pipe.zadd(keys.ACTIVE, {job.job_id: sent_at})
+        pipe.execute()
     return group_id
+
+
+def heal_recipe(app: Celery, job: Plan, group_id: str) -> dict[str, Any] | None:
+    """How a worker sends a batch of ``job`` again if Redis drops it (kept in the job's record).
+
+    None when the job's header tasks do not have the ids derived from the job's
+    (a chord built by hand): a batch sent again would then be counted twice.
+    """
+    from orchestrator.publish import frozen_callback, header_of, task_limits
+
+    header, callback = header_of(job.signature)
+    if not header or any(
+        sig.options.get("task_id") != batch_task_id(job.job_id, index) for index, sig in enumerate(header)
+    ):
+        return None
+    first = header[0]
+    queue = first.options.get("queue") or app.amqp.router.route({}, first.task, (), {})["queue"].name
+    hard, soft = task_limits(app, first.task)
+    return {
+        "task": first.task,
+        "queue": str(queue),
+        "tail": list(first.args[2:]),
+        "callback": frozen_callback(callback, group_id),
+        "limits": [first.options.get("time_limit", hard), first.options.get("soft_time_limit", soft)],
+    }
 
 
 class _Prepare:
@@ -242,6 +276,7 @@ def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generato
             try:
                 # A restart between two polls raises nothing: check the state is still there.
                 _require_state(app, job, done)
+                _require_healable(app, job, done)
                 running = list_workers(app)
             except redis.RedisError:
                 continue
@@ -359,6 +394,16 @@ def _require_state(app: Celery, job: Tracked, done: int) -> None:
             f"Redis no longer holds job {job.job_id}: it restarted without persistence (or was "
             f"flushed) and the run's state is gone ({_pending(job, done)} before). "
             "The run cannot complete: send it again."
+        )
+
+
+def _require_healable(app: Celery, job: Tracked, done: int) -> None:
+    """Raise InfrastructureError if the healer found a batch of ``job`` lost for good (workers/healing.py)."""
+    reason = app.backend.client.get(keys.unhealable(job.job_id))
+    if reason:
+        raise InfrastructureError(
+            f"job {job.job_id} cannot complete: {reason.decode()} ({_pending(job, done)}). "
+            "Send the job again."
         )
 
 

@@ -134,6 +134,18 @@ def worker(
 
 
 @pytest.fixture
+def workers_started() -> Iterator[list[LocalWorker]]:
+    """Workers a test starts; whatever is left of them is stopped, then killed, afterwards."""
+    from tests.faultkit import kill_all
+
+    started: list[LocalWorker] = []
+    yield started
+    for local in started:
+        local.stop(timeout=10)
+        kill_all(local)
+
+
+@pytest.fixture
 def cli_env() -> dict[str, str]:
     """Environment for running the ``fanout`` command as a subprocess against the test Redis.
 

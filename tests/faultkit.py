@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from celery import Celery, chord, group
 from orchestrator.canvas import Plan, new_job_id
 from orchestrator.local import LocalWorker
 from workers.app import celery_config
+from workers.batches import batch_task_id
 from workers.settings import Settings
 
 #: Worker settings that make the fault tests quick: a lost message is back within seconds.
@@ -49,8 +50,10 @@ def rigged_job(
     marks: Path | None = None,
     limits: tuple[int, int] | None = QUICK_LIMITS,
     results_root: Path | None = None,
+    callback_queue: str | None = None,
 ) -> Plan:
-    """A chord of ``fanout.test.rigged_batch`` headers and the real ``fanout.collect``, on ``queue``.
+    """A chord of ``fanout.test.rigged_batch`` headers and the real ``fanout.collect``, on ``queue``
+    (the callback on ``callback_queue`` if given).
 
     ``limits`` are the headers' (hard, soft) time limits; None keeps the settings' defaults.
     With ``results_root``, the job is sent by reference (its parts are files there).
@@ -64,14 +67,24 @@ def rigged_job(
     header = [
         app.signature(
             "fanout.test.rigged_batch", args=(start, values[start : start + batch_size], kwargs, *by_ref)
-        ).set(immutable=True, ignore_result=True, queue=queue, **time_limits)
-        for start in range(0, len(values), batch_size)
+        ).set(
+            immutable=True,
+            ignore_result=True,
+            queue=queue,
+            task_id=batch_task_id(job_id, index),
+            **time_limits,
+        )
+        for index, start in enumerate(range(0, len(values), batch_size))
     ]
     job: dict[str, Any] = {"job_id": job_id, "task": "double", "total": len(values)}
     if where:
         job.update(where=where, root=str(results_root))
-    body = app.signature("fanout.collect", kwargs={"job": job}).set(task_id=job_id, queue=queue)
-    return Plan(job_id, "double", len(values), batch_size, chord(group(header), body))
+    body = app.signature("fanout.collect", kwargs={"job": job}).set(
+        task_id=job_id, queue=callback_queue or queue
+    )
+    # The values are kept with the job (as fanout's own jobs keep theirs), so the healer
+    # can send a batch Redis dropped again.
+    return Plan(job_id, "double", len(values), batch_size, chord(group(header), body), items=values)
 
 
 def worker(
@@ -157,3 +170,28 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll ``condition`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def assert_every_index_once(outcome: Any, values: Sequence[int], by_reference: bool = False) -> None:
+    """The outcome of a rigged job over ``values``: every value doubled, in order, none failed.
+
+    A job sent by reference (``by_reference``: it must have been) is read from its results location.
+    """
+    from workers import results
+
+    if by_reference:
+        assert "ref" in outcome, "the job should have gone by reference"
+    whole = results.materialize(outcome) if "ref" in outcome else outcome
+    assert whole["total"] == len(values)
+    assert whole["results"] == [2 * v for v in values]
+    assert (whole["succeeded"], whole["failed"], whole["errors"]) == (len(values), 0, [])

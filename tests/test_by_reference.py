@@ -25,7 +25,16 @@ from orchestrator.local import LocalWorker
 from orchestrator.run import batches_done, submit, wait
 from tests import userjobs
 from tests.conftest import fanout_command
-from tests.faultkit import QUICK, RedisServer, app_for, kill_all, new_queue, rigged_job, worker
+from tests.faultkit import (
+    QUICK,
+    RedisServer,
+    app_for,
+    assert_every_index_once,
+    new_queue,
+    rigged_job,
+    wait_until,
+    worker,
+)
 from tests.faulty import KILL_ONCE
 from workers import results
 from workers.fanin import Outcome, Part
@@ -201,31 +210,6 @@ def test_retry_of_a_job_kept_by_reference_merges_in_input_order(
 # --- faults -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def workers_started() -> Iterator[list[LocalWorker]]:
-    started: list[LocalWorker] = []
-    yield started
-    for local in started:
-        local.stop(timeout=10)
-        kill_all(local)
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def assert_every_index_once(outcome: Outcome, values: list[int]) -> None:
-    assert "ref" in outcome, "the job should have gone by reference"
-    whole = results.materialize(outcome)
-    assert whole["results"] == [2 * v for v in values]
-    assert (whole["succeeded"], whole["failed"], whole["errors"]) == (len(values), 0, [])
-
-
 @pytest.mark.system
 def test_a_batch_delivered_twice_writes_its_part_twice_and_counts_once(
     app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
@@ -244,7 +228,7 @@ def test_a_batch_delivered_twice_writes_its_part_twice_and_counts_once(
     client.rpush(queue, first)  # a redelivery of the first batch, after it finished
     workers_started.append(worker(app, queue, tmp_path, "twice"))
     outcome = wait(app, job, group_id, timeout=60)
-    assert_every_index_once(outcome, values)
+    assert_every_index_once(outcome, values, by_reference=True)
     ran = sorted(p.name.split(".")[0] for p in marks.iterdir())
     assert ran.count("0") == 2, "the copy should have run too"
     # Both runs wrote a part of their own (4 batches, 5 files); the outcome counted one.
@@ -265,7 +249,7 @@ def test_kill_9_of_a_pool_process_mid_batch_loses_nothing(
     values[5] = [KILL_ONCE, 5, "item5"]
     job = rigged_job(app, values, 4, queue, marks=marks, results_root=tmp_path / "r")
     outcome = wait(app, job, submit(app, job, 600), timeout=60)
-    assert_every_index_once(outcome, list(range(12)))
+    assert_every_index_once(outcome, list(range(12)), by_reference=True)
     assert (marks / "['once',5,'item5']").exists(), "the item never killed its process"
 
 
@@ -285,7 +269,7 @@ def test_redis_restart_with_aof_mid_run_completes(tmp_path: Path, workers_starte
         time.sleep(2)
         own.start()
         outcome = wait(app, job, group_id, timeout=120)
-        assert_every_index_once(outcome, values)
+        assert_every_index_once(outcome, values, by_reference=True)
     finally:
         own.stop()
 

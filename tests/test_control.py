@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,11 @@ from orchestrator.local import LocalWorker
 from orchestrator.samples import make_photo
 from tests import userjobs
 from tests.conftest import TEST_REDIS_URL, fanout_command
+from tests.faultkit import wait_until
 
 pytestmark = pytest.mark.system
 
 QUEUE = "fanout"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def queue_is_empty(client: redis.Redis) -> bool:

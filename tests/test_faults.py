@@ -24,11 +24,20 @@ from celery import Celery
 from orchestrator.local import LocalWorker
 from orchestrator.run import batches_done, callback_meta, submit, wait
 from tests.conftest import fanout_command
-from tests.faultkit import QUICK, RedisServer, app_for, kill_all, new_queue, rigged_job, worker
+from tests.faultkit import (
+    QUICK,
+    RedisServer,
+    app_for,
+    assert_every_index_once,
+    kill_all,
+    new_queue,
+    rigged_job,
+    wait_until,
+    worker,
+)
 from tests.faulty import HANG, KILL, KILL_ONCE
 from workers.attempts import MAX_KILLS
 from workers.errors import InfrastructureError
-from workers.fanin import Outcome
 from workers.settings import Settings
 
 pytestmark = pytest.mark.system
@@ -50,31 +59,6 @@ REDIS_GRACE_S = 30
 REDIS_GRACE_REPORT_S = 32
 #: A visibility timeout no test outlives: only an immediate requeue can bring a batch back.
 NO_REDELIVERY = {**QUICK, "FANOUT_VISIBILITY_TIMEOUT": "600"}
-
-
-@pytest.fixture
-def workers_started() -> Iterator[list[LocalWorker]]:
-    """Workers a test starts; whatever is left of them is killed afterwards."""
-    started: list[LocalWorker] = []
-    yield started
-    for local in started:
-        local.stop(timeout=10)
-        kill_all(local)
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def assert_every_index_once(outcome: Outcome, values: list[int]) -> None:
-    assert outcome["total"] == len(values)
-    assert outcome["results"] == [2 * v for v in values]
-    assert (outcome["succeeded"], outcome["failed"], outcome["errors"]) == (len(values), 0, [])
 
 
 def test_default_visibility_timeout_bounds_the_loss_of_a_worker_to_two_minutes() -> None:

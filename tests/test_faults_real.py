@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ from orchestrator.samples import make_photo
 from tests.faultkit import QUICK, kill_all, new_queue, worker
 
 pytestmark = pytest.mark.system
-
-
-@pytest.fixture
-def workers_started() -> Iterator[list[LocalWorker]]:
-    started: list[LocalWorker] = []
-    yield started
-    for local in started:
-        local.stop(timeout=10)
-        kill_all(local)
 
 
 def on_queue(plan: object, queue: str) -> None:

@@ -26,8 +26,17 @@ from celery import Celery
 
 from orchestrator.local import LocalWorker
 from orchestrator.run import callback_meta, submit, wait
-from tests.faultkit import QUICK, app_for, free_port, kill_all, new_queue, rigged_job
-from tests.test_faults import active_ids, assert_every_index_once, wait_until
+from tests.faultkit import (
+    QUICK,
+    app_for,
+    assert_every_index_once,
+    free_port,
+    kill_all,
+    new_queue,
+    rigged_job,
+    wait_until,
+)
+from tests.test_faults import active_ids
 
 pytestmark = [pytest.mark.system, pytest.mark.netns]
 

@@ -116,6 +116,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 app = Celery("fanout", include=["workers.tasks", "workers.control"])
 # Each worker keeps a registration in Redis, so clients find workers without a broadcast.
 app.steps["consumer"].add("workers.registration:Registration")
+# ...and heals the jobs whose batches Redis dropped (one worker at a time leads).
+app.steps["consumer"].add("workers.healing:Healing")
 # Read lazily, on first use of the configuration: importing the app never fails,
 # and a bad setting surfaces where it can be reported (the CLI exits 2 with it).
 app.add_defaults(lambda: celery_config(get_settings()))

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import redis
 from celery.backends.redis import RedisBackend, SentinelBackend
 
+from workers import keys
+
 logger = logging.getLogger(__name__)
 
 #: How long a worker keeps retrying Redis for one operation (a restart takes seconds).
@@ -36,26 +38,51 @@ def retrying(operation: Callable[[], T], what: str, retry_for: float = RETRY_FOR
 
 
 class RetryingChordMixin:
-    """A header's report to its chord is retried while Redis is down.
+    """A header's report to its chord is retried while Redis is down, and marked in the job's
+    done bitmap once the chord has it.
 
     Unretried, a chord part reported during a Redis restart (or a Sentinel
     failover) raises, Celery then marks the header FAILED, and one failed
     header fails the whole chord.  The report is a Lua script that counts each
-    task id once, so sending it again is safe.
+    task id once, so sending it again is safe.  The done bitmap (``keys.done``)
+    is what the healer reads to know which batches the chord has counted; it is
+    set after the report, so a batch marked done is always counted, and before
+    the message is acknowledged, so a batch is always in one of the broker's
+    places or done.
     """
 
+    client: Any
+    expires: int | None
+
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
-        return retrying(
+        returned = retrying(
             lambda: super(RetryingChordMixin, self).on_chord_part_return(  # type: ignore[misc]
                 request, state, result, **kwargs
             ),
             f"the chord report of {request.id}",
         )
+        group, index = getattr(request, "group", None), getattr(request, "group_index", None)
+        if group and index is not None:
+            retrying(
+                lambda: mark_done(self.client, str(group), [int(index)], self.expires), "marking a batch done"
+            )
+        return returned
 
 
 class RetryingRedisBackend(RetryingChordMixin, RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, except that a header's report to its chord is retried while Redis is down."""
+    """Celery's Redis backend, with the retried and marked chord report."""
 
 
 class RetryingSentinelBackend(RetryingChordMixin, SentinelBackend):  # type: ignore[misc]
-    """Celery's Sentinel backend (the master the Sentinels name), with the same retried chord report."""
+    """Celery's Sentinel backend (the master the Sentinels name), with the same chord report."""
+
+
+def mark_done(client: Any, group_id: str, indexes: list[int], expires: int | None) -> None:
+    """Mark batches ``indexes`` of group ``group_id`` as counted by the chord (one round trip)."""
+    key = keys.done(group_id)
+    with client.pipeline(transaction=False) as pipe:
+        for index in indexes:
+            pipe.setbit(key, index, 1)
+        if expires:
+            pipe.expire(key, int(expires))
+        pipe.execute()

@@ -133,10 +133,16 @@ def fanout_interrupt(state: Any, group_id: str) -> dict[str, str]:
 PURGE_LIMIT = 200_000
 
 # Takes the messages of one chord group off a kombu Redis queue (a list of JSON
-# envelopes whose `headers.group` names the group) in one atomic step, keeping
-# the others in order; returns the queue's length and the messages taken.
+# envelopes whose `headers.group` names the group) in one atomic step, keeping the
+# others in order, and in the same step: marks their batches done for the healer (they
+# are never sent again), keeps them in a purge list of their own until they are
+# reported, and lowers the chord's count by all but one of them (they are reported as
+# one part), through the chord's total diff, the counter Celery's `add_to_chord` raises.
+# Returns the queue's length and the messages taken.
 PURGE_LUA = """
-local key, group, limit = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local key, done, kept_key, purges, total = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local group, limit, expires = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local purge_id, now = ARGV[4], ARGV[5]
 local n = redis.call('LLEN', key)
 if n == 0 or n > limit then return {n, {}} end
 local all = redis.call('LRANGE', key, 0, -1)
@@ -146,6 +152,9 @@ for _, raw in ipairs(all) do
   if ok and type(message) == 'table' and type(message.headers) == 'table'
       and message.headers.group == group then
     taken[#taken + 1] = raw
+    if type(message.headers.group_index) == 'number' then
+      redis.call('SETBIT', done, message.headers.group_index, 1)
+    end
   else
     kept[#kept + 1] = raw
   end
@@ -155,34 +164,75 @@ if #taken > 0 then
   for i = 1, #kept, 5000 do
     redis.call('RPUSH', key, unpack(kept, i, math.min(i + 4999, #kept)))
   end
+  for i = 1, #taken, 5000 do
+    redis.call('RPUSH', kept_key, unpack(taken, i, math.min(i + 4999, #taken)))
+  end
+  redis.call('HSET', purges, purge_id, now)
+  redis.call('INCRBY', total, 1 - #taken)
+  for _, k in ipairs({done, kept_key, purges, total}) do redis.call('EXPIRE', k, expires) end
 end
 return {n, taken}
 """
 
 
-def purge(app: Any, queue: str, group_id: str, reason: str, chord_size: int) -> int:
+def purge(app: Any, queue: str, group_id: str, reason: str) -> int:
     """Take the job's batches still queued off ``queue``; report them to the chord as failed with ``reason``.
 
     Without this, every queued batch of a stopped job is still a message some
     worker must receive, look at and drop (about a millisecond each), so a job
     of 10,000 one-item batches takes seconds to end.  The batches taken are
     reported to the chord as *one* part holding each batch's part (every item
-    failed with ``reason``), and the chord's size (``chord_size`` header tasks
-    when sent) is lowered to match, through the backend's ``set_chord_size``,
-    as Celery's own group does when it sends a chord: the chord completes and
-    its callback runs as always.  This reads kombu's Redis message format (a
-    JSON envelope, base64 body); a message of another shape goes back to the
-    queue, where a worker drains it.  Returns the batches taken.
+    failed with ``reason``), and the chord's count is lowered to match in the
+    same atomic step that takes them: the chord completes and its callback runs
+    as always.  Until that part is reported, the messages are kept in a purge
+    list of their own, so that if this process dies first, the healer reports
+    them (:func:`finish_purge`, idempotent).  This reads kombu's Redis message
+    format (a JSON envelope, base64 body).  Returns the batches taken.
     """
+    import time
     import uuid
 
+    client = app.backend.client
+    purge_id = str(uuid.uuid4())
+    expires = int(app.backend.expires or 86_400)
+    total_key = app.backend.get_key_for_group(group_id, ".t")
+    _, taken = client.eval(
+        PURGE_LUA,
+        5,
+        queue,
+        keys.done(group_id),
+        keys.purged(group_id, purge_id),
+        keys.purges(group_id),
+        total_key,
+        group_id,
+        PURGE_LIMIT,
+        expires,
+        purge_id,
+        time.time(),
+    )
+    if not taken:
+        return 0
+    report_purged(app, group_id, purge_id, reason, taken)
+    return len(taken)
+
+
+def finish_purge(app: Any, group_id: str, purge_id: str, reason: str) -> int:
+    """Report the batches of a purge whose process died before it reported them (the healer's)."""
+    taken = app.backend.client.lrange(keys.purged(group_id, purge_id), 0, -1)
+    if taken:
+        report_purged(app, group_id, purge_id, reason, taken)
+    else:
+        app.backend.client.hdel(keys.purges(group_id), purge_id)
+    return len(taken)
+
+
+def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: list[bytes]) -> None:
+    """Report purged messages ``taken`` to their chord as one part, under the purge's id (once)."""
     from celery.app.task import Context
 
     from workers.fanin import fail_batch
     from workers.results import write_part
 
-    client = app.backend.client
-    _, taken = client.eval(PURGE_LUA, 1, queue, group_id, PURGE_LIMIT)
     parts: list[Any] = []
     indexes: list[int] = []
     chord: Any = None
@@ -190,27 +240,28 @@ def purge(app: Any, queue: str, group_id: str, reason: str, chord_size: int) -> 
         try:
             request, start, items, label, where = _batch_of(app, raw)
         except (KeyError, ValueError, TypeError, IndexError, OSError) as exc:
-            logger.warning(
-                "a queued batch of group %s has another shape (%s): left for a worker", group_id, exc
+            # Counted in the chord already: an empty part keeps the count right, and the
+            # merge reports its items as lost rather than waiting for them.
+            logger.error(
+                "a purged batch of group %s has another shape (%s): its items are lost", group_id, exc
             )
-            client.lpush(queue, raw)
+            parts.append({"start": 0, "results": [], "errors": [], "transient": 0})
             continue
         part = fail_batch(start, items, reason, label)
         # A job sent by reference: the part goes to its results location, as a header's would.
         parts.append(write_part(where, part) if where else part)
         indexes.append(int(request.group_index or 0))
         chord = request.chord
-    if not parts:
-        return 0
-    # The chord now waits for one part in place of these: set before it arrives.
-    app.backend.set_chord_size(group_id, chord_size - len(parts) + 1)
-    combined_id = str(uuid.uuid4())
+    # The same id and index whoever reports it: the chord counts it once.
     request = Context(
-        id=combined_id, group=group_id, group_index=min(indexes), chord=chord, ignore_result=True
+        id=purge_id, group=group_id, group_index=min(indexes or [0]), chord=chord, ignore_result=True
     )
     combined = {"start": 0, "results": [], "errors": [], "transient": 0, "parts": parts}
-    app.backend.mark_as_done(combined_id, combined, request=request, store_result=False)
-    return len(parts)
+    app.backend.mark_as_done(purge_id, combined, request=request, store_result=False)
+    with app.backend.client.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.purged(group_id, purge_id))
+        pipe.hdel(keys.purges(group_id), purge_id)
+        pipe.execute()
 
 
 def _batch_of(app: Any, raw: bytes) -> tuple[Any, int, list[Any], Any, str | None]:

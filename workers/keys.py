@@ -24,6 +24,21 @@ INPUTS = "fanout:inputs:{job_id}"
 WORKERS = "fanout:workers"
 #: One worker's registration (JSON), kept alive by the worker, gone soon after it dies.
 WORKER = "fanout:worker:{hostname}"
+#: The jobs whose fan-in has not run yet (a sorted set of job ids, scored by when they were
+#: sent): what the healer (workers/healing.py) watches.
+ACTIVE = "fanout:active"
+#: A bitmap of a job's batches the chord has counted (bit = the batch's index), by group id.
+DONE = "fanout:done:{group_id}"
+#: How many of a job's batches the healer has sent again.
+HEALED = "fanout:healed:{job_id}"
+#: Why a job cannot complete: a batch Redis dropped whose inputs are gone too.
+UNHEALABLE = "fanout:unhealable:{job_id}"
+#: Which worker heals now (a lease, renewed while it lives).
+HEALER = "fanout:healer"
+#: A job's purges not yet reported to its chord (a hash: purge id -> when), by group id.
+PURGES = "fanout:purges:{group_id}"
+#: The messages one purge took off the queue, kept until they are reported.
+PURGED = "fanout:purged:{group_id}:{purge_id}"
 
 
 def job(job_id: str) -> str:
@@ -56,3 +71,23 @@ def inputs(job_id: str) -> str:
 
 def worker(hostname: str) -> str:
     return WORKER.format(hostname=hostname)
+
+
+def done(group_id: str) -> str:
+    return DONE.format(group_id=group_id)
+
+
+def healed(job_id: str) -> str:
+    return HEALED.format(job_id=job_id)
+
+
+def unhealable(job_id: str) -> str:
+    return UNHEALABLE.format(job_id=job_id)
+
+
+def purges(group_id: str) -> str:
+    return PURGES.format(group_id=group_id)
+
+
+def purged(group_id: str, purge_id: str) -> str:
+    return PURGED.format(group_id=group_id, purge_id=purge_id)

@@ -1,0 +1,48 @@
+"""A job's header messages: their task ids and arguments, the same whoever sends them.
+
+The client sends every batch of a job once (orchestrator/canvas.py builds the
+chord); the healer (:mod:`workers.healing`) sends a batch again when Redis has
+dropped its message.  Both build the message from here, so a batch sent
+again is the same batch: the same arguments, and the same task id and index
+in the chord, which is what lets the chord count it once (Celery's Redis
+backend counts each ``task id:index`` once, whatever each run returned).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from workers import results
+
+#: The namespace of header task ids: a batch's id is derived from its job's id and its index.
+_NAMESPACE = uuid.UUID("1b5cf3c2-7c39-4a8e-9d0f-6f7c2a4e8b11")
+
+
+def batch_task_id(job_id: str, index: int) -> str:
+    """The task id of batch ``index`` of job ``job_id``: the same every time it is sent."""
+    return str(uuid.uuid5(_NAMESPACE, f"{job_id}:{index}"))
+
+
+def items_ref(items: Sequence[Any], start: int, batch_size: int, where: str) -> dict[str, Any]:
+    """A batch's items as a header message carries them in a job sent by reference.
+
+    A range of integers travels as its bounds; anything else as the URL of the
+    file the client writes before sending (see orchestrator/run.py), with its
+    count, so that a header can report every item failed if the file cannot be read.
+    """
+    if plain_range(items):
+        batch = items[start : start + batch_size]
+        return {"range": [batch.start, batch.stop]}  # type: ignore[attr-defined]
+    return {"url": results.input_url(where, start), "count": len(items[start : start + batch_size])}
+
+
+def plain_range(items: Sequence[Any]) -> bool:
+    return isinstance(items, range) and items.step == 1
+
+
+def header_args(start: int, items: Any, tail: Sequence[Any]) -> tuple[Any, ...]:
+    """A header task's positional arguments: the batch's first index, its items, then the job's
+    ``tail`` (its kwargs, and for a job sent by reference its results location)."""
+    return (start, items, *tail)
