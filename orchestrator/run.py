@@ -53,9 +53,11 @@ REDIS_GRACE_S = 30.0
 
 
 def _redact(url: str) -> str:
+    """``url`` without its password: every Sentinel of a sentinel:// URL carries one (kombu's
+    ``maybe_sanitize_url`` would hide only the first)."""
     from kombu.utils.url import maybe_sanitize_url
 
-    return str(maybe_sanitize_url(url))
+    return ";".join(str(maybe_sanitize_url(chunk)) for chunk in url.split(";"))
 
 
 def check_redis(settings: Settings) -> None:
@@ -70,7 +72,7 @@ def check_redis(settings: Settings) -> None:
             client.ping()
         except redis.RedisError as exc:
             raise InfrastructureError(
-                f"cannot reach Redis ({name}) at {_redact(url)}: {str(exc).rstrip('.')}. "
+                f"cannot reach Redis ({name}) at {_redact(url)}: {connections.describe(exc)}. "
                 + connections.remedy(exc)
             ) from None
         finally:

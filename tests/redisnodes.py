@@ -7,6 +7,7 @@ session of its own and killed by PID at the end (:func:`kill`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -75,39 +76,15 @@ class Certificates:
             directory / "wrong-ca.pem",
         )
 
-    def server_args(self) -> list[str]:
+    def server_options(self) -> list[tuple[str, str]]:
         """redis-server options for TLS only: no plain port, and TLS between replicas too."""
         return [
-            "--port", "0", "--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key),
-            "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no", "--tls-replication", "yes",
+            ("port", "0"), ("tls-cert-file", str(self.cert)), ("tls-key-file", str(self.key)),
+            ("tls-ca-cert-file", str(self.ca)), ("tls-auth-clients", "no"), ("tls-replication", "yes"),
         ]  # fmt: skip
 
-
-def _tls_ping(port: int, ca: Path) -> bool:
-    client = redis.Redis(
-        host="127.0.0.1",
-        port=port,
-        ssl=True,
-        ssl_ca_certs=str(ca),
-        socket_connect_timeout=0.5,
-        socket_timeout=1,
-    )
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def _plain_ping(port: int) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
+    def server_args(self) -> list[str]:
+        return [arg for name, value in self.server_options() for arg in (f"--{name}", value)]
 
 
 @dataclass
@@ -119,6 +96,7 @@ class Node:
     args: list[str]
     directory: Path
     tls: Certificates | None = None
+    password: str | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Node:
@@ -145,11 +123,20 @@ class Node:
         return self.directory / f"{self.name}.log"
 
     def answers(self) -> bool:
-        return _tls_ping(self.port, self.tls.ca) if self.tls else _plain_ping(self.port)
+        client = self.client(socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)} if self.tls else {}
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **tls, **kwargs)
+        """A client of this server alone (TLS and password as it needs), for the test's own checks."""
+        options: dict[str, Any] = {"socket_timeout": 5, "password": self.password}
+        if self.tls:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
+        return redis.Redis(host="127.0.0.1", port=self.port, **{**options, **kwargs})
 
     def kill(self) -> None:
         """``kill -9`` by PID, as a crash or a lost host."""
@@ -186,6 +173,11 @@ class SentinelGroup:
 
     directory: Path
     master_name: str = "mymaster"
+    #: TLS only, on every Redis and Sentinel (replication and the Sentinels' links too).
+    tls: Certificates | None = None
+    #: Redis's password (requirepass and masterauth), and the Sentinels' own.
+    password: str | None = None
+    sentinel_password: str | None = None
     redis: list[Node] = field(default_factory=list)
     sentinels: list[Node] = field(default_factory=list)
 
@@ -195,26 +187,45 @@ class SentinelGroup:
             ("master", master_port, []),
             ("replica", replica_port, ["--replicaof", "127.0.0.1", str(master_port)]),
         ):
+            listen = ["--tls-port", str(port), *self.tls.server_args()] if self.tls else ["--port", str(port)]
+            auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
             args = [
-                "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                "--bind", "127.0.0.1", *listen, *auth, "--save", "", "--appendonly", "no",
                 "--logfile", f"{name}.log", "--protected-mode", "no", *extra,
             ]  # fmt: skip
-            self.redis.append(Node(name, port, args, self.directory / name).start())
+            node = Node(name, port, args, self.directory / name, tls=self.tls, password=self.password)
+            self.redis.append(node.start())
         self._wait(lambda: self._replicas(self.redis[0]) >= 1, "replication")
         for i in range(3):
             port = free_port()
             directory = self.directory / f"sentinel{i}"
             directory.mkdir(parents=True, exist_ok=True)
             config = directory / "sentinel.conf"
-            config.write_text(
-                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {directory}\n"
-                f"logfile sentinel{i}.log\n"
-                f"sentinel monitor {self.master_name} 127.0.0.1 {master_port} 2\n"
-                f"sentinel down-after-milliseconds {self.master_name} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {self.master_name} {FAILOVER_TIMEOUT_MS}\n"
-                f"sentinel parallel-syncs {self.master_name} 1\n"
+            lines = [
+                f"bind 127.0.0.1\nprotected-mode no\ndir {directory}\nlogfile sentinel{i}.log",
+                f"sentinel monitor {self.master_name} 127.0.0.1 {master_port} 2",
+                f"sentinel down-after-milliseconds {self.master_name} {DOWN_AFTER_MS}",
+                f"sentinel failover-timeout {self.master_name} {FAILOVER_TIMEOUT_MS}",
+                f"sentinel parallel-syncs {self.master_name} 1",
+            ]
+            if self.tls:
+                lines += [
+                    f"tls-port {port}",
+                    *(f"{name} {value}" for name, value in self.tls.server_options()),
+                ]
+            else:
+                lines.append(f"port {port}")
+            if self.password:
+                lines.append(f"sentinel auth-pass {self.master_name} {self.password}")
+            if self.sentinel_password:
+                lines.append(
+                    f"requirepass {self.sentinel_password}\nsentinel sentinel-pass {self.sentinel_password}"
+                )
+            config.write_text("\n".join(lines) + "\n")
+            sentinel = Node(
+                f"sentinel{i}", port, [str(config), "--sentinel"], directory, self.tls, self.sentinel_password
             )
-            self.sentinels.append(Node(f"sentinel{i}", port, [str(config), "--sentinel"], directory).start())
+            self.sentinels.append(sentinel.start())
         # Ready once every Sentinel knows the replica and the other two Sentinels.
         self._wait(self._settled, "the Sentinels to find the replica and each other")
         return self
@@ -244,10 +255,19 @@ class SentinelGroup:
 
     @property
     def url(self) -> str:
-        return ";".join(f"sentinel://127.0.0.1:{s.port}" for s in self.sentinels) + "/0"
+        """The Sentinels' URL, Redis's password on the first one only (fanout puts it on each)."""
+        auth = f":{self.password}@" if self.password else ""
+        return (
+            f"sentinel://{auth}" + ";sentinel://".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + "/0"
+        )
 
     def env(self) -> dict[str, str]:
-        return {"FANOUT_REDIS_URL": self.url, "FANOUT_SENTINEL_MASTER": self.master_name}
+        env = {"FANOUT_REDIS_URL": self.url, "FANOUT_SENTINEL_MASTER": self.master_name}
+        if self.sentinel_password:
+            env["FANOUT_SENTINEL_PASSWORD"] = self.sentinel_password
+        if self.tls:
+            env.update(FANOUT_SENTINEL_TLS="1", FANOUT_SENTINEL_TLS_CA_CERTS=str(self.tls.ca))
+        return env
 
     def master_port(self) -> int:
         """The master's port as a live Sentinel names it."""
@@ -286,8 +306,8 @@ class SentinelGroup:
 
 
 @contextlib.contextmanager
-def sentinel_group(directory: Path) -> Iterator[SentinelGroup]:
-    group = SentinelGroup(directory)
+def sentinel_group(directory: Path, **options: Any) -> Iterator[SentinelGroup]:
+    group = SentinelGroup(directory, **options)
     try:
         yield group.start()
     finally:
@@ -314,7 +334,7 @@ def fanout_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 def start_worker(env: Mapping[str, str], log: Path, name: str, concurrency: int = 2) -> LocalWorker:
     """A real ``celery -A workers worker`` configured by ``env``, that also imports tests.userjobs."""
-    env = {**env, "FANOUT_IMPORTS": "tests.userjobs"}
+    env = {**env, "FANOUT_IMPORTS": "tests.userjobs,tests.hajobs"}
     local = LocalWorker(
         app_for_env(env),
         concurrency=concurrency,
@@ -325,15 +345,26 @@ def start_worker(env: Mapping[str, str], log: Path, name: str, concurrency: int 
     return local.start(timeout=60)
 
 
-#: A client process that runs ``fanout.map(tests.userjobs.triple, range(N))`` and prints the outcome as JSON.
+#: A client process: ``fanout.map`` of a task over ``range(N)``, printing the outcome as JSON.
 MAP_SCRIPT = """
-import json, sys
+import importlib, json, sys
 import fanout
-from tests.userjobs import triple
-outcome = fanout.map(triple, range(int(sys.argv[1])), batch_size=int(sys.argv[2]), timeout=float(sys.argv[3]))
+module, name = sys.argv[1].split(":")
+task = getattr(importlib.import_module(module), name)
+kwargs = json.loads(sys.argv[5])
+outcome = fanout.map(task, range(int(sys.argv[2])), kwargs=kwargs or None, batch_size=int(sys.argv[3]),
+                     timeout=float(sys.argv[4]))
 print(json.dumps({"results": outcome.results, "errors": len(outcome.errors)}))
 """
 
 
-def map_command(items: int, batch_size: int, timeout: float) -> list[str]:
-    return [sys.executable, "-c", MAP_SCRIPT, str(items), str(batch_size), str(timeout)]
+def map_command(
+    items: int,
+    batch_size: int,
+    timeout: float,
+    task: str = "tests.userjobs:triple",
+    kwargs: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """A ``python -c`` command that runs ``fanout.map(task, range(items))`` and prints its outcome."""
+    arguments = [task, str(items), str(batch_size), str(timeout), json.dumps(kwargs or {})]
+    return [sys.executable, "-c", MAP_SCRIPT, *arguments]

@@ -19,6 +19,8 @@ promoted replica by themselves.
 
 from __future__ import annotations
 
+import re
+import ssl
 from typing import Any
 
 import redis
@@ -103,21 +105,37 @@ def close(connection: redis.Redis) -> None:
         sentinel.close()
 
 
+def describe(exc: BaseException) -> str:
+    """``exc`` in a line: redis-py names each Sentinel that failed by the whole repr of its client."""
+    text = str(exc).rstrip(".")
+    if not isinstance(exc, MasterNotFoundError) or " : " not in text:
+        return text
+    head, _, details = text.partition(" : ")
+    reasons = []
+    for failure in re.split(r",\s*(?=<redis\.)", details):
+        host = re.search(r"[(,]host=([^,)]+)", failure)
+        port = re.search(r"[(,]port=(\d+)", failure)
+        reason = failure.rpartition(")> - ")[2].strip() or failure
+        where = f"{host.group(1)}:{port.group(1)}" if host and port else "a Sentinel"
+        reasons.append(f"{where}: {reason.rstrip('.')}")
+    return f"{head} ({'; '.join(reasons)})"
+
+
 def remedy(exc: BaseException) -> str:
     """What to do about ``exc``, an error from connecting to Redis: a sentence for the user."""
     text = str(exc)
+    if isinstance(exc, MasterNotFoundError):
+        return (
+            "No Sentinel named a master: check the Sentinels' addresses, FANOUT_SENTINEL_MASTER, "
+            "FANOUT_SENTINEL_PASSWORD and FANOUT_SENTINEL_TLS*."
+        )
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return (
             "Redis's TLS certificate did not verify: point ssl_ca_certs in the URL (or "
             "FANOUT_SENTINEL_TLS_CA_CERTS) at the CA that signed it."
         )
-    if "SSL" in text or "TLS" in text:
+    if isinstance(exc.__context__ or exc.__cause__, ssl.SSLError):
         return "The TLS handshake with Redis failed: check that it speaks TLS on that port, and the options."
-    if isinstance(exc, MasterNotFoundError):
-        return (
-            "No Sentinel named a master: check the Sentinels' addresses, FANOUT_SENTINEL_MASTER "
-            "and FANOUT_SENTINEL_PASSWORD."
-        )
     return "Start Redis, or point FANOUT_REDIS_URL at a running one."
 
 
