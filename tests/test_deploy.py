@@ -450,15 +450,21 @@ def test_ha_sentinels_watch_the_master_by_name_with_a_quorum_of_two_and_fail_ove
     for name in SENTINELS:
         svc = services[name]
         script = " ".join(svc["command"])
+        # Written on the first start only: afterwards the file is the Sentinel's memory.
         for line in (
-            "requirepass ${REDIS_PASSWORD}",
             "sentinel resolve-hostnames yes",
             "sentinel announce-hostnames yes",
             "sentinel monitor ${SENTINEL_MASTER} redis 6379 2",
-            "sentinel auth-pass ${SENTINEL_MASTER} ${REDIS_PASSWORD}",
         ):
             assert f'"{line}"' in script, (name, line)
-        # Written on the first start only: afterwards the file is the Sentinel's memory.
+        # The password and the timings, from .env at every start.
+        for option in (
+            '--requirepass "${REDIS_PASSWORD}"',
+            '--sentinel auth-pass "${SENTINEL_MASTER}" "${REDIS_PASSWORD}"',
+            '--sentinel down-after-milliseconds "${SENTINEL_MASTER}" "${SENTINEL_DOWN_AFTER_MS}"',
+            '--sentinel failover-timeout "${SENTINEL_MASTER}" "${SENTINEL_FAILOVER_TIMEOUT_MS}"',
+        ):
+            assert option in script, (name, option)
         assert svc["command"][:2] == ["sh", "-c"] and svc["command"][2].startswith("test -s sentinel.conf ||")
         assert svc["environment"]["SENTINEL_ANNOUNCE"] == name
         assert svc["environment"]["SENTINEL_MASTER"] == "mymaster"
