@@ -191,11 +191,13 @@ class SentinelGroup:
             auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
             args = [
                 "--bind", "127.0.0.1", *listen, *auth, "--save", "", "--appendonly", "no",
-                "--logfile", f"{name}.log", "--protected-mode", "no", *extra,
+                "--logfile", f"{name}.log", "--protected-mode", "no", "--repl-diskless-sync-delay", "0",
+                *extra,
             ]  # fmt: skip
             node = Node(name, port, args, self.directory / name, tls=self.tls, password=self.password)
             self.redis.append(node.start())
-        self._wait(lambda: self._replicas(self.redis[0]) >= 1, "replication")
+        # Synced, not merely connected: until its first full sync a replica holds nothing to promote.
+        self._wait(lambda: self._link_up(self.redis[1]), "the replica's first sync")
         for i in range(3):
             port = free_port()
             directory = self.directory / f"sentinel{i}"
@@ -231,9 +233,9 @@ class SentinelGroup:
         return self
 
     @staticmethod
-    def _replicas(node: Node) -> int:
-        info: Any = node.client().info("replication")
-        return int(info["connected_slaves"])
+    def _link_up(replica: Node) -> bool:
+        info: Any = replica.client(decode_responses=True).info("replication")
+        return bool(info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == 0)
 
     def _settled(self) -> bool:
         for sentinel in self.sentinels:

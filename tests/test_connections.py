@@ -198,6 +198,7 @@ def test_sentinel_settings_reach_kombus_transport_and_celerys_sentinel_backend()
     assert [(h["host"], h["port"]) for h in backend.connparams["hosts"]] == [("h1", 26379), ("h2", 26380)]
     assert (backend.connparams["db"], backend.connparams["password"]) == (4, "redispw")
     assert backend.connparams["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    assert backend.connparams["retry"].get_retries() >= 20  # rides out a failover, not 3 quick tries
     with app.connection_for_write() as connection:
         assert connection.transport.driver_type == "redis"
         assert connection.transport_options["master_name"] == "fanout-master"

@@ -46,29 +46,29 @@ def test_a_batch_is_lost_only_when_missing_from_two_scans_confirm_s_apart() -> N
     detector = Detector()
     # Given a job with batches 3 and 4 not done, and batch 4 in the queue
     assert detector.observe("j", [3, 4], 3, now=0.0)  # never scanned: due at once
-    # When a scan finds batch 3 nowhere, it is only a suspect...
-    assert detector.lost("j", [3, 4], {4}, now=0.0) == []
+    # When a scan finds batch 3 nowhere (and batch 4 in the queue), it is only a suspect...
+    assert detector.lost("j", [3], now=0.0) == []
     # ...still a suspect just before CONFIRM_S...
     assert detector.observe("j", [3, 4], 3, now=1.0)  # a suspect keeps the job due
-    assert detector.lost("j", [3, 4], {4}, now=CONFIRM_S - 0.1) == []
+    assert detector.lost("j", [3], now=CONFIRM_S - 0.1) == []
     # Then lost once it has been missing for CONFIRM_S
-    assert detector.lost("j", [3, 4], {4}, now=CONFIRM_S) == [3]
+    assert detector.lost("j", [3], now=CONFIRM_S) == [3]
 
 
 def test_a_batch_found_again_is_no_longer_a_suspect() -> None:
     detector = Detector()
     detector.observe("j", [3], 4, now=0.0)
-    assert detector.lost("j", [3], set(), now=0.0) == []
+    assert detector.lost("j", [3], now=0.0) == []
     # It shows up (restored to the queue by kombu in between): the clock starts again.
-    assert detector.lost("j", [3], {3}, now=1.0) == []
-    assert detector.lost("j", [3], set(), now=CONFIRM_S + 0.5) == []
-    assert detector.lost("j", [3], set(), now=2 * CONFIRM_S + 1.0) == [3]
+    assert detector.lost("j", [], now=1.0) == []
+    assert detector.lost("j", [3], now=CONFIRM_S + 0.5) == []
+    assert detector.lost("j", [3], now=2 * CONFIRM_S + 1.0) == [3]
 
 
 def test_a_moving_job_is_scanned_only_every_sweep_and_a_stalled_one_after_stall_s() -> None:
     detector = Detector()
     assert detector.observe("j", [1, 2, 3], 1, now=0.0)
-    detector.lost("j", [1, 2, 3], {1, 2, 3}, now=0.0)
+    detector.lost("j", [], now=0.0)
     # Moving (one more batch done each second): not due until the sweep.
     assert not detector.observe("j", [2, 3], 2, now=1.0)
     assert not detector.observe("j", [3], 3, now=2.0)
@@ -78,7 +78,7 @@ def test_a_moving_job_is_scanned_only_every_sweep_and_a_stalled_one_after_stall_
     # A job that keeps moving is still looked at every SWEEP_S.
     other = Detector()
     other.observe("k", list(range(100)), 0, now=0.0)
-    other.lost("k", list(range(100)), set(range(100)), now=0.0)
+    other.lost("k", [], now=0.0)
     for t in range(1, int(SWEEP_S)):
         assert not other.observe("k", list(range(t, 100)), t, now=float(t))
     assert other.observe("k", list(range(int(SWEEP_S), 100)), int(SWEEP_S), now=SWEEP_S)
@@ -87,12 +87,12 @@ def test_a_moving_job_is_scanned_only_every_sweep_and_a_stalled_one_after_stall_
 def test_a_batch_sent_again_is_not_sent_again_while_it_waits_in_the_queue() -> None:
     detector = Detector()
     detector.observe("j", [0], 0, now=0.0)
-    detector.lost("j", [0], set(), now=0.0)
-    assert detector.lost("j", [0], set(), now=CONFIRM_S) == [0]
+    detector.lost("j", [0], now=0.0)
+    assert detector.lost("j", [0], now=CONFIRM_S) == [0]
     detector.resent("j", [0], now=CONFIRM_S)
     # The next scans catch it between the queue and a worker (a scan's moment): not again, yet.
-    assert detector.lost("j", [0], set(), now=CONFIRM_S + 1) == []
-    assert detector.lost("j", [0], set(), now=2 * CONFIRM_S + 2) == []
+    assert detector.lost("j", [0], now=CONFIRM_S + 1) == []
+    assert detector.lost("j", [0], now=2 * CONFIRM_S + 2) == []
 
 
 def test_a_recipe_rebuilds_each_batch_as_the_client_sent_it() -> None:

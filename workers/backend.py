@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import redis
 from celery.backends.redis import RedisBackend, SentinelBackend
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from workers import keys
 
@@ -52,7 +54,7 @@ class RetryingChordMixin:
     """
 
     client: Any
-    expires: int | None
+    expires: Any
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> Any:
         returned = retrying(
@@ -70,11 +72,31 @@ class RetryingChordMixin:
 
 
 class RetryingRedisBackend(RetryingChordMixin, RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, with the retried and marked chord report."""
+    """Celery's Redis backend, with the chord report retried and marked done (RetryingChordMixin)."""
+
+
+#: How long one command of the Sentinel backend keeps retrying through a failover: Sentinel
+#: names a new master seconds after ``down-after-milliseconds`` (30 s in Sentinel's sample
+#: configuration), and every retry asks the Sentinels again.
+FAILOVER_RETRIES = 20  # 0.4, 0.8, 1.6, then 2 s apart: about 35 s in all
 
 
 class RetryingSentinelBackend(RetryingChordMixin, SentinelBackend):  # type: ignore[misc]
-    """Celery's Sentinel backend (the master the Sentinels name), with the same chord report."""
+    """Celery's Sentinel backend (the master the Sentinels name), with the same chord report,
+    and every command retried through a failover.
+
+    Celery catches a connection error in the chord's join (the last header's
+    ``on_chord_part_return``, past the part the mixin retries) and fails the whole
+    chord with ``ChordError('Join error: ...')``; a join that runs while Sentinel
+    promotes a replica must wait for the new master instead, as must a part's
+    report or a result.  redis-py's default (3 quick retries) is over before a
+    failover is.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connparams["retry"] = Retry(ExponentialBackoff(cap=2.0, base=0.2), retries=FAILOVER_RETRIES)
+        self.connparams["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
 
 
 def mark_done(client: Any, group_id: str, indexes: list[int], expires: int | None) -> None:

@@ -18,10 +18,13 @@ failures to a counter, and the one that goes past the budget stops the job.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import signal
 import time
+import uuid
 from typing import Any
 
 from celery.worker.control import control_command
@@ -189,9 +192,6 @@ def purge(app: Any, queue: str, group_id: str, reason: str) -> int:
     them (:func:`finish_purge`, idempotent).  This reads kombu's Redis message
     format (a JSON envelope, base64 body).  Returns the batches taken.
     """
-    import time
-    import uuid
-
     client = app.backend.client
     purge_id = str(uuid.uuid4())
     expires = int(app.backend.expires or 86_400)
@@ -238,7 +238,7 @@ def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: li
     chord: Any = None
     for raw in taken:
         try:
-            request, start, items, label, where = _batch_of(app, raw)
+            index, chord, start, items, label, where = _batch_of(raw)
         except (KeyError, ValueError, TypeError, IndexError, OSError) as exc:
             # Counted in the chord already: an empty part keeps the count right, and the
             # merge reports its items as lost rather than waiting for them.
@@ -250,8 +250,7 @@ def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: li
         part = fail_batch(start, items, reason, label)
         # A job sent by reference: the part goes to its results location, as a header's would.
         parts.append(write_part(where, part) if where else part)
-        indexes.append(int(request.group_index or 0))
-        chord = request.chord
+        indexes.append(index)
     # The same id and index whoever reports it: the chord counts it once.
     request = Context(
         id=purge_id, group=group_id, group_index=min(indexes or [0]), chord=chord, ignore_result=True
@@ -264,14 +263,10 @@ def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: li
         pipe.execute()
 
 
-def _batch_of(app: Any, raw: bytes) -> tuple[Any, int, list[Any], Any, str | None]:
-    """The request, start, items, item label and results location (if by reference) of a queued header."""
-    import base64
-    import json
-
-    from celery.app.task import Context
-
-    from workers.core import batch_items, lookup
+def _batch_of(raw: bytes) -> tuple[int, Any, int, list[Any], Any, str | None]:
+    """The group index, chord, start, items, item label and results location (if by reference)
+    of a queued header message."""
+    from workers.core import batch_items, lookup  # core imports this module
 
     envelope = json.loads(raw)
     headers = envelope["headers"]
@@ -282,13 +277,5 @@ def _batch_of(app: Any, raw: bytes) -> tuple[Any, int, list[Any], Any, str | Non
     start, items = int(args[0]), batch_items(args[1])  # a list, or (by reference) its bounds or file
     where = str(args[3]) if len(args) > 3 and args[3] else None
     definition = lookup(str(headers["task"]))
-    request = Context(
-        id=headers["id"],
-        group=headers["group"],
-        group_index=headers.get("group_index"),
-        chord=embed["chord"],
-        task=headers["task"],
-        root_id=headers.get("root_id"),
-        ignore_result=True,
-    )
-    return request, start, items, definition.label if definition else (lambda item: item), where
+    label = definition.label if definition else (lambda item: item)
+    return int(headers.get("group_index") or 0), embed["chord"], start, items, label, where

@@ -71,32 +71,55 @@ MAX_JOBS = 1000
 PURGE_GRACE_S = 30.0
 #: Stands for a job's chord callback where batch indexes are listed (it has no index).
 CALLBACK = -1
-#: A queue longer than this is not scanned (a scan costs about 1 us a message, in Redis).
-SCAN_LIMIT = 1_000_000
+#: The sweep's interval is at least this many times its scan's duration (a scan blocks Redis).
+SCAN_SHARE = 50
+#: A queue longer than this is not scanned: a scan reads about 200,000 messages a second, blocking Redis.
+SCAN_LIMIT = 250_000
 
-# Which messages of the given groups are in the queue and in kombu's unacked hash.
-# Returns a flat list: group id, batch index (-1 for the chord callback, which has no
-# index), for each one found.  kombu's envelope is JSON with a base64 body, so
-# `"group": "..."` can only be the header's own field.
+# Which of the given batches (by group: the batch indexes, -1 for the chord callback,
+# which has no index) are in none of the queue and kombu's unacked hash.  Reads until
+# every batch asked for is found, so a scan that finds nothing lost often stops early.
+# Returns a JSON object, group -> the indexes not found; {"-1": true} if the queue is
+# too long to read.
 SCAN_LUA = """
 local queue, unacked, limit = KEYS[1], KEYS[2], tonumber(ARGV[1])
-local want = {}
-for i = 2, #ARGV do want[ARGV[i]] = true end
-local found = {}
+local asked = cjson.decode(ARGV[2])
+local want, left = {}, 0
+for group, indexes in pairs(asked) do
+  want[group] = {}
+  for _, index in ipairs(indexes) do want[group][tostring(index)] = true; left = left + 1 end
+end
+-- Plain finds (memchr): the base64 body before the headers holds no quote to stop at.
+local function after(raw, name)
+  local _, e = string.find(raw, '"' .. name .. '": ', 1, true)
+  if not e then _, e = string.find(raw, '"' .. name .. '":', 1, true) end
+  return e and e + 1
+end
 local function look(raw)
-  local g = string.match(raw, '"group":%s*"([^"]+)"')
-  if g and want[g] then
-    found[#found + 1] = g
-    found[#found + 1] = string.match(raw, '"group_index":%s*(%d+)') or '-1'
+  local at = after(raw, 'group')
+  local group = at and string.match(raw, '^"([^"]+)"', at)
+  local batches = group and want[group]
+  if batches then
+    local ai = after(raw, 'group_index')
+    local index = (ai and string.match(raw, '^(%d+)', ai)) or '-1'
+    if batches[index] then batches[index] = nil; left = left - 1 end
   end
 end
 local n = redis.call('LLEN', queue)
-if n > limit then return {-1} end
-for i = 0, n - 1, 1000 do
-  for _, raw in ipairs(redis.call('LRANGE', queue, i, i + 999)) do look(raw) end
-end
+if n > limit then return cjson.encode({["-1"] = true}) end
 for _, raw in ipairs(redis.call('HVALS', unacked)) do look(raw) end
-return found
+local i = 0
+while left > 0 and i < n do
+  for _, raw in ipairs(redis.call('LRANGE', queue, i, i + 999)) do look(raw) end
+  i = i + 1000
+end
+local unseen = {}
+for group, batches in pairs(want) do
+  local list = {}
+  for index, _ in pairs(batches) do list[#list + 1] = tonumber(index) end
+  if #list > 0 then unseen[group] = list end
+end
+return cjson.encode(unseen)
 """
 
 # Take the lease if it is free, renew it if it is ours; 1 if we hold it now.
@@ -238,11 +261,11 @@ class Detector:
             watch.suspects or now - watch.moved_at >= self.stall_s or now - watch.scanned_at >= self.sweep_s
         )
 
-    def lost(self, job_id: str, missing: Iterable[int], present: set[int], now: float) -> list[int]:
-        """Batches confirmed lost by this scan: missing from every place now and ``confirm_s`` ago."""
+    def lost(self, job_id: str, gone: Iterable[int], now: float) -> list[int]:
+        """Batches confirmed lost by this scan, which found ``gone`` in no place: those also gone
+        from every place in the scans of the last ``confirm_s``."""
         watch = self.watches.setdefault(job_id, _Watch(moved_at=now))
         watch.scanned_at = now
-        gone = [i for i in missing if i not in present]
         watch.suspects = {i: watch.suspects.get(i, now) for i in gone}
         return [
             i
@@ -261,15 +284,20 @@ class Detector:
             self.watches.pop(job_id, None)
 
 
-def scan(client: Any, queue: str, unacked: str, groups: Sequence[str]) -> dict[str, set[int]] | None:
-    """Which batches of ``groups`` are in ``queue`` or ``unacked`` (-1: the callback); None if too long."""
-    found = client.eval(SCAN_LUA, 2, queue, unacked, SCAN_LIMIT, *groups)
-    if found and found[0] == -1:
+def scan(
+    client: Any, queue: str, unacked: str, asked: Mapping[str, Sequence[int]]
+) -> dict[str, set[int]] | None:
+    """Which of the batches ``asked`` (group -> indexes) are in neither ``queue`` nor ``unacked``.
+
+    None if the queue is longer than SCAN_LIMIT messages.
+    """
+    raw = client.eval(
+        SCAN_LUA, 2, queue, unacked, SCAN_LIMIT, json.dumps({g: list(i) for g, i in asked.items()})
+    )
+    unseen = json.loads(raw)
+    if unseen.get("-1") is True:
         return None
-    present: dict[str, set[int]] = {group: set() for group in groups}
-    for k in range(0, len(found), 2):
-        present[_text(found[k])].add(int(found[k + 1]))
-    return present
+    return {group: set(unseen.get(group) or ()) for group in asked}
 
 
 def _text(value: Any) -> str:
@@ -330,17 +358,22 @@ class Healer:
         for queue, watched in due.items():
             # The callback may be routed elsewhere: its queue is looked at too.
             queues = sorted({queue} | {job.callback_queue for job, _ in watched})
-            present: dict[str, set[int]] = {job.group_id: set() for job, _ in watched}
+            asked = {job.group_id: pending for job, pending in watched}
+            gone: dict[str, set[int]] = {group: set(indexes) for group, indexes in asked.items()}
             for name in queues:
-                found = scan(self._broker_client(), name, self._unacked_key(), sorted(present))
-                if found is None:
+                began = time.monotonic()
+                unseen = scan(self._broker_client(), name, self._unacked_key(), asked)
+                # A long queue takes a while to read, and Redis does nothing else meanwhile:
+                # sweep it no more than 1/SCAN_SHARE of the time.
+                self.detector.sweep_s = max(SWEEP_S, SCAN_SHARE * (time.monotonic() - began))
+                if unseen is None:
                     logger.warning("queue %s is too long to scan (over %d messages)", name, SCAN_LIMIT)
                     break
-                for group_id, indexes in found.items():
-                    present[group_id] |= indexes
+                for group_id in gone:  # found in any of the queues: not gone
+                    gone[group_id] &= unseen[group_id]
             else:
-                for job, pending in watched:
-                    lost = self.detector.lost(job.job_id, pending, present[job.group_id], now)
+                for job, _ in watched:
+                    lost = self.detector.lost(job.job_id, sorted(gone[job.group_id]), now)
                     if lost:
                         healed.extend((job.job_id, index) for index in self.heal(job, lost, now))
         return healed
