@@ -67,6 +67,10 @@ class Status:
     finished_at: float | None
     #: Why the job was stopped ("cancelled", "failure budget exceeded: ..."), if it was.
     stopped: str | None = None
+    #: How many of its batches the workers' healer sent again (Redis dropped their messages).
+    healed: int = 0
+    #: Why it cannot complete, if the healer found a lost batch it could not send again.
+    unhealable: str | None = None
 
     @property
     def shown_state(self) -> str:
@@ -101,13 +105,17 @@ class Status:
             "batches_done": self.batches_done,
             "items_done": self.items_done,
             "items_pending": self.job.total - self.items_done,
+            "healed_batches": self.healed,
+            "unhealable": self.unhealable,
         }
 
     def line(self) -> str:
+        healed = f"; {self.healed} lost batch(es) sent again" if self.healed else ""
+        cannot = f"; cannot complete: {self.unhealable}" if self.unhealable else ""
         return (
             f"job {self.job.job_id} ({self.job.task}): {self.shown_state}, {self.batches_done} of "
             f"{self.job.batches} batches done (about {self.items_done} of {self.job.total} items), "
-            f"{self.job.total - self.items_done} pending"
+            f"{self.job.total - self.items_done} pending{healed}{cannot}"
         )
 
 
@@ -116,9 +124,19 @@ def job_status(app: Celery, job_id: str) -> Status:
     job = StoredJob.load(app, job_id)
     meta = callback_meta(app, job_id)
     if meta is None or meta.get("status") not in READY_STATES:
-        raw = app.backend.client.get(keys.stop(job.group_id))
-        stopped = raw.decode() if raw else None
-        return Status(job, "running", batches_done(app, job.group_id), None, None, stopped)
+        raw, healed, unhealable = app.backend.client.mget(
+            keys.stop(job.group_id), keys.healed(job_id), keys.unhealable(job_id)
+        )
+        return Status(
+            job,
+            "running",
+            batches_done(app, job.group_id),
+            None,
+            None,
+            raw.decode() if raw else None,
+            int(healed or 0),
+            unhealable.decode() if unhealable else None,
+        )
     state = str(meta["status"])
     if state != "SUCCESS":
         raise InfrastructureError(f"job {job_id} ended in {state}: {meta.get('result')!r}")

@@ -119,8 +119,13 @@ def test_a_recipe_rebuilds_each_batch_as_the_client_sent_it() -> None:
 
 
 def test_batch_task_ids_are_the_same_every_time_and_differ_between_batches() -> None:
-    assert batch_task_id("job", 3) == batch_task_id("job", 3)
-    assert len({batch_task_id("job", i) for i in range(1000)} | {batch_task_id("other", 0)}) == 1001
+    import uuid
+
+    for job_id in ("job", str(uuid.uuid4())):
+        assert batch_task_id(job_id, 3) == batch_task_id(job_id, 3)
+        ids = {batch_task_id(job_id, i) for i in range(1000)} | {batch_task_id("other", 0), job_id}
+        assert len(ids) == 1002
+        assert all(uuid.UUID(i) for i in ids - {"job"})
 
 
 # --- real workers, real Redis --------------------------------------------------------------------
@@ -226,6 +231,28 @@ def test_a_message_lost_from_unacked_with_its_worker_is_sent_again(
     outcome = wait(app, job, group_id, timeout=120)
     assert_every_index_once(outcome, values)
     assert healed(client, job.job_id) >= 1
+
+
+@system
+def test_a_batch_of_a_job_sent_by_reference_is_sent_again_from_its_input_file(
+    app: Celery, worker: LocalWorker, tmp_path: Path
+) -> None:
+    from orchestrator.canvas import build
+    from tests import userjobs
+    from workers import results
+
+    client = app.backend.client
+    # Given a user's job sent by reference (its items in files of the results location)
+    values = [0.6 + k / 100 for k in range(8)]
+    plan = build(userjobs.sleepy.name, values, 1, by_reference=True, results_root=str(tmp_path / "r"))
+    group_id = submit(app, plan, 600)
+    # When Redis drops one of its queued messages
+    take_message(client, "fanout", group_id, 7)
+    # Then the healer sends it again, naming the same file, and the job completes
+    outcome = wait(app, plan, group_id, timeout=90)
+    whole = results.materialize(outcome)
+    assert whole["results"] == values and whole["failed"] == 0
+    assert healed(client, plan.job_id) == 1
 
 
 @system

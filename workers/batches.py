@@ -21,7 +21,13 @@ _NAMESPACE = uuid.UUID("1b5cf3c2-7c39-4a8e-9d0f-6f7c2a4e8b11")
 
 
 def batch_task_id(job_id: str, index: int) -> str:
-    """The task id of batch ``index`` of job ``job_id``: the same every time it is sent."""
+    """The task id of batch ``index`` of job ``job_id``: the same every time it is sent.
+
+    For a job id that is a UUID (fanout's own), the job id with its last 48 bits
+    replaced by the index: still a UUID, and cheap (a job may have 200,000 batches).
+    """
+    if len(job_id) == 36 and job_id[23] == "-" and index < 1 << 48:
+        return f"{job_id[:24]}{index:012x}"
     return str(uuid.uuid5(_NAMESPACE, f"{job_id}:{index}"))
 
 
