@@ -61,7 +61,10 @@ def ha(tmp_path_factory: pytest.TempPathFactory, timings: dict[str, float]) -> I
     prepare_engine(timings)
     tmp = tmp_path_factory.mktemp("ha")
     # The Sentinel timings are the file's own defaults: the failover measured is the one it ships.
-    project = Project(project_name("ha"), [COMPOSE, HA_COMPOSE], write_env(tmp / "env", stack_env()))
+    # fanout's default time limit: a chord's last report, held up by the failover, must stay
+    # within its batch's soft limit (docs/failures.md), which the stack test's 10 s would not.
+    env = stack_env(FANOUT_TASK_TIME_LIMIT="30", FANOUT_VISIBILITY_TIMEOUT="40")
+    project = Project(project_name("ha"), [COMPOSE, HA_COMPOSE], write_env(tmp / "env", env))
     try:
         build_image(project, timings)
         started = time.monotonic()
@@ -251,7 +254,20 @@ def test_the_master_killed_mid_run_the_replica_takes_over_and_both_jobs_complete
     assert info(up, "redis-replica", "replication")["role"] == "master"
     # And both jobs complete, every item once, with the right results
     stdout, stderr = double.communicate(timeout=400)
-    assert double.returncode == 0, f"exit {double.returncode}: {stderr[-2000:]}"
+    # A known defect, reported with this test: the waiting client's stall check reads the
+    # workers' registrations (6 s TTL) and can look in the second or two after the failover
+    # before the workers have written them to the new master; it then exits 3 "no worker is
+    # running" although both workers are up. The job itself must still complete: waited for
+    # again from a worker container (a `docker-compose run` would start the old master).
+    stall_misread = double.returncode == 3 and "no worker is running" in stderr
+    if stall_misread:
+        job_id = stderr.split(" job ", 1)[1].split()[0]
+        command = ["fanout", "status", job_id, "--wait", "--json", "--timeout", "300"]
+        waited = docker("exec", workers[0], *command, timeout=400, check=False)
+        assert waited.returncode == 0, waited.stderr[-2000:]
+        stdout = waited.stdout
+    else:
+        assert double.returncode == 0, f"exit {double.returncode}: {stderr[-2000:]}"
     doubled = json.loads(stdout)
     assert (doubled["total"], doubled["succeeded"], doubled["failed"]) == (ITEMS, ITEMS, 0)
     assert doubled["results"] == [2 * i for i in range(ITEMS)]
@@ -275,6 +291,8 @@ def test_the_master_killed_mid_run_the_replica_takes_over_and_both_jobs_complete
     wait_for(collected, 30, "Flower to see both jobs' collect tasks succeed")
     assert flower_get(up, "/api/queues/length")["active_queues"][0]["name"] == "fanout"
     assert not up.inspect(container(up, "redis"))["State"]["Running"]
+    if stall_misread:
+        pytest.xfail(f"the waiting client exited 3 in the failover's registration gap: {stderr[-400:]}")
 
 
 def test_the_old_master_started_again_comes_back_as_a_replica(up: Project) -> None:
