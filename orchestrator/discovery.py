@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from workers import keys
+from workers import connections, keys
 from workers.errors import InfrastructureError
 from workers.registration import TTL_S
 
@@ -32,7 +32,7 @@ class WorkerInfo:
 
 def list_workers(app: Celery, queue: str | None = None) -> list[WorkerInfo]:
     """The workers registered now (those consuming ``queue``, if given), sorted by name."""
-    client = app.backend.client
+    client = connections.backend(app)
     names = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in client.smembers(keys.WORKERS))
     if not names:
         return []

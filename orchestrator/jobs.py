@@ -18,7 +18,7 @@ from celery import Celery
 from orchestrator import run
 from orchestrator.canvas import Plan, build
 from orchestrator.status import StoredJob, UnknownJob, job_status
-from workers import fanin, keys, results
+from workers import connections, fanin, keys, results
 from workers.core import FanoutTask, json_problem
 from workers.errors import FanoutError, InputError
 
@@ -230,8 +230,8 @@ def cancel(app: Celery, group_id: str, terminate: bool = False) -> None:
     from workers.settings import get_settings
 
     settings = get_settings()
-    app.backend.client.set(keys.stop(group_id), CANCELLED, nx=True, ex=settings.result_expires)
-    reason = (app.backend.client.get(keys.stop(group_id)) or CANCELLED.encode()).decode()
+    connections.backend(app).set(keys.stop(group_id), CANCELLED, nx=True, ex=settings.result_expires)
+    reason = (connections.backend(app).get(keys.stop(group_id)) or CANCELLED.encode()).decode()
     # Queued batches are taken off the queue and reported as cancelled at once...
     purge(app, settings.queue, group_id, reason)
     if terminate:  # ...running ones are interrupted...
@@ -292,7 +292,7 @@ def _inputs(app: Celery, job_id: str, indexes: builtins.list[int]) -> builtins.l
         raise gone from None
     spec = original.spec
     if not spec.get("where"):
-        raw = app.backend.client.get(keys.inputs(job_id))
+        raw = connections.backend(app).get(keys.inputs(job_id))
         if raw is None:
             raise gone
         inputs = run.unpack(raw)

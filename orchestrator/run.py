@@ -103,7 +103,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
         # Interrupted (Ctrl-C) or failed half-way: what was sent must not run for nobody.
         if prepare.group_id is not None:
             with contextlib.suppress(redis.RedisError):  # a Redis refusing writes refuses this too
-                app.backend.client.set(keys.stop(prepare.group_id), CANCELLED, ex=expires)
+                connections.backend(app).set(keys.stop(prepare.group_id), CANCELLED, ex=expires)
         if isinstance(exc, redis.RedisError | OSError | OperationalError):
             raise InfrastructureError(
                 f"sending job {job.job_id} failed part-way: {exc}. The batches already sent are "
@@ -116,7 +116,7 @@ def submit(app: Celery, job: Plan, expires: int, max_failures: int | None = None
     recipe = heal_recipe(app, job, group_id)
     if recipe is not None:
         record["heal"] = recipe
-    with app.backend.client.pipeline(transaction=False) as pipe:
+    with connections.backend(app).pipeline(transaction=False) as pipe:
         pipe.set(keys.job(job.job_id), json.dumps(record), ex=expires)
         # Watched by the workers' healer until its fan-in is done (workers/healing.py).
         pipe.zadd(keys.ACTIVE, {job.job_id: sent_at})
@@ -158,7 +158,7 @@ class _Prepare:
 
     def __call__(self, group_id: str) -> None:
         self.group_id = group_id
-        client = self.app.backend.client
+        client = connections.backend(self.app)
         job = self.job
         if job.where is not None:
             # By reference: the inputs go to the results location (the header messages
@@ -193,7 +193,7 @@ Progress = Callable[[int, int], None]  # (batches done, batches in all)
 
 def batches_done(app: Celery, group_id: str) -> int:
     """How many header tasks have reported: one ZCARD, whatever the job's size."""
-    return int(app.backend.client.zcard(join_key(app, group_id)))
+    return int(connections.backend(app).zcard(join_key(app, group_id)))
 
 
 def join_key(app: Celery, group_id: str) -> bytes:
@@ -221,7 +221,7 @@ def callback_meta(app: Celery, job_id: str) -> dict[str, Any] | None:
     One GET on the backend's client (no retry loop of the backend's own), so
     a dead Redis shows up here at once, as a ``redis.RedisError``.
     """
-    raw = app.backend.client.get(app.backend.get_key_for_task(job_id))
+    raw = connections.backend(app).get(app.backend.get_key_for_task(job_id))
     if not raw:
         return None
     meta: dict[str, Any] = app.backend.decode_result(raw)
@@ -368,7 +368,7 @@ def parts_as_completed(app: Celery, job: Tracked, group_id: str, timeout: float)
 
 def _new_parts(app: Celery, key: bytes, seen: set[int], batches: int) -> Iterable[tuple[int, Part]]:
     gaps = _gaps(seen, batches)
-    client = app.backend.client
+    client = connections.backend(app)
     if len(gaps) > MAX_RANGES:
         rows = client.zrange(key, 0, -1, withscores=True)
     else:
@@ -413,7 +413,7 @@ def _require_state(app: Celery, job: Tracked, done: int) -> None:
 
 def _require_healable(app: Celery, job: Tracked, done: int) -> None:
     """Raise InfrastructureError if the healer found a batch of ``job`` lost for good (workers/healing.py)."""
-    reason = app.backend.client.get(keys.unhealable(job.job_id))
+    reason = connections.backend(app).get(keys.unhealable(job.job_id))
     if reason:
         raise InfrastructureError(
             f"job {job.job_id} cannot complete: {reason.decode()} ({_pending(job, done)}). "
@@ -431,7 +431,7 @@ def _pending(job: Tracked, done: int) -> str:
 
 
 def load_record(app: Celery, job_id: str) -> dict[str, Any] | None:
-    raw = app.backend.client.get(keys.job(job_id))
+    raw = connections.backend(app).get(keys.job(job_id))
     return json.loads(raw) if raw else None
 
 

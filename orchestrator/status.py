@@ -14,7 +14,7 @@ from celery import Celery
 from celery.states import READY_STATES
 
 from orchestrator.run import batches_done, callback_meta, load_record
-from workers import keys
+from workers import connections, keys
 from workers.errors import FanoutError, InfrastructureError
 from workers.fanin import CANCELLED, Outcome
 
@@ -124,7 +124,7 @@ def job_status(app: Celery, job_id: str) -> Status:
     job = StoredJob.load(app, job_id)
     meta = callback_meta(app, job_id)
     if meta is None or meta.get("status") not in READY_STATES:
-        raw, healed, unhealable = app.backend.client.mget(
+        raw, healed, unhealable = connections.backend(app).mget(
             keys.stop(job.group_id), keys.healed(job_id), keys.unhealable(job_id)
         )
         return Status(

@@ -396,16 +396,18 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
     env = {**QUICK, "FANOUT_VISIBILITY_TIMEOUT": "8"}
     live = [worker(app, queue, tmp_path, f"soak{i}", env=env, concurrency=2) for i in range(2)]
     workers_started.extend(live)
-    incomplete, runs_twice = 0, 0
+    incomplete, resent, twice = 0, 0, 0
     for round_number in range(3):
         jobs = []
-        for _ in range(6):
-            values = [rng.randrange(1_000_000) for _ in range(rng.randrange(40, 120))]
-            plan = rigged_job(app, values, rng.choice([1, 5, 10]), queue, seconds=0.02)
-            jobs.append((plan, values, submit(app, plan, 600)))
+        for k in range(6):
+            values = rng.sample(range(1_000_000), rng.randrange(40, 120))
+            marks = tmp_path / f"marks-{round_number}-{k}"
+            marks.mkdir()
+            plan = rigged_job(app, values, rng.choice([1, 5, 10]), queue, seconds=0.02, marks=marks)
+            jobs.append((plan, values, submit(app, plan, 600), marks))
         time.sleep(0.5)
         # A message dropped, as kombu's BRPOP window or a failover drops one...
-        plan, _, group_id = jobs[rng.randrange(len(jobs))]
+        plan, _, group_id, _ = jobs[rng.randrange(len(jobs))]
         queued = [
             json.loads(raw)["headers"]["group_index"]
             for raw in client.lrange(queue, 0, -1)
@@ -430,14 +432,15 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
             if children:
                 os.kill(int(children[0]), signal.SIGKILL)
         round_started = time.monotonic()
-        for plan, values, group_id in jobs:
+        for plan, values, group_id, marks in jobs:
             try:
                 outcome = wait(app, plan, group_id, timeout=180)
             except InfrastructureError:
                 incomplete += 1
                 continue
             assert_every_index_once(outcome, values)
-            runs_twice += healed(client, plan.job_id)
+            resent += healed(client, plan.job_id)
+            twice += sum(1 for count in runs_by_value(marks).values() if count > 1)
         print(f"soak round {round_number}: {time.monotonic() - round_started:.1f} s")
     assert incomplete == 0
-    print(f"soak: 18 jobs complete, {runs_twice} batches sent again by the healer")
+    print(f"soak: 18 jobs complete, {resent} batches sent again by the healer, {twice} items ran twice")

@@ -139,10 +139,12 @@ def remedy(exc: BaseException) -> str:
     return "Start Redis, or point FANOUT_REDIS_URL at a running one."
 
 
-def backend(app: Celery) -> redis.Redis:
+def backend(app: Celery) -> Any:
     """The client of the result backend's Redis, where fanout keeps its keys (workers/keys.py).
 
     Celery's own pool, built from :func:`celery_options`: through Sentinel it
-    follows the master as the result backend does.
+    follows the master as the result backend does.  Typed ``Any``, as Celery's
+    client is: it never decodes, so every reply is ``bytes`` (redis-py's types
+    say ``bytes | str``).
     """
-    return app.backend.client  # type: ignore[no-any-return]
+    return app.backend.client

@@ -29,7 +29,7 @@ from typing import Any
 
 from celery.worker.control import control_command
 
-from workers import keys
+from workers import connections, keys
 from workers.backend import retrying
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def purge(app: Any, queue: str, group_id: str, reason: str) -> int:
     them (:func:`finish_purge`, idempotent).  This reads kombu's Redis message
     format (a JSON envelope, base64 body).  Returns the batches taken.
     """
-    client = app.backend.client
+    client = connections.backend(app)
     purge_id = str(uuid.uuid4())
     expires = int(app.backend.expires or 86_400)
     total_key = app.backend.get_key_for_group(group_id, ".t")
@@ -218,11 +218,11 @@ def purge(app: Any, queue: str, group_id: str, reason: str) -> int:
 
 def finish_purge(app: Any, group_id: str, purge_id: str, reason: str) -> int:
     """Report the batches of a purge whose process died before it reported them (the healer's)."""
-    taken = app.backend.client.lrange(keys.purged(group_id, purge_id), 0, -1)
+    taken = connections.backend(app).lrange(keys.purged(group_id, purge_id), 0, -1)
     if taken:
         report_purged(app, group_id, purge_id, reason, taken)
     else:
-        app.backend.client.hdel(keys.purges(group_id), purge_id)
+        connections.backend(app).hdel(keys.purges(group_id), purge_id)
     return len(taken)
 
 
@@ -257,7 +257,7 @@ def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: li
     )
     combined = {"start": 0, "results": [], "errors": [], "transient": 0, "parts": parts}
     app.backend.mark_as_done(purge_id, combined, request=request, store_result=False)
-    with app.backend.client.pipeline(transaction=False) as pipe:
+    with connections.backend(app).pipeline(transaction=False) as pipe:
         pipe.delete(keys.purged(group_id, purge_id))
         pipe.hdel(keys.purges(group_id), purge_id)
         pipe.execute()

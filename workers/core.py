@@ -37,6 +37,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from workers import connections
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.control import JobControl, JobStopped
@@ -164,7 +165,7 @@ class FanoutTask(Generic[P, R]):
         Counted for poison items, stopped by the soft time limit or by the job's
         stop reason (cancel, failure budget), its failures counted against the budget.
         """
-        client = task.app.backend.client
+        client = connections.backend(task.app)
         expires = get_settings().result_expires
         group = task.request.group
         control = JobControl(client, str(group), expires) if group else None

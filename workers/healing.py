@@ -46,9 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import bootsteps
-from celery.states import READY_STATES
 
-from workers import keys, results
+from workers import connections, keys, results
 from workers.batches import batch_task_id, header_args
 
 logger = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ INTERVAL_S = 1.0
 #: A job that has not moved for this long is scanned for lost batches.
 STALL_S = 5.0
 #: Every job with batches not done is scanned at least this often, moving or not.
-SWEEP_S = 30.0
+SWEEP_S = 10.0
 #: A batch must be missing from every place in two scans this far apart to count as lost.
 CONFIRM_S = 3.0
 #: A batch sent again is not sent again before this long (it is in the queue meanwhile).
@@ -314,11 +313,12 @@ class Healer:
         self.kept: dict[str, list[Any] | None] = {}  # job id -> its inputs, read once
         self._connection: Any = None
         self.given_up: set[str] = set()  # jobs marked unhealable
+        self.recipes: dict[str, Recipe | None] = {}  # job id -> how to heal it, read once
         self._broker: Any = None
 
     @property
     def client(self) -> Any:
-        return self.app.backend.client
+        return connections.backend(self.app)
 
     def lead(self) -> bool:
         return bool(self.client.eval(LEASE_LUA, 1, keys.HEALER, self.name, int(LEASE_S * 1000)))
@@ -479,7 +479,12 @@ class Healer:
         return self.kept[job.job_id]
 
     def _active_jobs(self) -> list[Recipe]:
-        """The jobs not yet fanned in; those fanned in, expired or flushed leave the index."""
+        """The jobs not yet fanned in; those fanned in, expired or flushed leave the index.
+
+        Two EXISTS a job and cycle; a job's record (its recipe, which can be large) is
+        read once.  The callback stores its state only once it has run (no STARTED):
+        a state there means the fan-in is over.
+        """
         client = self.client
         ids = [_text(i) for i in client.zrange(keys.ACTIVE, 0, MAX_JOBS - 1)]
         if not ids:
@@ -487,18 +492,22 @@ class Healer:
         backend = self.app.backend
         with client.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.get(keys.job(job_id))
-                pipe.get(backend.get_key_for_task(job_id))
+                if job_id in self.recipes:
+                    pipe.exists(keys.job(job_id))
+                else:
+                    pipe.get(keys.job(job_id))
+                pipe.exists(backend.get_key_for_task(job_id))
             replies = pipe.execute()
         jobs: list[Recipe] = []
         finished: list[str] = []
         for k, job_id in enumerate(ids):
-            raw_record, raw_meta = replies[2 * k], replies[2 * k + 1]
-            meta = backend.decode_result(raw_meta) if raw_meta else None
-            if raw_record is None or (meta is not None and meta.get("status") in READY_STATES):
+            record, ended = replies[2 * k], replies[2 * k + 1]
+            if not record or ended:
                 finished.append(job_id)
                 continue
-            recipe = Recipe.from_record(json.loads(raw_record))
+            if job_id not in self.recipes:
+                self.recipes[job_id] = Recipe.from_record(json.loads(record))
+            recipe = self.recipes[job_id]
             if recipe is not None and job_id not in self.given_up:
                 jobs.append(recipe)
         if finished:
@@ -506,6 +515,7 @@ class Healer:
             self.detector.forget(finished)
             for job_id in finished:
                 self.kept.pop(job_id, None)
+                self.recipes.pop(job_id, None)
                 self.given_up.discard(job_id)
         return jobs
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from workers import keys
+from workers import connections, keys
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Registration(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def refresh(self, consumer: Any) -> None:
         try:
-            client = consumer.app.backend.client
+            client = connections.backend(consumer.app)
             record = json.dumps(registration(consumer))
             with client.pipeline(transaction=False) as pipe:
                 pipe.set(keys.worker(consumer.hostname), record, ex=TTL_S)
@@ -77,7 +77,7 @@ class Registration(bootsteps.StartStopStep):  # type: ignore[misc]
             self.timer_entry.cancel()
             self.timer_entry = None
         try:
-            client = consumer.app.backend.client
+            client = connections.backend(consumer.app)
             client.delete(keys.worker(consumer.hostname))
         except Exception as exc:  # noqa: BLE001 - it expires on its own
             logger.warning("could not remove this worker's registration from Redis: %s", exc)

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers import keys, results, storage
+from workers import connections, keys, results, storage
 from workers.app import app
 from workers.core import lookup, task
 from workers.doubling import double as double_value
@@ -165,7 +165,7 @@ def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> Outcome:
         else:
             outcome["stopped"] = f"the outcome of job {job['retry_of']} is gone (expired?): not merged"
     if self.request.group:
-        raw = self.app.backend.client.get(keys.stop(str(self.request.group)))
+        raw = connections.backend(self.app).get(keys.stop(str(self.request.group)))
         if raw:
             outcome["stopped"] = raw.decode()
     name = job.get("reduce")
