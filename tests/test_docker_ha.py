@@ -10,7 +10,7 @@ again, comes back as a replica of the new one.
 
 Shares the engine, the cached images and the compose helpers with tests/test_docker_stack.py
 (tests/dockerstack.py); skipped without an engine on a laptop, failed under CI. Cached, about
-2 to 2.5 minutes; cold, the stand-ins and fanout's image are built first (about 2.5 minutes,
+2 to 3 minutes; cold, the stand-ins and fanout's image are built first (about 2.5 minutes,
 once per session for both docker tests).
 """
 
