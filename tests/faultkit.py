@@ -195,3 +195,11 @@ def assert_every_index_once(outcome: Any, values: Sequence[int], by_reference: b
     assert whole["total"] == len(values)
     assert whole["results"] == [2 * v for v in values]
     assert (whole["succeeded"], whole["failed"], whole["errors"]) == (len(values), 0, [])
+
+
+def counted(app: Celery, group_id: str) -> int:
+    """How many batches of ``group_id`` the chord has counted, read without a ZCARD (the done
+    bitmap): a test can then tell a waiting client, the only one to send ZCARD, by its command."""
+    from workers import keys
+
+    return int(app.backend.client.bitcount(keys.done(group_id)))

@@ -199,6 +199,7 @@ def test_sentinel_settings_reach_kombus_transport_and_celerys_sentinel_backend()
     assert (backend.connparams["db"], backend.connparams["password"]) == (4, "redispw")
     assert backend.connparams["ssl_cert_reqs"] == ssl.CERT_REQUIRED
     assert backend.connparams["retry"].get_retries() >= 20  # rides out a failover, not 3 quick tries
+    assert backend.connparams["connection_class"] is connections.FollowingSSLConnection
     with app.connection_for_write() as connection:
         assert connection.transport.driver_type == "redis"
         assert connection.transport_options["master_name"] == "fanout-master"
@@ -227,3 +228,13 @@ def test_plain_settings_add_nothing_for_sentinel() -> None:
     assert "master_name" not in conf["broker_transport_options"]
     assert "broker_use_ssl" not in conf and "redis_backend_use_ssl" not in conf
     assert conf["result_backend"].startswith("workers.backend:RetryingRedisBackend+redis://")
+
+
+def test_empty_sentinel_settings_as_compose_passes_them_mean_the_defaults() -> None:
+    names = ["MASTER", "PASSWORD", "TLS", "TLS_CA_CERTS", "TLS_CERT_REQS", "TLS_CERTFILE", "TLS_KEYFILE"]
+    settings = Settings.from_env({f"FANOUT_SENTINEL_{name}": "" for name in names})
+    assert (settings.sentinel_master, settings.sentinel_password, settings.sentinel_tls) == (
+        "mymaster",
+        None,
+        None,
+    )

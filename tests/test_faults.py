@@ -22,13 +22,14 @@ import pytest
 from celery import Celery
 
 from orchestrator.local import LocalWorker
-from orchestrator.run import batches_done, callback_meta, submit, wait
+from orchestrator.run import callback_meta, submit, wait
 from tests.conftest import fanout_command
 from tests.faultkit import (
     QUICK,
     RedisServer,
     app_for,
     assert_every_index_once,
+    counted,
     kill_all,
     new_queue,
     rigged_job,
@@ -355,7 +356,8 @@ def cli_waiting(env: dict[str, str], job_id: str, timeout: float = 120) -> subpr
 
 
 def polling(server: RedisServer) -> Callable[[], bool]:
-    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD."""
+    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD (the test
+    reads its progress with ``counted``)."""
     import redis
 
     def seen() -> bool:
@@ -401,7 +403,7 @@ def test_redis_restart_with_aof_mid_chord_the_waiting_cli_rides_it_out(
                 os.killpg(local.process.pid, signum)
 
     try:
-        wait_until(lambda: batches_done(app, group_id) >= 2, 30, "the first batches")
+        wait_until(lambda: counted(app, group_id) >= 2, 30, "the first batches")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         down_at = time.monotonic()
@@ -434,7 +436,7 @@ def test_the_waiting_cli_gives_up_on_redis_30_s_after_it_went_away(
     group_id = submit(app, job, 600)
     waiting = cli_waiting({**os.environ, "FANOUT_REDIS_URL": own_redis.url}, job.job_id)
     try:
-        wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
+        wait_until(lambda: counted(app, group_id) >= 1, 30, "the first batch")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         down_at = time.monotonic()
@@ -474,7 +476,7 @@ def test_redis_restart_without_persistence_ends_the_wait_with_exit_3(
     group_id = submit(app, job, 600)
     waiting = cli_waiting({**os.environ, "FANOUT_REDIS_URL": own_redis.url}, job.job_id)
     try:
-        wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
+        wait_until(lambda: counted(app, group_id) >= 1, 30, "the first batch")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         time.sleep(outage_s)  # the outage: the fault itself, not a wait for a condition

@@ -13,6 +13,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from workers import keys
+from workers.connections import following
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class RetryingSentinelBackend(RetryingChordMixin, SentinelBackend):  # type: ign
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Each retry asks the Sentinels for the master (redis-py's own class keeps the old one).
+        self.connparams["connection_class"] = following(self.connparams.get("connection_class"))
         self.connparams["retry"] = Retry(ExponentialBackoff(cap=2.0, base=0.2), retries=FAILOVER_RETRIES)
         self.connparams["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
 

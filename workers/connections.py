@@ -25,9 +25,37 @@ from typing import Any
 
 import redis
 from celery import Celery
-from redis.sentinel import MasterNotFoundError, Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
 from workers.settings import Settings, is_sentinel, parse_sentinel_url
+
+
+class FollowingConnection(SentinelManagedConnection):
+    """A connection to the master the Sentinels name, that asks them again on every reconnect.
+
+    redis-py (8.2) reconnects a dropped connection inside a command's retries
+    through ``connect_check_health``, which keeps the address it had: after a
+    failover every retry knocks at the dead master, and a command rides out
+    nothing.  Asking the Sentinels first (one ``SENTINEL MASTERS`` per reconnect)
+    makes each retry reach the promoted replica.
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        pool: Any = self.connection_pool
+        if not self._sock and pool.is_master:
+            self.host, self.port = pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class FollowingSSLConnection(FollowingConnection, redis.SSLConnection):
+    """:class:`FollowingConnection` over TLS."""
+
+
+def following(connection_class: type[Any] | None) -> type[FollowingConnection]:
+    """The following connection class for a Sentinel pool whose class was ``connection_class``."""
+    if connection_class is not None and issubclass(connection_class, redis.SSLConnection):
+        return FollowingSSLConnection
+    return FollowingConnection
 
 
 def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
@@ -91,7 +119,8 @@ def client(url: str, settings: Settings, **kwargs: Any) -> redis.Redis:
         master_kwargs["password"] = parsed.password
     tls = master_tls(settings)
     if tls is not None:
-        master_kwargs.update(ssl=True, **tls)
+        master_kwargs.update(tls)
+    master_kwargs["connection_class"] = FollowingSSLConnection if tls is not None else FollowingConnection
     sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs=sentinel_kwargs(settings))
     master: redis.Redis = sentinel.master_for(settings.sentinel_master, redis.Redis, **master_kwargs)
     return master
