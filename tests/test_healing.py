@@ -48,10 +48,11 @@ def test_a_batch_is_lost_only_when_missing_from_two_scans_confirm_s_apart() -> N
     assert detector.observe("j", [3, 4], 3, now=0.0)  # never scanned: due at once
     # When a scan finds batch 3 nowhere (and batch 4 in the queue), it is only a suspect...
     assert detector.lost("j", [3], now=0.0) == []
-    # ...still a suspect just before CONFIRM_S...
-    assert detector.observe("j", [3, 4], 3, now=1.0)  # a suspect keeps the job due
+    # ...not looked at again before CONFIRM_S...
+    assert not detector.observe("j", [3, 4], 3, now=CONFIRM_S - 0.1)
     assert detector.lost("j", [3], now=CONFIRM_S - 0.1) == []
     # Then lost once it has been missing for CONFIRM_S
+    assert detector.observe("j", [3, 4], 3, now=CONFIRM_S)
     assert detector.lost("j", [3], now=CONFIRM_S) == [3]
 
 
@@ -72,9 +73,12 @@ def test_a_moving_job_is_scanned_only_every_sweep_and_a_stalled_one_after_stall_
     # Moving (one more batch done each second): not due until the sweep.
     assert not detector.observe("j", [2, 3], 2, now=1.0)
     assert not detector.observe("j", [3], 3, now=2.0)
-    # Stalled since t=2: due once STALL_S have passed without a change.
+    # Stalled since t=2: due once STALL_S have passed without a change, then every STALL_S.
     assert not detector.observe("j", [3], 3, now=2.0 + STALL_S - 0.1)
     assert detector.observe("j", [3], 3, now=2.0 + STALL_S)
+    detector.lost("j", [], now=2.0 + STALL_S)
+    assert not detector.observe("j", [3], 3, now=2.0 + 2 * STALL_S - 0.1)
+    assert detector.observe("j", [3], 3, now=2.0 + 2 * STALL_S)
     # A job that keeps moving is still looked at every SWEEP_S.
     other = Detector()
     other.observe("k", list(range(100)), 0, now=0.0)
@@ -82,6 +86,16 @@ def test_a_moving_job_is_scanned_only_every_sweep_and_a_stalled_one_after_stall_
     for t in range(1, int(SWEEP_S)):
         assert not other.observe("k", list(range(t, 100)), t, now=float(t))
     assert other.observe("k", list(range(int(SWEEP_S), 100)), int(SWEEP_S), now=SWEEP_S)
+
+
+def test_a_long_queue_is_scanned_no_more_than_its_share_of_the_time() -> None:
+    detector = Detector()
+    detector.gap = 60.0  # the last scan took 1.2 s
+    detector.observe("j", [1], 0, now=0.0)
+    detector.lost("j", [], now=0.0)
+    # Stalled and past the sweep, but not yet past the gap
+    assert not detector.observe("j", [1], 0, now=SWEEP_S + STALL_S)
+    assert detector.observe("j", [1], 0, now=60.0)
 
 
 def test_a_batch_sent_again_is_not_sent_again_while_it_waits_in_the_queue() -> None:

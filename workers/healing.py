@@ -70,7 +70,7 @@ MAX_JOBS = 1000
 PURGE_GRACE_S = 30.0
 #: Stands for a job's chord callback where batch indexes are listed (it has no index).
 CALLBACK = -1
-#: The sweep's interval is at least this many times its scan's duration (a scan blocks Redis).
+#: A job is scanned again no sooner than this many times the last scan's duration (a scan blocks Redis).
 SCAN_SHARE = 50
 #: A queue longer than this is not scanned: a scan reads about 200,000 messages a second, blocking Redis.
 SCAN_LIMIT = 250_000
@@ -245,6 +245,9 @@ class Detector:
         self, stall_s: float = STALL_S, sweep_s: float = SWEEP_S, confirm_s: float = CONFIRM_S
     ) -> None:
         self.stall_s, self.sweep_s, self.confirm_s = stall_s, sweep_s, confirm_s
+        #: The least time between two scans of a job, besides the above: a long queue takes a
+        #: while to read, and Redis does nothing else meanwhile (set from the last scan's duration).
+        self.gap = 0.0
         self.watches: dict[str, _Watch] = {}
 
     def observe(self, job_id: str, pending: Sequence[int], done: int, now: float) -> bool:
@@ -256,9 +259,15 @@ class Detector:
         if not pending:
             watch.suspects.clear()
             return False
-        return bool(
-            watch.suspects or now - watch.moved_at >= self.stall_s or now - watch.scanned_at >= self.sweep_s
-        )
+        if watch.suspects:  # the scan that confirms them (or clears them), when it can
+            return now >= min(
+                max(since + self.confirm_s, watch.resent.get(index, -math.inf) + RESEND_GRACE_S)
+                for index, since in watch.suspects.items()
+            )
+        since_scan = now - watch.scanned_at
+        if now - watch.moved_at >= self.stall_s and since_scan >= max(self.stall_s, self.gap):
+            return True
+        return since_scan >= max(self.sweep_s, self.gap)
 
     def lost(self, job_id: str, gone: Iterable[int], now: float) -> list[int]:
         """Batches confirmed lost by this scan, which found ``gone`` in no place: those also gone
@@ -363,9 +372,8 @@ class Healer:
             for name in queues:
                 began = time.monotonic()
                 unseen = scan(self._broker_client(), name, self._unacked_key(), asked)
-                # A long queue takes a while to read, and Redis does nothing else meanwhile:
-                # sweep it no more than 1/SCAN_SHARE of the time.
-                self.detector.sweep_s = max(SWEEP_S, SCAN_SHARE * (time.monotonic() - began))
+                # Scanned no more than 1/SCAN_SHARE of the time, however long the queue.
+                self.detector.gap = SCAN_SHARE * (time.monotonic() - began)
                 if unseen is None:
                     logger.warning("queue %s is too long to scan (over %d messages)", name, SCAN_LIMIT)
                     break
