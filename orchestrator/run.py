@@ -52,6 +52,9 @@ STALL_CHECK_S = 10.0
 POLL_S = 0.05
 #: How long a wait keeps trying a Redis that went away (long enough for a restart).
 REDIS_GRACE_S = 30.0
+#: A poll slower than this was an outage ridden out inside the Redis client's own retries
+#: (a Sentinel failover: the backend retries each command until the new master answers).
+SLOW_POLL_S = 2.0
 
 
 def _redact(url: str) -> str:
@@ -236,7 +239,9 @@ def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generato
     Each poll costs two O(1) Redis commands.  If nothing moves for
     STALL_CHECK_S and no worker is running, it raises InfrastructureError
     rather than running out the clock in silence.  If Redis goes away, it
-    keeps trying for up to REDIS_GRACE_S (a restart); once Redis is back it
+    keeps trying for up to REDIS_GRACE_S (a restart), and an outage, or a poll
+    slowed past SLOW_POLL_S by the client's retries (a Sentinel failover), restarts
+    the stall clock; once Redis is back it
     checks that the job's state survived (it does not without persistence),
     and says so instead of waiting for a run that can no longer complete.
     """
@@ -258,6 +263,10 @@ def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generato
             if meta is not None and meta.get("status") in READY_STATES:
                 return _final(job, meta)
             done = batches_done(app, group_id)
+            if time.monotonic() - now >= SLOW_POLL_S:
+                # An outage too, though nothing raised: the workers' registrations may have
+                # expired meanwhile, so they get their time to write them again.
+                last_change = time.monotonic()
         except redis.RedisError as exc:
             lost_since = lost_since or now
             if now - lost_since >= REDIS_GRACE_S or now >= deadline:
@@ -285,6 +294,9 @@ def follow(app: Celery, job: Tracked, group_id: str, timeout: float) -> Generato
                 _require_healable(app, job, done)
                 running = list_workers(app)
             except redis.RedisError:
+                continue
+            if time.monotonic() - now >= SLOW_POLL_S:
+                last_change = time.monotonic()  # an outage mid-check: look again later
                 continue
             full = stall_cause(app, job.job_id, _pending(job, done))  # Redis at its maxmemory
             if full is not None:

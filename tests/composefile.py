@@ -16,6 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 WORKER_COMPOSE = ROOT / "docker-compose.worker.yml"
+#: The HA variant, an override of COMPOSE: a master, a replica and three Sentinels.
+HA_COMPOSE = ROOT / "docker-compose.ha.yml"
 COMPOSE_FILES = [COMPOSE, WORKER_COMPOSE]
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"

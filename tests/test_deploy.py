@@ -32,6 +32,7 @@ from tests.composefile import (
     DOCKERFILE,
     DOCKERIGNORE,
     ENV_EXAMPLE,
+    HA_COMPOSE,
     REMOTE,
     SECRETS,
     WORKER_COMPOSE,
@@ -405,6 +406,119 @@ def test_compose_1_29_accepts_the_file(path: Path, tmp_path: Path) -> None:
         worker = yaml.safe_load(proc.stdout)["services"]["worker"]
         assert worker["mem_limit"] == "2g" and float(worker["cpus"]) == 2.0
         assert "--concurrency=auto" in worker["command"]
+
+
+# --- the HA variant: docker-compose.ha.yml over docker-compose.yml --------------------------
+
+HA_SERVERS = ("redis", "redis-replica")
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+
+
+def test_the_ha_file_validates_uses_only_listed_variables_and_has_no_name() -> None:
+    proc = check_schema(HA_COMPOSE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert variables_used(HA_COMPOSE.read_text()) - set(read_env_file(ENV_EXAMPLE)) == set()
+    assert "name" not in yaml.safe_load(HA_COMPOSE.read_text())
+    text = HA_COMPOSE.read_text()
+    uses = re.findall(r"(?<!\$)\$\{REDIS_PASSWORD([^}]*)\}", text)
+    assert uses and all(use.startswith(":?") for use in uses), uses
+
+
+def test_ha_redis_and_sentinels_publish_no_port_rotate_logs_and_demand_the_password() -> None:
+    services = rendered(path=HA_COMPOSE)["services"]
+    for name in (*HA_SERVERS, *SENTINELS):
+        svc = services[name]
+        assert "ports" not in svc and "network_mode" not in svc, name
+        assert svc["logging"]["options"] == {"max-size": "10m", "max-file": "5"}, name
+        assert svc["environment"]["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"], name
+        assert svc["restart"] == "unless-stopped", name
+    for name in HA_SERVERS:
+        command = " ".join(services[name]["command"])
+        assert "exec docker-entrypoint.sh redis-server redis.conf" in command, name
+        options = ("--appendonly yes", "--maxmemory-policy noeviction", '--requirepass "${REDIS_PASSWORD}"')
+        for option in options:
+            assert option in command, (name, option)
+        # Either server may follow the other after a failover, and is announced by name.
+        assert '--masterauth "${REDIS_PASSWORD}"' in command, name
+        assert f"--replica-announce-ip {name}" in command, name
+    assert "replicaof redis 6379" in " ".join(services["redis-replica"]["command"])
+    assert {v.split(":")[1] for v in services["redis-replica"]["volumes"]} == {"/data"}
+
+
+def test_ha_sentinels_watch_the_master_by_name_with_a_quorum_of_two_and_fail_over_in_seconds() -> None:
+    services = rendered(path=HA_COMPOSE)["services"]
+    for name in SENTINELS:
+        svc = services[name]
+        script = " ".join(svc["command"])
+        # Written on the first start only: afterwards the file is the Sentinel's memory.
+        for line in (
+            "sentinel resolve-hostnames yes",
+            "sentinel announce-hostnames yes",
+            "sentinel monitor ${SENTINEL_MASTER} redis 6379 2",
+        ):
+            assert f'"{line}"' in script, (name, line)
+        # The password and the timings, from .env at every start.
+        for option in (
+            '--requirepass "${REDIS_PASSWORD}"',
+            '--sentinel auth-pass "${SENTINEL_MASTER}" "${REDIS_PASSWORD}"',
+            '--sentinel down-after-milliseconds "${SENTINEL_MASTER}" "${SENTINEL_DOWN_AFTER_MS}"',
+            '--sentinel failover-timeout "${SENTINEL_MASTER}" "${SENTINEL_FAILOVER_TIMEOUT_MS}"',
+        ):
+            assert option in script, (name, option)
+        assert svc["command"][:2] == ["sh", "-c"] and svc["command"][2].startswith("test -s sentinel.conf ||")
+        assert svc["environment"]["SENTINEL_ANNOUNCE"] == name
+        assert svc["environment"]["SENTINEL_MASTER"] == "mymaster"
+        assert int(svc["environment"]["SENTINEL_DOWN_AFTER_MS"]) <= 5000
+        assert int(svc["environment"]["SENTINEL_FAILOVER_TIMEOUT_MS"]) <= 30_000
+        assert svc["volumes"] == [f"{name}:/data"]
+    example = read_env_file(ENV_EXAMPLE)
+    env = services["sentinel-1"]["environment"]
+    assert (example["SENTINEL_DOWN_AFTER_MS"], example["SENTINEL_FAILOVER_TIMEOUT_MS"]) == (
+        env["SENTINEL_DOWN_AFTER_MS"],
+        env["SENTINEL_FAILOVER_TIMEOUT_MS"],
+    )
+
+
+def test_ha_fanout_services_find_the_master_through_all_three_sentinels() -> None:
+    from workers.settings import Settings
+
+    base, ha = rendered()["services"], rendered(path=HA_COMPOSE)["services"]
+    for name in ("worker", "flower", "orchestrator"):
+        # What Compose merges: the main file's environment, the HA file's over it.
+        environment = base[name]["environment"] | ha[name]["environment"]
+        settings = Settings.from_env(environment)
+        hosts = [chunk.split("@")[1].split("/")[0] for chunk in settings.broker_url.split(";")]
+        assert hosts == [f"{s}:26379" for s in SENTINELS], name
+        assert settings.result_backend == settings.broker_url, name
+        assert settings.sentinel_master == "mymaster", name
+        assert settings.sentinel_password == SECRETS["REDIS_PASSWORD"], name
+        assert set(ha[name]["depends_on"]) == {"redis", *SENTINELS}, name
+
+
+def test_compose_1_29_merges_the_ha_file_over_the_main_one(tmp_path: Path) -> None:
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        message = "docker-compose (Compose 1.29, Debian's docker-compose) is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    env_file = tmp_path / "env"
+    values = read_env_file(ENV_EXAMPLE) | SECRETS
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    files = ["-f", str(COMPOSE), "-f", str(HA_COMPOSE)]
+    proc = subprocess.run(
+        [compose, "--env-file", str(env_file), *files, "config"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    assert {"redis", "redis-replica", *SENTINELS, "worker", "flower", "orchestrator"} <= set(services)
+    worker = services["worker"]
+    # The main file's worker, with the Sentinels' URL and the Sentinels among its dependencies.
+    assert worker["environment"]["FANOUT_REDIS_URL"].startswith("sentinel://")
+    assert worker["environment"]["FANOUT_TASK_TIME_LIMIT"] == "30"
+    assert "--concurrency=auto" in worker["command"] and worker["stop_grace_period"] == "90s"
+    assert set(worker["depends_on"]) == {"redis", *SENTINELS}
+    assert "ports" not in services["redis"] and services["redis"]["volumes"][0].startswith("redis-data:")
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
