@@ -206,18 +206,19 @@ def test_a_jobs_footprint_counts_its_items_and_batches_and_little_by_reference()
     assert footprint(by_reference) == 10 * 2600
 
 
-def test_workers_use_fanouts_transport_for_redis_and_sentinel_urls_only() -> None:
-    from workers.app import celery_config
-    from workers.broker import transport_for
-    from workers.settings import Settings
+def test_workers_use_fanouts_transport_for_redis_and_sentinel_urls_under_kombus_names() -> None:
+    from kombu.transport import resolve_transport
 
-    assert transport_for("redis://h:6379/0") == "workers.broker:Transport"
-    assert transport_for("rediss://h:6379/0?ssl_cert_reqs=required") == "workers.broker:Transport"
-    assert transport_for("sentinel://h:26379") == "workers.broker:SentinelTransport"
-    assert transport_for("redis+socket:///run/redis.sock") is None  # names kombu's transport itself
-    config = celery_config(Settings.from_env({"FANOUT_REDIS_URL": "redis://h:6379/1"}))
-    assert config["broker_transport"] == "workers.broker:Transport"
-    assert "broker_transport" not in celery_config(Settings.from_env({"FANOUT_REDIS_URL": "unix:///r.sock"}))
+    from workers import broker
+    from workers.app import app
+
+    assert resolve_transport("redis") is broker.Transport
+    assert resolve_transport("rediss") is broker.Transport
+    assert resolve_transport("sentinel") is broker.SentinelTransport
+    # The connection keeps its scheme: Flower's Broker page builds on it.
+    with app.connection_for_read() as connection:
+        assert connection.as_uri().split("://")[0] in ("redis", "rediss", "sentinel")
+        assert isinstance(connection.transport, (broker.Transport, broker.SentinelTransport))
 
 
 def test_kombus_redis_qos_still_has_the_methods_fanouts_transport_overrides() -> None:

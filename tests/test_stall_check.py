@@ -62,6 +62,7 @@ def timeline(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(run, "list_workers", list_workers)
     monkeypatch.setattr(run, "_require_state", lambda app, job, done: None)
     monkeypatch.setattr(run, "_require_healable", lambda app, job, done: None)
+    monkeypatch.setattr(run, "stall_cause", lambda app, job_id, pending: None)  # Redis is not full
     return state
 
 

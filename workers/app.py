@@ -6,8 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from workers import connections
-from workers.broker import transport_for
+from workers import broker, connections
 from workers.settings import Settings, get_settings, is_sentinel
 
 
@@ -39,14 +38,9 @@ def _backend(url: str) -> str:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for ``settings``; every entry differs from Celery's default."""
-    broker_url = _broker_url(settings.broker_url)
-    transport = transport_for(broker_url)
     sentinel = connections.celery_options(settings)
     return {
-        "broker_url": broker_url,
-        # kombu's Redis transport, except that a worker waits out a full Redis (maxmemory)
-        # instead of exiting and losing the message it had taken (workers/broker.py).
-        **({"broker_transport": transport} if transport else {}),
+        "broker_url": _broker_url(settings.broker_url),
         # Celery's Redis (or Sentinel) backend, with a chord part's report retried through a
         # Redis restart or a failover.
         "result_backend": _backend(settings.result_backend),
@@ -120,6 +114,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+# kombu's Redis transports, except that a worker waits out a full Redis (maxmemory) instead
+# of exiting and losing the message it had taken: registered under kombu's own scheme names.
+broker.install()
 app = Celery("fanout", include=["workers.tasks", "workers.control"])
 # Each worker keeps a registration in Redis, so clients find workers without a broadcast.
 app.steps["consumer"].add("workers.registration:Registration")

@@ -8,8 +8,8 @@ still serves: it frees memory) and then records it as unacknowledged with
 message it had just taken is in no list and no hash: lost.
 
 Here the transport's own extension points are used, as its authors intend
-(a ``Transport`` whose ``Channel`` has another ``QoS``), and selected by
-Celery's ``broker_transport`` setting (:func:`workers.app.celery_config`):
+(a ``Transport`` whose ``Channel`` has another ``QoS``), registered under kombu's
+own scheme names (:func:`install`, called by :mod:`workers.app`):
 
 * :meth:`QoS.append` keeps the message in hand and retries the record with
   back-off until Redis has room, logging Redis's memory figures; only a
@@ -124,15 +124,24 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     connection_errors = (*kombu_redis.SentinelTransport.connection_errors, redis.OutOfMemoryError)
 
 
-def transport_for(url: str) -> str | None:
-    """The ``broker_transport`` for a broker URL, or None to let kombu pick by its scheme.
+#: kombu's names for the Redis transports (the URL schemes), and fanout's in their place.
+#: A ``redis+socket://`` URL names kombu's transport class in itself: it keeps kombu's.
+ALIASES = {
+    "redis": f"{__name__}:Transport",
+    "rediss": f"{__name__}:Transport",
+    "sentinel": f"{__name__}:SentinelTransport",
+}
 
-    A ``redis+socket://`` URL names kombu's transport in itself, which a setting cannot
-    override: such a worker keeps kombu's plain transport.
+
+def install() -> None:
+    """Make kombu's ``redis``, ``rediss`` and ``sentinel`` schemes name fanout's transports.
+
+    Under kombu's own names (``kombu.transport.TRANSPORT_ALIASES``, where kombu looks a
+    URL's scheme up), not through Celery's ``broker_transport``: a connection then still
+    reports its scheme, which Flower's Broker page and ``Connection.as_uri()`` build on
+    (a class path there made Flower answer 404), and kombu's switch to the next Sentinel,
+    which resolves the scheme again, keeps fanout's transport.
     """
-    scheme = url.split("://", 1)[0]
-    if scheme in ("redis", "rediss"):
-        return f"{__name__}:Transport"
-    if scheme == "sentinel":
-        return f"{__name__}:SentinelTransport"
-    return None
+    from kombu import transport
+
+    transport.TRANSPORT_ALIASES.update(ALIASES)
