@@ -32,6 +32,9 @@ MAX_RESIZE_BATCH = 8
 BATCHES_PER_PROCESS = 4
 #: The chord callback of every job.
 COLLECT = "fanout.collect"
+#: How the worker that completes a chord retries publishing its callback: about 40 s,
+#: longer than a Sentinel failover (the callback carries the parts; it must not be lost).
+CALLBACK_RETRY_POLICY = {"max_retries": 20, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 2}
 DOUBLE = "fanout.double_batch"
 RESIZE = "fanout.resize_items"
 RESIZE_REPORT = "fanout.resize_report"
@@ -149,7 +152,12 @@ def build(
         else:  # not in every header message: they carry the callback
             job["indexes_url"] = storage.join(where, "indexes.json")
             files.append((job["indexes_url"], list(indexes or ())))
-    body = app.signature(COLLECT, kwargs={"job": job}).set(task_id=job_id)
+    # The worker whose report completes the chord publishes this callback; its publish is
+    # retried through a Redis failover (a few seconds) instead of the client's quick policy,
+    # or the chord fails with "No master found" (Celery fails it when the publish raises).
+    body = app.signature(COLLECT, kwargs={"job": job}).set(
+        task_id=job_id, retry=True, retry_policy=CALLBACK_RETRY_POLICY
+    )
     if reduce_limits:
         body = body.set(time_limit=reduce_limits[0], soft_time_limit=reduce_limits[1])
     # Not frozen here: freezing a group registers its results with the backend
