@@ -19,6 +19,7 @@ from orchestrator import run
 from orchestrator.canvas import Plan, build
 from orchestrator.status import StoredJob, UnknownJob, job_status
 from workers import connections, fanin, keys, results
+from workers.batches import unpack
 from workers.core import FanoutTask, json_problem
 from workers.errors import FanoutError, InputError
 
@@ -295,7 +296,7 @@ def _inputs(app: Celery, job_id: str, indexes: builtins.list[int]) -> builtins.l
         raw = connections.backend(app).get(keys.inputs(job_id))
         if raw is None:
             raise gone
-        inputs = run.unpack(raw)
+        inputs = unpack(raw)
         return [inputs[i] for i in indexes]
     if spec.get("range"):
         low, high = spec["range"]

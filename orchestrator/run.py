@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -26,7 +25,7 @@ from orchestrator.discovery import WorkerInfo, list_workers, require_workers
 from orchestrator.room import require_room, stall_cause
 from workers import connections, keys, results
 from workers.backend import replicated
-from workers.batches import batch_task_id
+from workers.batches import batch_task_id, pack
 from workers.errors import ConfigError, InfrastructureError, RunTimeout
 from workers.fanin import CANCELLED, Outcome, Part, flatten
 from workers.settings import Settings
@@ -180,16 +179,6 @@ class _Prepare:
             if self.max_failures is not None:
                 pipe.set(keys.budget(group_id), f"{self.max_failures}/{self.job.total}", ex=self.expires)
             pipe.execute()
-
-
-def pack(items: Any) -> bytes:
-    """Items as kept in Redis: JSON, compressed (zlib level 1: fast, and ints shrink ~3x)."""
-    return zlib.compress(json.dumps(list(items), separators=(",", ":")).encode(), 1)
-
-
-def unpack(raw: bytes) -> list[Any]:
-    items: list[Any] = json.loads(zlib.decompress(raw))
-    return items
 
 
 Progress = Callable[[int, int], None]  # (batches done, batches in all)

@@ -40,7 +40,6 @@ import logging
 import math
 import time
 import uuid
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,7 @@ from typing import Any
 from celery import bootsteps
 
 from workers import connections, keys, results
-from workers.batches import batch_task_id, header_args
+from workers.batches import batch_task_id, header_args, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -483,7 +482,7 @@ class Healer:
     def _inputs(self, job: Recipe) -> list[Any] | None:
         if job.job_id not in self.kept:
             raw = self.client.get(keys.inputs(job.job_id))
-            self.kept[job.job_id] = json.loads(zlib.decompress(raw)) if raw else None
+            self.kept[job.job_id] = unpack(raw) if raw else None
         return self.kept[job.job_id]
 
     def _active_jobs(self) -> list[Recipe]:
