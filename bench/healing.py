@@ -36,21 +36,23 @@ def nap(value: int, seconds: float = 0.0) -> int:
 
 
 def _job(n: int, seconds: float) -> Any:
-    from orchestrator.canvas import build
+    from orchestrator.plan import prepare
+    from orchestrator.send import spec_of
 
-    return build(nap.name, list(range(n)), 1, kwargs={"seconds": seconds})
+    return prepare(spec_of(nap, kwargs={"seconds": seconds}), list(range(n)))
 
 
 def run_once(n: int, seconds: float, drop: int | None, drop_after: float) -> dict[str, float]:
     """One job of ``n`` batches; drop batch ``drop`` ``drop_after`` seconds in (None: drop nothing)."""
-    from orchestrator.run import batches_done, callback_meta, submit
+    from orchestrator.follow import batches_done, callback_meta
+    from orchestrator.send import publish
     from workers import keys
     from workers.app import app
 
     client = app.backend.client
     plan = _job(n, seconds)
     began = time.monotonic()
-    group_id = submit(app, plan, 3600)
+    group_id = publish(app, plan, 1).group_id
     dropped_at = resent_at = None
     progress_at, last = began, 0
     while True:

@@ -103,8 +103,8 @@ def spread(rates: Sequence[float]) -> str:
 @contextmanager
 def local_workers(app: Celery, config: Config) -> Iterator[None]:
     """``config.workers`` worker processes of ``config.concurrency`` each, for the block's duration."""
+    from orchestrator.discovery import list_workers
     from orchestrator.local import LocalWorker
-    from orchestrator.run import list_workers
 
     found = list_workers(app)
     if found:
@@ -261,7 +261,8 @@ def bench_publish(app: Celery, config: Config) -> Figure:
     """Header messages onto the broker per second, with no worker consuming them."""
     import redis as redis_lib
 
-    from orchestrator.canvas import build_double
+    from orchestrator import builtin
+    from orchestrator.canvas import build
     from orchestrator.publish import publish_chord
 
     client = redis_lib.Redis.from_url(app.conf.broker_url)
@@ -270,14 +271,14 @@ def bench_publish(app: Celery, config: Config) -> Figure:
     theirs: Rates = []
     try:
         for _ in range(config.runs):
-            job = build_double(list(range(n)), 1)
+            chord = build(builtin.double(list(range(n))), 1)
             started = time.perf_counter()
-            publish_chord(app, job.signature)
+            publish_chord(app, chord)
             ours.append(n / (time.perf_counter() - started))
             _drain(client, app.conf.task_default_queue)
-            job = build_double(list(range(n)), 1)
+            chord = build(builtin.double(list(range(n))), 1)
             started = time.perf_counter()
-            result = job.signature.apply_async()
+            result = chord.apply_async()
             theirs.append(n / (time.perf_counter() - started))
             for child in result.parent.results:
                 app.backend.result_consumer.cancel_for(child.id)

@@ -15,18 +15,9 @@
 Workers import the modules that define tasks: ``FANOUT_IMPORTS=myjobs fanout worker``.
 """
 
-from orchestrator.jobs import (
-    DEFAULT_TIMEOUT,
-    BatchSize,
-    Failure,
-    Job,
-    Outcome,
-    Progress,
-    ResultsTooLarge,
-    map,
-    submit,
-)
-from orchestrator.status import UnknownJob
+from orchestrator.jobs import DEFAULT_TIMEOUT, Failure, Job, Outcome, Progress
+from orchestrator.plan import BatchSize
+from orchestrator.send import map, submit
 from workers.core import FanoutTask, task
 from workers.errors import (
     ConfigError,
@@ -34,8 +25,10 @@ from workers.errors import (
     InfrastructureError,
     InputError,
     ItemError,
+    ResultsTooLarge,
     RunTimeout,
     TransientError,
+    UnknownJob,
 )
 
 __all__ = [

@@ -13,41 +13,25 @@ from typing import Any
 
 import click
 
-from orchestrator import jobs, render
-from orchestrator.canvas import (
-    DOUBLE,
-    MAX_DOUBLE_BATCH,
-    MAX_RESIZE_BATCH,
-    RESIZE,
-    RESIZE_REPORT,
-    Plan,
-    build_double,
-    build_resize,
-)
+from orchestrator import builtin, render
 from orchestrator.discovery import list_workers
 from orchestrator.inputs import plan_images
 from orchestrator.local import LocalWorker, available_cores
-from orchestrator.run import check_redis
+from orchestrator.plan import Plan
 from orchestrator.samples import make_photos
+from orchestrator.send import check_redis, send
 from workers.app import app
-from workers.fanin import Outcome
+from workers.fanin import OutcomeDoc
 from workers.results import materialize
 from workers.settings import get_settings
 
 
-def _run(
-    factory: Callable[[int], Plan],
-    total: int,
-    cap: int,
-    requires: tuple[str, ...],
-    timeout: float,
-    progress: bool,
-    label: str,
-) -> tuple[Outcome, float]:
-    job, sent = jobs.start(factory, total, cap, None, requires, app)
-    with render.progress_bar(progress, label, total, job.batch_size) as update:
+def _run(plan: Plan, timeout: float, progress: bool, label: str) -> tuple[OutcomeDoc, float]:
+    started = time.perf_counter()
+    job = send(plan, app=app)
+    with render.progress_bar(progress, label, job.total, job.batch_size) as update:
         outcome = job.wait(timeout, update)
-    return outcome.data, time.perf_counter() - sent
+    return outcome.data, time.perf_counter() - started
 
 
 def run_demo(
@@ -79,16 +63,9 @@ def run_demo(
     # worker cleanly; a `kill -9` cannot, and LocalWorker has the kernel stop it then.
     previous = _stop_on_sigterm()
     try:
-        plan = plan_images([photo_dir], out_dir)
-        outcome, elapsed = _run(
-            lambda size: build_resize(plan.pairs, max_side, str(out_dir), size),
-            len(plan.pairs),
-            MAX_RESIZE_BATCH,
-            (RESIZE, RESIZE_REPORT),
-            timeout,
-            progress,
-            "resizing photos",
-        )
+        images = plan_images([photo_dir], out_dir)
+        plan = builtin.resize(images.pairs, max_side, str(out_dir))
+        outcome, elapsed = _run(plan, timeout, progress, "resizing photos")
         outcome = materialize(outcome)  # a demo's runs are small enough to hold
         failed += outcome["failed"]
         click.echo(render.summary(outcome, elapsed), err=True)
@@ -101,16 +78,7 @@ def run_demo(
         click.echo(f"  ... manifest of all {outcome['total']}: {out_dir / 'manifest.json'}")
         click.echo(f"  contact sheet (every photo in input order): {out_dir / 'contact-sheet.png'}")
 
-        values = list(range(numbers))
-        outcome, elapsed = _run(
-            lambda size: build_double(values, size),
-            len(values),
-            MAX_DOUBLE_BATCH,
-            (DOUBLE,),
-            timeout,
-            progress,
-            "doubling numbers",
-        )
+        outcome, elapsed = _run(builtin.double(list(range(numbers))), timeout, progress, "doubling numbers")
         outcome = materialize(outcome)  # a demo's runs are small enough to hold
         failed += outcome["failed"]
         click.echo(render.summary(outcome, elapsed), err=True)

@@ -11,8 +11,7 @@ from typing import IO, Any
 
 from workers import storage
 from workers.core import FanoutTask
-from workers.errors import ConfigError, InfrastructureError
-from workers.errors import InputError as InputError  # re-exported: where the CLI's input errors live
+from workers.errors import ConfigError, InfrastructureError, InputError
 from workers.imaging import IMAGE_SUFFIXES
 from workers.resizing import FORMATS, SUFFIXES, kept_suffix
 

@@ -8,10 +8,10 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 from workers import results
-from workers.fanin import Outcome
+from workers.fanin import OutcomeDoc
 
 
-def as_document(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def as_document(outcome: OutcomeDoc, elapsed_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``--json`` document: results in input order, null where an item failed (all in memory)."""
     whole = results.materialize(outcome)
     return {
@@ -22,11 +22,11 @@ def as_document(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None
     }
 
 
-def _head(outcome: Outcome) -> dict[str, Any]:
+def _head(outcome: OutcomeDoc) -> dict[str, Any]:
     return {key: outcome[key] for key in ("job_id", "task", "total", "succeeded", "failed")}
 
 
-def _tail(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+def _tail(outcome: OutcomeDoc, elapsed_s: float, extra: dict[str, Any] | None) -> dict[str, Any]:
     return {
         **{key: outcome[key] for key in ("reduced", "reduce_error", "stopped", "retry_of") if key in outcome},
         "elapsed_s": round(elapsed_s, 3),
@@ -35,7 +35,7 @@ def _tail(outcome: Outcome, elapsed_s: float, extra: dict[str, Any] | None) -> d
 
 
 def write_document(
-    outcome: Outcome, elapsed_s: float, out: IO[str], extra: dict[str, Any] | None = None
+    outcome: OutcomeDoc, elapsed_s: float, out: IO[str], extra: dict[str, Any] | None = None
 ) -> None:
     """The ``--json`` document of :func:`as_document`, written as the results are read (never all held)."""
 
@@ -59,7 +59,7 @@ def write_json(document: dict[str, Any], out: IO[str]) -> None:
     out.write("\n")
 
 
-def summary(outcome: Outcome, elapsed_s: float) -> str:
+def summary(outcome: OutcomeDoc, elapsed_s: float) -> str:
     rate = outcome["total"] / elapsed_s if elapsed_s > 0 else 0.0
     line = (
         f"{outcome['task']}: {outcome['total']} items, {outcome['succeeded']} succeeded, "
@@ -75,7 +75,7 @@ def summary(outcome: Outcome, elapsed_s: float) -> str:
     return line
 
 
-def write_errors(outcome: Outcome, err: IO[str], limit: int = 50) -> None:
+def write_errors(outcome: OutcomeDoc, err: IO[str], limit: int = 50) -> None:
     if "reduce_error" in outcome:
         err.write(f"reduce failed: {outcome['reduce_error']}\n")
     shown = 0
@@ -88,7 +88,7 @@ def write_errors(outcome: Outcome, err: IO[str], limit: int = 50) -> None:
         err.write(f"... and {outcome['failed'] - shown} more failed items (see --json)\n")
 
 
-def write_double(outcome: Outcome, out: IO[str]) -> None:
+def write_double(outcome: OutcomeDoc, out: IO[str]) -> None:
     for first, values, failures in results.chunks(outcome):
         if not values:
             continue
@@ -100,7 +100,7 @@ def write_double(outcome: Outcome, out: IO[str]) -> None:
         )
 
 
-def write_resize(outcome: Outcome, out: IO[str]) -> None:
+def write_resize(outcome: OutcomeDoc, out: IO[str]) -> None:
     for _, record, _ in results.rows(outcome):
         if record is not None:
             out.write(
@@ -141,27 +141,27 @@ def write_jsonl_line(index: int, result: Any, error: str | None, out: IO[str]) -
     out.write(json.dumps(line, separators=(",", ":")) + "\n")
 
 
-def write_jsonl(outcome: Outcome, out: IO[str]) -> None:
+def write_jsonl(outcome: OutcomeDoc, out: IO[str]) -> None:
     """Every item in input order, a JSON line each."""
     for index, value, failure in results.rows(outcome):
         write_jsonl_line(index, value, failure["error"] if failure else None, out)
 
 
-def write_reduced(outcome: Outcome, out: IO[str]) -> None:
+def write_reduced(outcome: OutcomeDoc, out: IO[str]) -> None:
     """The reduce's value, as one JSON document (nothing if the reduce failed)."""
     if "reduced" in outcome:
         out.write(json.dumps(outcome["reduced"], separators=(",", ":")) + "\n")
 
 
 #: How each kind of job prints its results (the kind is kept in the job's record).
-WRITERS: dict[str, Callable[[Outcome, IO[str]], None]] = {
+WRITERS: dict[str, Callable[[OutcomeDoc, IO[str]], None]] = {
     "double": write_double,
     "resize": write_resize,
     "jsonl": write_jsonl,
 }
 
 
-def writer(kind: str) -> Callable[[Outcome, IO[str]], None]:
+def writer(kind: str) -> Callable[[OutcomeDoc, IO[str]], None]:
     return WRITERS.get(kind, write_jsonl)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from orchestrator.canvas import Plan
+from orchestrator.plan import Plan
 from workers import connections, keys
 from workers.errors import InfrastructureError
 from workers.memory import REMEDY, RedisMemory, is_full, megabytes, read_memory
@@ -25,25 +25,22 @@ from workers.memory import REMEDY, RedisMemory, is_full, megabytes, read_memory
 #: message of 100 small ints takes 3.2 KB in the queue's list, 2.4 KB of it the envelope) and
 #: its part's framing in the chord's join.
 PER_BATCH_B = 2600
-#: What an item of a job given by its bounds (``--range``) is taken to cost, as a number and its result.
-RANGE_ITEM_B = 12
 
 
-def footprint(job: Plan) -> int:
-    """An estimate of the Redis memory ``job`` needs while it runs, in bytes.
+def footprint(job: Plan, batches: int) -> int:
+    """An estimate of the Redis memory ``job``, sent as ``batches`` batches, needs while it runs, in bytes.
 
-    By reference (``job.where``), only a message and a reference per batch.  Otherwise its
+    By reference (``job.spec.where``), only a message and a reference per batch.  Otherwise its
     items travel in the messages (base64: 4/3 of their JSON), are kept compressed for
     ``fanout retry`` (about a third), and its parts take their place in the chord's join
     as the batches finish; a result is taken to be as large as its input.  For a job whose
     results are larger it is too low, and Redis can still fill up while the job runs: its
     workers then wait for room and the waiting client says so (:func:`stall_cause`).
     """
-    if job.where is not None:
-        return job.batches * PER_BATCH_B
-    items = list(job.items)
-    size = len(json.dumps(items, separators=(",", ":"), default=str)) if items else job.total * RANGE_ITEM_B
-    return size * 4 // 3 + size // 3 + job.batches * PER_BATCH_B
+    if job.spec.where is not None:
+        return batches * PER_BATCH_B
+    size = len(json.dumps(list(job.items), separators=(",", ":"), default=str))
+    return size * 4 // 3 + size // 3 + batches * PER_BATCH_B
 
 
 def _clients(app: Celery) -> list[tuple[str, Any]]:
@@ -81,9 +78,9 @@ def _refuses_a_write(client: Any) -> bool:
     return False
 
 
-def require_room(app: Celery, job: Plan) -> None:
+def require_room(app: Celery, job: Plan, batches: int) -> None:
     """InfrastructureError, before anything is sent, if ``job`` would not fit in Redis's maxmemory."""
-    need = footprint(job)
+    need = footprint(job, batches)
     for role, memory in _memory(app):
         free = memory.free
         if free is not None and memory.policy == "noeviction" and need > free:

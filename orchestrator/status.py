@@ -7,63 +7,26 @@ the results do (``FANOUT_RESULT_EXPIRES``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
 from celery.states import READY_STATES
 
-from orchestrator.run import batches_done, callback_meta, load_record
+from orchestrator.follow import batches_done, callback_meta
 from workers import connections, keys
-from workers.errors import FanoutError, InfrastructureError
-from workers.fanin import CANCELLED, Outcome
+from workers.errors import InfrastructureError
+from workers.fanin import CANCELLED, OutcomeDoc
 
-
-class UnknownJob(FanoutError):
-    """No job with that id is in Redis: never sent there, or expired."""
-
-
-@dataclass(frozen=True)
-class StoredJob:
-    """A job as recorded when it was sent."""
-
-    job_id: str
-    group_id: str
-    task: str
-    total: int
-    batch_size: int
-    batches: int
-    sent_at: float | None
-    output: str = "jsonl"
-    spec: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, app: Celery, job_id: str) -> StoredJob:
-        record = load_record(app, job_id)
-        if record is None:
-            raise UnknownJob(
-                f"no job {job_id} in Redis: not sent to this Redis (FANOUT_REDIS_URL), "
-                "or its results expired (FANOUT_RESULT_EXPIRES)"
-            )
-        return cls(
-            job_id=str(record["job_id"]),
-            group_id=str(record["group_id"]),
-            task=str(record["task"]),
-            total=int(record["total"]),
-            batch_size=int(record["batch_size"]),
-            batches=int(record["batches"]),
-            sent_at=record.get("sent_at"),
-            output=str(record.get("output") or "jsonl"),
-            spec=dict(record.get("spec") or {}),
-        )
+if TYPE_CHECKING:  # orchestrator.jobs builds on this module
+    from orchestrator.jobs import Job
 
 
 @dataclass(frozen=True)
 class Status:
-    job: StoredJob
+    job: Job
     state: str  # "running", or the callback's final state: SUCCESS, FAILURE, REVOKED
     batches_done: int
-    outcome: Outcome | None  # once state is SUCCESS
+    outcome: OutcomeDoc | None  # once state is SUCCESS
     finished_at: float | None
     #: Why the job was stopped ("cancelled", "failure budget exceeded: ..."), if it was.
     stopped: str | None = None
@@ -119,9 +82,9 @@ class Status:
         )
 
 
-def job_status(app: Celery, job_id: str) -> Status:
-    """Where ``job_id`` stands now."""
-    job = StoredJob.load(app, job_id)
+def job_status(job: Job) -> Status:
+    """Where ``job`` stands now: O(1) in Redis."""
+    app, job_id = job.app, job.job_id
     meta = callback_meta(app, job_id)
     if meta is None or meta.get("status") not in READY_STATES:
         raw, healed, unhealable = connections.backend(app).mget(
@@ -142,7 +105,7 @@ def job_status(app: Celery, job_id: str) -> Status:
         raise InfrastructureError(f"job {job_id} ended in {state}: {meta.get('result')!r}")
     done_at = meta.get("date_done")
     finished = _timestamp(done_at) if done_at else None
-    outcome: Outcome = meta["result"]
+    outcome: OutcomeDoc = meta["result"]
     return Status(job, state, job.batches, outcome, finished, outcome.get("stopped"))
 
 

@@ -11,13 +11,17 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, chord, group
+from celery.canvas import Signature
 
-from orchestrator.canvas import Plan, new_job_id
+from orchestrator.jobs import Job
 from orchestrator.local import LocalWorker
+from orchestrator.plan import JobSpec, Plan
+from orchestrator.send import publish
 from workers.app import celery_config
 from workers.batches import batch_task_id
 from workers.settings import Settings
@@ -53,14 +57,14 @@ def rigged_job(
     task: str = "fanout.test.rigged_batch",
     kwargs: dict[str, Any] | None = None,
     callback_queue: str | None = None,
-) -> Plan:
+) -> Rigged:
     """A chord of ``fanout.test.rigged_batch`` headers (or ``task``'s, with ``kwargs``) and the real
     ``fanout.collect``, on ``queue`` (the callback on ``callback_queue`` if given).
 
     ``limits`` are the headers' (hard, soft) time limits; None keeps the settings' defaults.
     With ``results_root``, the job is sent by reference (its parts are files there).
     """
-    job_id = new_job_id()
+    job_id = str(uuid.uuid4())
     values = list(values)
     kwargs = {"seconds": seconds, "marks": str(marks or "")} if kwargs is None else kwargs
     time_limits = {"time_limit": limits[0], "soft_time_limit": limits[1]} if limits else {}
@@ -82,9 +86,30 @@ def rigged_job(
     body = app.signature("fanout.collect", kwargs={"job": job}).set(
         task_id=job_id, queue=callback_queue or queue
     )
-    # The values are kept with the job (as fanout's own jobs keep theirs), so the healer
-    # can send a batch Redis dropped again.
-    return Plan(job_id, "double", len(values), batch_size, chord(group(header), body), items=values)
+    # Its items are kept in Redis (as a job sent by value keeps them), so the healer can
+    # send a batch Redis dropped again, even when its parts go to ``results_root``.
+    plan = Plan(job_id, JobSpec(task, shown_as="double", kwargs=kwargs), values)
+    return Rigged(plan, batch_size, chord(group(header), body))
+
+
+@dataclass(frozen=True)
+class Rigged:
+    """A job of rigged headers, built by hand and not yet sent: :meth:`send` sends it as fanout does."""
+
+    plan: Plan
+    batch_size: int
+    signature: Signature
+
+    @property
+    def job_id(self) -> str:
+        return self.plan.job_id
+
+    @property
+    def batches(self) -> int:
+        return self.plan.batches(self.batch_size)
+
+    def send(self, app: Celery, max_failures: int | None = None) -> Job:
+        return publish(app, self.plan, self.batch_size, max_failures, signature=self.signature)
 
 
 def worker(

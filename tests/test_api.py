@@ -212,20 +212,6 @@ def test_cli_map_stream_prints_every_index_once(cli_env: dict[str, str], worker:
     assert "TypeError" in by_index[20]["error"]
 
 
-def test_cli_map_refuses_a_line_that_is_not_json_naming_it(cli_env: dict[str, str], tmp_path: Path) -> None:
-    source = tmp_path / "items.jsonl"
-    source.write_text('1\n2\n{"a": \n4\n')
-    proc = run_cli(cli_env, "map", "tests.userjobs:triple", "--input", str(source))
-    assert proc.returncode == 2
-    assert "line 3 is not JSON" in proc.stderr
-
-
-def test_cli_map_refuses_a_function_that_is_not_a_fanout_task(cli_env: dict[str, str]) -> None:
-    proc = run_cli(cli_env, "map", "json:dumps", "--input", "-", stdin="1\n")
-    assert proc.returncode == 2
-    assert "is not a fanout task: decorate it with @fanout.task" in proc.stderr
-
-
 def test_cli_map_exits_3_when_no_worker_has_the_task(cli_env: dict[str, str], worker: LocalWorker) -> None:
     proc = run_cli(cli_env, "map", "tests.test_api:nowhere", "--input", "-", stdin="1\n")
     assert proc.returncode == 3

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator import render, run
+from orchestrator import follow, render
 from orchestrator.local import LocalWorker
 from tests.conftest import fanout_command
-from workers.fanin import Outcome
+from workers.fanin import OutcomeDoc
 
 
 def test_head_passes_the_first_lines_and_counts_the_rest() -> None:
@@ -26,23 +26,23 @@ def test_head_passes_the_first_lines_and_counts_the_rest() -> None:
     assert head.held_back == 2
 
 
-class Plan:
-    job_id, total, batch_size, batches = "job", 30, 10, 3
+class Job:
+    job_id, group_id, total, batch_size, batches = "job", "group", 30, 10, 3
 
 
 def test_progress_only_grows_and_a_vanished_join_reads_as_the_fan_in(monkeypatch: pytest.MonkeyPatch) -> None:
     # The chord deletes its join when the callback is sent: the count of finished batches reads 0.
-    outcome: Outcome = {
+    outcome: OutcomeDoc = {
         "job_id": "job", "task": "t", "total": 30, "succeeded": 30, "failed": 0, "results": [], "errors": []
     }  # fmt: skip
 
-    def polls(*args: Any) -> Generator[int, None, Outcome]:
+    def polls(*args: Any) -> Generator[int, None, OutcomeDoc]:
         yield from (0, 1, 2, 0, 0)
         return outcome
 
-    monkeypatch.setattr(run, "follow", polls)
+    monkeypatch.setattr(follow, "follow", polls)
     seen: list[tuple[int, int]] = []
-    assert run.wait(None, Plan(), "group", 10, lambda done, batches: seen.append((done, batches))) is outcome
+    assert follow.wait(None, Job(), 10, lambda done, batches: seen.append((done, batches))) is outcome  # type: ignore[arg-type]
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3), (3, 3)]
 
 

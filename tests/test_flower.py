@@ -31,10 +31,11 @@ from celery import Celery
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import sync_playwright
 
-from orchestrator.canvas import build_double, build_resize
+from orchestrator import builtin
+from orchestrator.follow import wait
 from orchestrator.local import LocalWorker
-from orchestrator.run import submit, wait
 from orchestrator.samples import make_photo
+from orchestrator.send import publish
 from tests.composefile import ENV_EXAMPLE, SECRETS, read_env_file, rendered
 from tests.conftest import TEST_REDIS_URL
 
@@ -168,15 +169,15 @@ class Run:
 def run(app: Celery, flower: Flower, tmp_path_factory: pytest.TempPathFactory) -> Run:
     """A double chord, a resize chord and one ``fanout.double``, all finished, while Flower watches."""
     values = list(range(MARKER, MARKER + 12))
-    double_job = build_double(values, batch_size=3)
-    outcome = wait(app, double_job, submit(app, double_job, 600), timeout=60)
+    double_job = publish(app, builtin.double(values), 3)
+    outcome = wait(app, double_job, timeout=60)
     assert outcome["results"] == [2 * v for v in values]
 
     directory = tmp_path_factory.mktemp("flower-photos")
     sources = [make_photo(directory / "in" / f"flower-{i}.jpg", (320, 240), seed=i) for i in range(2)]
     pairs = [(str(s), str(directory / "out" / s.name)) for s in sources]
-    resize_job = build_resize(pairs, 64, str(directory / "out"), batch_size=1)
-    outcome = wait(app, resize_job, submit(app, resize_job, 600), timeout=60)
+    resize_job = publish(app, builtin.resize(pairs, 64, str(directory / "out")), 1)
+    outcome = wait(app, resize_job, timeout=60)
     assert outcome["failed"] == 0
 
     single = app.signature("fanout.double", args=(MARKER,)).apply_async()

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ import pytest
 import redis
 from celery import Celery
 
+from orchestrator.follow import batches_done, callback_meta, wait
 from orchestrator.local import LocalWorker
-from orchestrator.run import batches_done, callback_meta, submit, wait
+from orchestrator.send import publish
 from tests.conftest import fanout_command
 from tests.faultkit import QUICK, assert_every_index_once, kill_all, new_queue, rigged_job, wait_until, worker
 from workers import keys
@@ -187,7 +189,8 @@ def test_a_batch_whose_message_redis_dropped_is_sent_again_and_counted_once(
     client = app.backend.client
     # Given a job of 8 one-item batches of 1 s each, on one worker process
     job = rigged_job(app, values, 1, queue, seconds=1.0, marks=marks)
-    group_id = submit(app, job, 600)
+    sent = job.send(app)
+    group_id = sent.group_id
     workers_started.append(worker(app, queue, tmp_path, "heal", env=QUICK, concurrency=1))
     wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
     # When Redis drops one of its queued messages (nobody will ever run it)
@@ -209,7 +212,7 @@ def test_a_batch_whose_message_redis_dropped_is_sent_again_and_counted_once(
         return meta is not None and meta["status"] == "SUCCESS"
 
     wait_until(watch, 90, "the job to complete", interval=0.05)
-    outcome = wait(app, job, group_id, timeout=10)
+    outcome = wait(app, sent, timeout=10)
     # ...with every index exactly once, the lost batch sent again once and run once
     assert_every_index_once(outcome, values)
     assert healed(client, job.job_id) == 1
@@ -229,7 +232,8 @@ def test_a_message_lost_from_unacked_with_its_worker_is_sent_again(
     client = app.backend.client
     # Given two workers, the first holding a batch it has started (in kombu's unacked hash)
     job = rigged_job(app, values, 1, queue, seconds=4.0, limits=(20, 15))
-    group_id = submit(app, job, 600)
+    sent = job.send(app)
+    group_id = sent.group_id
     doomed = worker(app, queue, tmp_path, "doomed", env=QUICK, concurrency=1)
     workers_started.append(doomed)
     wait_until(lambda: client.hlen("unacked") >= 1, 30, "a batch to be reserved")
@@ -242,7 +246,7 @@ def test_a_message_lost_from_unacked_with_its_worker_is_sent_again(
     kill_all(doomed)
     workers_started.append(worker(app, queue, tmp_path, "survivor", env=QUICK, concurrency=2))
     # Then the job completes on the other worker, every index once, the lost batch healed
-    outcome = wait(app, job, group_id, timeout=120)
+    outcome = wait(app, sent, timeout=120)
     assert_every_index_once(outcome, values)
     assert healed(client, job.job_id) >= 1
 
@@ -251,19 +255,22 @@ def test_a_message_lost_from_unacked_with_its_worker_is_sent_again(
 def test_a_batch_of_a_job_sent_by_reference_is_sent_again_from_its_input_file(
     app: Celery, worker: LocalWorker, tmp_path: Path
 ) -> None:
-    from orchestrator.canvas import build
+    from orchestrator.plan import prepare
+    from orchestrator.send import spec_of
     from tests import userjobs
     from workers import results
 
     client = app.backend.client
     # Given a user's job sent by reference (its items in files of the results location)
     values = [0.6 + k / 100 for k in range(8)]
-    plan = build(userjobs.sleepy.name, values, 1, by_reference=True, results_root=str(tmp_path / "r"))
-    group_id = submit(app, plan, 600)
+    spec = replace(spec_of(userjobs.sleepy), results_root=str(tmp_path / "r"))
+    plan = prepare(spec, values, by_reference=True)
+    sent = publish(app, plan, 1)
+    group_id = sent.group_id
     # When Redis drops one of its queued messages
     take_message(client, "fanout", group_id, 7)
     # Then the healer sends it again, naming the same file, and the job completes
-    outcome = wait(app, plan, group_id, timeout=90)
+    outcome = wait(app, sent, timeout=90)
     whole = results.materialize(outcome)
     assert whole["results"] == values and whole["failed"] == 0
     assert healed(client, plan.job_id) == 1
@@ -277,7 +284,8 @@ def test_a_flushed_queue_is_sent_again_batch_by_batch(
     values = list(range(40))
     client = app.backend.client
     job = rigged_job(app, values, 4, queue, seconds=0.2)
-    group_id = submit(app, job, 600)
+    sent = job.send(app)
+    group_id = sent.group_id
     workers_started.append(worker(app, queue, tmp_path, "flush", env=QUICK, concurrency=1))
     wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
     # When an operator deletes the queue mid-job
@@ -285,7 +293,7 @@ def test_a_flushed_queue_is_sent_again_batch_by_batch(
     client.delete(queue)
     assert dropped >= 5
     # Then every dropped batch is sent again and the job completes, every index once
-    outcome = wait(app, job, group_id, timeout=120)
+    outcome = wait(app, sent, timeout=120)
     assert_every_index_once(outcome, values)
     assert healed(client, job.job_id) == dropped
 
@@ -297,7 +305,8 @@ def test_a_lost_batch_whose_inputs_are_gone_ends_the_wait_with_exit_3(
     queue = new_queue()
     client = app.backend.client
     job = rigged_job(app, list(range(6)), 1, queue, seconds=0.5)
-    group_id = submit(app, job, 600)
+    sent = job.send(app)
+    group_id = sent.group_id
     # Given a batch dropped by Redis and the job's kept inputs gone too
     take_message(client, queue, group_id, 4)
     assert client.delete(keys.inputs(job.job_id)) == 1
@@ -319,7 +328,7 @@ def test_a_lost_batch_whose_inputs_are_gone_ends_the_wait_with_exit_3(
     # (the job runs out of other work in about 1.5 s; the client looks at the next stall check)
     assert took <= HEAL_AFTER_STALL_S + 14, took
     with pytest.raises(InfrastructureError, match="cannot complete"):
-        wait(app, job, group_id, timeout=30)
+        wait(app, sent, timeout=30)
 
 
 @system
@@ -330,7 +339,8 @@ def test_a_callback_never_sent_by_a_dead_reporter_is_sent_by_a_copy_of_one_batch
     values = list(range(6))
     client = app.backend.client
     job = rigged_job(app, values, 2, queue)
-    group_id = submit(app, job, 600)
+    sent = job.send(app)
+    group_id = sent.group_id
     # Given a chord whose last report counted the parts but sent no callback (as when the
     # worker reporting it dies in between): here the chord expects one part more...
     client.incr(app.backend.get_key_for_group(group_id, ".t"))
@@ -339,7 +349,7 @@ def test_a_callback_never_sent_by_a_dead_reporter_is_sent_by_a_copy_of_one_batch
     # ...until that is undone: complete, and nothing left to send the callback
     client.delete(app.backend.get_key_for_group(group_id, ".t"))
     # Then the healer sends one batch again, whose report sends the callback
-    outcome = wait(app, job, group_id, timeout=60)
+    outcome = wait(app, sent, timeout=60)
     assert_every_index_once(outcome, values)
     assert healed(client, job.job_id) == 1
 
@@ -353,14 +363,14 @@ def test_a_callback_dropped_after_the_chord_sent_it_runs_the_job_again(
     client = app.backend.client
     # Given a job whose callback goes to a queue no worker consumes yet
     job = rigged_job(app, values, 2, queue, callback_queue=callbacks)
-    group_id = submit(app, job, 600)
+    sent = job.send(app)
     workers_started.append(worker(app, queue, tmp_path, "headers", env=QUICK, concurrency=2))
     wait_until(lambda: client.llen(callbacks) == 1, 30, "the chord to send its callback")
     # When Redis drops the callback (and the parts it carries)
     client.delete(callbacks)
     workers_started.append(worker(app, callbacks, tmp_path, "callbacks", env=QUICK, concurrency=1))
     # Then the job runs again on a fresh chord and completes, every index once
-    outcome = wait(app, job, group_id, timeout=90)
+    outcome = wait(app, sent, timeout=90)
     assert_every_index_once(outcome, values)
     assert healed(client, job.job_id) == 3
 
@@ -377,7 +387,8 @@ def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finis
     values = list(range(8))
     client = app.backend.client
     job = rigged_job(app, values, 1, queue, seconds=0.5)
-    group_id = submit(app, job, 600)
+    sent = job.send(app)
+    group_id = sent.group_id
     # Given a cancel that took the queued batches off the queue and died before reporting them
     # (its purge started PURGE_GRACE_S ago)
     client.set(keys.stop(group_id), CANCELLED)
@@ -390,7 +401,7 @@ def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finis
     # When a worker runs (there is nothing left in the queue for it)
     workers_started.append(worker(app, queue, tmp_path, "purge", env=QUICK, concurrency=1))
     # Then its healer reports them, and the job ends cancelled, every item accounted for once
-    outcome = wait(app, job, group_id, timeout=60)
+    outcome = wait(app, sent, timeout=60)
     assert outcome["total"] == len(values) and outcome["failed"] == len(values)
     assert [e["index"] for e in outcome["errors"]] == list(range(len(values)))
     assert {e["error"] for e in outcome["errors"]} == {CANCELLED}
@@ -418,10 +429,10 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
             marks = tmp_path / f"marks-{round_number}-{k}"
             marks.mkdir()
             plan = rigged_job(app, values, rng.choice([1, 5, 10]), queue, seconds=0.02, marks=marks)
-            jobs.append((plan, values, submit(app, plan, 600), marks))
+            jobs.append((plan.send(app), values, marks))
         time.sleep(0.5)
         # A message dropped, as kombu's BRPOP window or a failover drops one...
-        plan, _, group_id, _ = jobs[rng.randrange(len(jobs))]
+        group_id = jobs[rng.randrange(len(jobs))][0].group_id
         queued = [
             json.loads(raw)["headers"]["group_index"]
             for raw in client.lrange(queue, 0, -1)
@@ -446,14 +457,14 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
             if children:
                 os.kill(int(children[0]), signal.SIGKILL)
         round_started = time.monotonic()
-        for plan, values, group_id, marks in jobs:
+        for sent, values, marks in jobs:
             try:
-                outcome = wait(app, plan, group_id, timeout=180)
+                outcome = wait(app, sent, timeout=180)
             except InfrastructureError:
                 incomplete += 1
                 continue
             assert_every_index_once(outcome, values)
-            resent += healed(client, plan.job_id)
+            resent += healed(client, sent.job_id)
             twice += sum(1 for count in runs_by_value(marks).values() if count > 1)
         print(f"soak round {round_number}: {time.monotonic() - round_started:.1f} s")
     assert incomplete == 0

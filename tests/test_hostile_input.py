@@ -11,11 +11,12 @@ import pytest
 from celery import Celery
 from PIL import Image
 
-from orchestrator.canvas import build_resize
+from orchestrator import builtin
+from orchestrator.follow import wait
 from orchestrator.inputs import plan_images
 from orchestrator.local import LocalWorker
-from orchestrator.run import submit, wait
 from orchestrator.samples import make_photo
+from orchestrator.send import publish
 from tests.corpus import broken, unusual
 from workers.errors import ImageError
 from workers.imaging import resize_image
@@ -124,8 +125,8 @@ def test_the_whole_corpus_through_a_worker_leaves_it_alive_and_every_file_accoun
     odd = unusual(tmp_path / "in" / "odd")
     out = tmp_path / "out"
     plan = plan_images([tmp_path / "in"], out)
-    job = build_resize(plan.pairs, 100, str(out), batch_size=3)
-    outcome = wait(app, job, submit(app, job, 600), timeout=90)
+    job = publish(app, builtin.resize(plan.pairs, 100, str(out)), 3)
+    outcome = wait(app, job, timeout=90)
     assert outcome["total"] == len(bad) + len(odd)
     failed = {e["input"]: e["error"] for e in outcome["errors"]}
     assert set(failed) == {str(p.resolve()) for p in bad.values()}
@@ -152,8 +153,8 @@ def test_destinations_outside_the_output_directory_are_refused_by_the_worker(
         (source, "/tmp/fanout-escaped-" + uuid.uuid4().hex + ".jpg"),
         (source, str(out / "link" / "escaped.jpg")),
     ]
-    job = build_resize(pairs, 100, str(out), batch_size=4)
-    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    job = publish(app, builtin.resize(pairs, 100, str(out)), 4)
+    outcome = wait(app, job, timeout=60)
     assert outcome["results"][0] is not None and outcome["failed"] == 3
     assert all("outside the output directory" in e["error"] for e in outcome["errors"])
     assert not (tmp_path / "escaped.jpg").exists() and not (tmp_path / "elsewhere" / "escaped.jpg").exists()

@@ -15,18 +15,18 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
 
-from orchestrator.canvas import Plan
 from orchestrator.local import LocalWorker
+from orchestrator.plan import JobSpec, Plan
 from orchestrator.room import footprint, full_redis_message
-from orchestrator.run import submit
 from tests.conftest import fanout_command
-from tests.faultkit import QUICK, RedisServer, app_for, kill_all, new_queue, rigged_job, worker
+from tests.faultkit import QUICK, RedisServer, Rigged, app_for, kill_all, new_queue, rigged_job, worker
 from workers.memory import RedisMemory, is_full
 
 #: The test Redis's limit.
@@ -53,7 +53,7 @@ def full_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def padded_job(url: str, queue: str) -> tuple[Celery, Plan]:
+def padded_job(url: str, queue: str) -> tuple[Celery, Rigged]:
     app = app_for(url)
     job = rigged_job(
         app, list(range(ITEMS)), BATCH, queue, task="fanout.test.padded", kwargs={"size": RESULT_B}
@@ -80,7 +80,7 @@ def test_a_full_redis_mid_job_keeps_workers_alive_names_maxmemory_and_the_job_co
             assert local.process is not None
             os.killpg(local.process.pid, signal.SIGSTOP)
         try:
-            group_id = submit(app, job, 600)
+            group_id = job.send(app).group_id
         finally:
             for local in started:
                 assert local.process is not None
@@ -195,15 +195,14 @@ def test_only_a_write_refused_for_memory_counts_as_full() -> None:
 
 
 def test_a_jobs_footprint_counts_its_items_and_batches_and_little_by_reference() -> None:
-    from celery import group
-
-    listed = Plan("a", "double", 1000, 100, group(), items=list(range(1000)))
-    by_range = Plan("b", "double", 1000, 100, group())
-    by_reference = Plan("c", "double", 1000, 100, group(), items=list(range(1000)), where="/r/c")
+    spec = JobSpec("fanout.double_batch")
+    listed = Plan("a", spec, list(range(1000)))
+    by_range = Plan("b", spec, range(1000))
+    by_reference = Plan("c", replace(spec, where="/r/c"), list(range(1000)))
     size = len(json.dumps(list(range(1000)), separators=(",", ":")))
-    assert footprint(listed) == size * 4 // 3 + size // 3 + 10 * 2600
-    assert footprint(by_range) > 10 * 2600
-    assert footprint(by_reference) == 10 * 2600
+    assert footprint(listed, 10) == size * 4 // 3 + size // 3 + 10 * 2600
+    assert footprint(by_range, 10) == footprint(listed, 10)
+    assert footprint(by_reference, 10) == 10 * 2600
 
 
 def test_workers_use_fanouts_transport_for_redis_and_sentinel_urls_under_kombus_names() -> None:

@@ -13,13 +13,14 @@ from typing import IO
 import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
-from orchestrator.canvas import build_resize_items
-from orchestrator.inputs import InputError, parse_size, plan_images, plan_outputs
+from orchestrator import builtin
+from orchestrator.canvas import build
+from orchestrator.inputs import parse_size, plan_images, plan_outputs
 from orchestrator.samples import make_photo
 from workers import contact_sheet, storage
 from workers.contact_sheet import CELL, GAP, MARKER, PAGE_MAX, cell_origin, compose, pages
-from workers.errors import ImageError
-from workers.fanin import Outcome, merge
+from workers.errors import ImageError, InputError
+from workers.fanin import OutcomeDoc, merge
 from workers.report import CONTACT_SHEET, MANIFEST, images, write_report
 from workers.resizing import ResizeOptions, output_size, render, resize_to
 
@@ -186,8 +187,14 @@ def test_the_decompression_bomb_limit_stays_on(tmp_path: Path, monkeypatch: pyte
 
 
 def test_bad_options_are_refused() -> None:
-    for bad in ({"mode": "crop"}, {"anchor": "middle"}, {"format": "gif"}, {"quality": 0}):
-        with pytest.raises(ValueError):
+    for bad in (
+        {"mode": "crop"},
+        {"anchor": "middle"},
+        {"format": "gif"},
+        {"quality": 0},
+        {"background": "#zz"},
+    ):
+        with pytest.raises(InputError):
             ResizeOptions(**bad)
     assert ResizeOptions.from_json(ResizeOptions(mode="fill").to_json()) == ResizeOptions(mode="fill")
 
@@ -255,8 +262,8 @@ def test_several_sizes_and_a_format_give_names_that_do_not_collide(tmp_path: Pat
 def test_the_job_carries_urls_sizes_and_options_never_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-send-me")
     items = [("s3://in/a.jpg", "s3://out/a-64.jpg", 64, 64), ("s3://in/a.jpg", "s3://out/a-32.jpg", 32, 32)]
-    job = build_resize_items(items, ResizeOptions(mode="fill").to_json(), "s3://out", 2, batch_size=1)
-    header = list(job.signature.tasks)
+    chord = build(builtin.resize_items(items, ResizeOptions(mode="fill").to_json(), "s3://out", 2), 1)
+    header = list(chord.tasks)
     assert [t.task for t in header] == ["fanout.resize_items"] * 2
     start, rows, kwargs = header[1].args
     assert (start, rows, kwargs["out_dir"]) == (
@@ -265,8 +272,8 @@ def test_the_job_carries_urls_sizes_and_options_never_credentials(monkeypatch: p
         "s3://out",
     )
     assert kwargs["options"]["mode"] == "fill"
-    assert job.signature.body.kwargs["job"]["reduce_kwargs"]["per_image"] == 2
-    assert "do-not-send-me" not in json.dumps([t.args for t in header] + [job.signature.body.kwargs])
+    assert chord.body.kwargs["job"]["reduce_kwargs"]["per_image"] == 2
+    assert "do-not-send-me" not in json.dumps([t.args for t in header] + [chord.body.kwargs])
 
 
 # --- the fan-in's report ---------------------------------------------------------
@@ -319,7 +326,7 @@ def test_report_groups_outputs_by_image_and_writes_manifest_and_sheet(tmp_path: 
             assert sheet.getpixel((x + middle, y + middle)) == colour, index
 
 
-def _resized(tmp_path: Path, colours: list[tuple[int, int, int] | None]) -> Outcome:
+def _resized(tmp_path: Path, colours: list[tuple[int, int, int] | None]) -> OutcomeDoc:
     """An outcome as the header tasks leave it: one output (and its tile) per colour; ``None`` fails."""
     results: list[object] = []
     errors = []

@@ -20,8 +20,8 @@ import pytest
 import redis
 from celery import Celery
 
+from orchestrator.follow import callback_meta
 from orchestrator.local import LocalWorker
-from orchestrator.run import callback_meta, submit
 from tests.faultkit import RedisServer, kill_all, new_queue, rigged_job, worker
 from workers.app import celery_config
 from workers.settings import Settings
@@ -81,7 +81,7 @@ def test_soft_limit_before_the_first_item_puts_the_batch_back_and_it_runs_once_r
         header = job.signature.tasks
         for sig in getattr(header, "tasks", header):
             sig.set(countdown=3)
-        submit(app, job, 600)
+        job.send(app)
         unacked = redis.Redis.from_url(broker.url)
         deadline = time.monotonic() + 20
         while not unacked.hlen("unacked") and time.monotonic() < deadline:
@@ -119,7 +119,7 @@ def test_soft_limit_while_a_finished_batch_reports_is_held_and_the_part_arrives(
         # The item takes 1 s: the batch is done within its soft limit (2 s), and then
         # waits for the backend, down since the item started.
         job = rigged_job(app, values, 1, queue, seconds=1.0, marks=marks, limits=LIMITS)
-        submit(app, job, 600)
+        job.send(app)
         deadline = time.monotonic() + 20
         while not any(marks.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.02)

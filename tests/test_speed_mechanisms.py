@@ -20,10 +20,13 @@ import pytest
 import redis
 from celery import Celery, chord, group
 
-from orchestrator.canvas import build_double
+from orchestrator import builtin
+from orchestrator.canvas import build
+from orchestrator.follow import wait
+from orchestrator.jobs import Job, load_record
 from orchestrator.local import LocalWorker
 from orchestrator.publish import _argsrepr, bulk_supported, header_of, publish_chord
-from orchestrator.run import load_record, submit, wait
+from orchestrator.send import publish
 from workers import tasks as _tasks  # noqa: F401 - the client knows the built-in tasks (and their limits)
 from workers.app import celery_config
 from workers.errors import InfrastructureError
@@ -36,8 +39,7 @@ def test_argsrepr_names_the_start_and_counts_the_items() -> None:
 
 
 def test_header_of_a_job_is_its_batches_and_the_collect_callback() -> None:
-    job = build_double(list(range(10)), 3, job_id="job-1")
-    header, body = header_of(job.signature)
+    header, body = header_of(build(builtin.double(list(range(10)), job_id="job-1"), 3))
     assert [tuple(sig.args) for sig in header] == [
         (0, [0, 1, 2]),
         (3, [3, 4, 5]),
@@ -48,15 +50,14 @@ def test_header_of_a_job_is_its_batches_and_the_collect_callback() -> None:
 
 
 def test_publish_rejects_a_chunk_below_one() -> None:
-    job = build_double([1], 1)
     with pytest.raises(ValueError, match="chunk"):
-        publish_chord(Celery(set_as_current=False), job.signature, chunk=0)
+        publish_chord(Celery(set_as_current=False), build(builtin.double([1]), 1), chunk=0)
 
 
 def test_bulk_path_covers_fanout_jobs_and_leaves_other_headers_to_celery() -> None:
     from workers.app import app
 
-    header, _ = header_of(build_double(list(range(10)), 3).signature)
+    header, _ = header_of(build(builtin.double(list(range(10))), 3))
     assert bulk_supported(app, header)
     assert not bulk_supported(app, [])
     assert not bulk_supported(app, [header[0], header[1].clone().set(countdown=5)])
@@ -157,10 +158,10 @@ def test_bulk_messages_match_what_apply_async_sends(quiet_app: tuple[Celery, red
 @system
 def test_a_bulk_published_chord_reports_every_index_once_in_order(app: Celery, worker: LocalWorker) -> None:
     # Given 300 one-item tasks published 7 messages per round trip
-    job = build_double(list(range(300)), 1)
-    group_id = publish_chord(app, job.signature, chunk=7)
+    plan = builtin.double(list(range(300)))
+    group_id = publish_chord(app, build(plan, 1), chunk=7)
     # When the chord completes
-    outcome = wait(app, job, group_id, timeout=90)
+    outcome = wait(app, Job(plan.job_id, group_id, plan.spec, 300, 1, 300, app=app), timeout=90)
     # Then every item came back once, in input order
     assert outcome["results"] == [2 * i for i in range(300)]
     assert (outcome["succeeded"], outcome["failed"], outcome["errors"]) == (300, 0, [])
@@ -199,11 +200,12 @@ def test_progress_costs_the_same_two_commands_per_poll_whatever_the_size(
     app: Celery, worker: LocalWorker
 ) -> None:
     def poll_commands(n: int) -> tuple[list[tuple[str, ...]], list[int], str, str]:
-        job = build_double(list(range(n)), 1)  # one task per item: a per-item loop is a per-batch loop
-        group_id = submit(app, job, 600)
+        # One task per item: a per-item loop is a per-batch loop
+        job = publish(app, builtin.double(list(range(n))), 1)
+        group_id = job.group_id
         refreshes: list[int] = []
         with commands_sent() as sent:
-            outcome = wait(app, job, group_id, timeout=90, progress=lambda done, _all: refreshes.append(done))
+            outcome = wait(app, job, timeout=90, progress=lambda done, _all: refreshes.append(done))
         assert outcome["failed"] == 0 and len(outcome["results"]) == n
         state_key = _text(app.backend.get_key_for_task(job.job_id))
         join_key = _text(app.backend.get_key_for_group(group_id, ".j"))
@@ -291,8 +293,7 @@ def test_submit_subscribes_the_client_to_no_header_result(quiet_app: tuple[Celer
     wait_for(lambda: subscribers(client, probe, ids) == len(ids), 5, "apply_async's subscriptions")
     client.delete("fanout")
     # When fanout submits a job
-    job = build_double(list(range(12)), 3)
-    submit(probe, job, 600)
+    publish(probe, builtin.double(list(range(12))), 3)
     # Then none of its header tasks has a subscriber
     ids = [m["headers"]["id"] for m in _queued(client)]
     assert len(ids) == 4
@@ -333,7 +334,7 @@ def test_a_header_published_in_part_is_an_error_not_a_silent_wait(
 
     # The room check refuses this job before sending (tests/test_redis_full.py); here the
     # header must fail part-way, as it does when Redis fills up from elsewhere meanwhile.
-    monkeypatch.setattr("orchestrator.run.require_room", lambda app, job: None)
+    monkeypatch.setattr("orchestrator.send.require_room", lambda app, job, batches: None)
 
     probe = app_for(own_url)
     client = redis.Redis.from_url(own_url)
@@ -341,15 +342,15 @@ def test_a_header_published_in_part_is_an_error_not_a_silent_wait(
         # Room for the job's inputs (about 210 KB compressed, kept for `fanout retry`), not its header
         cramp(own_url, headroom=1_000_000)
         # Given a header larger than Redis will take: 1,000 messages of about 2 KB
-        job = build_double(list(range(100_000)), 100)
+        plan = builtin.double(list(range(100_000)))
         # When it is submitted, the pipeline fails part-way: an infrastructure error naming Redis's
         with pytest.raises(InfrastructureError, match=r"failed part-way: .*maxmemory"):
-            submit(probe, job, 600)
+            publish(probe, plan, 100)
         # Then some of the header went out and the rest did not, and no job was recorded as
         # sent: nothing waits for a chord that cannot complete
         queued = int(client.llen("fanout"))
-        assert 0 < queued < job.batches
-        assert load_record(probe, job.job_id) is None
+        assert 0 < queued < plan.batches(100)
+        assert load_record(probe, plan.job_id) is None
     finally:
         client.close()
         close_app(probe)

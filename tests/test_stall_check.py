@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import run
+from orchestrator import follow as run
 from workers.errors import InfrastructureError
 
 # Seconds from the start of the wait.
@@ -32,6 +32,7 @@ class Job:
     total: int = 30
     batch_size: int = 10
     batches: int = 3
+    group_id: str = "group"
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_a_poll_slowed_by_a_failover_gives_the_workers_time_to_register_again(
     # which the workers' registrations are missing for 0.3 s
     timeline["start"] = time.monotonic()
     # When the client waits, Then it rides the failover out and gets the outcome
-    outcome: Any = run.wait(APP, Job(), "group", timeout=10)
+    outcome: Any = run.wait(APP, Job(), timeout=10)  # type: ignore[arg-type]
     assert outcome == "outcome"
     # having looked for workers before the failover, and again only once a stall period had
     # passed after it
@@ -88,5 +89,5 @@ def test_with_no_worker_at_all_the_stall_check_still_ends_the_wait(
     monkeypatch.setattr(run, "list_workers", lambda app, queue=None: [])
     timeline["start"] = time.monotonic()
     with pytest.raises(InfrastructureError, match="no worker is running"):
-        run.wait(APP, Job(), "group", timeout=10)
+        run.wait(APP, Job(), timeout=10)  # type: ignore[arg-type]
     assert time.monotonic() - timeline["start"] < FAILOVER[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 
 import pytest
 
@@ -36,26 +35,6 @@ def test_no_wait_prints_the_job_id_and_status_wait_brings_the_results(
     assert text.returncode == 0 and text.stdout.split()[:3] == ["0", "2", "4"]
 
 
-def test_status_of_a_job_still_running_shows_done_and_pending(
-    cli_env: dict[str, str], quiet_url: str
-) -> None:
-    # A Redis no worker listens on: the job cannot move.
-    env = dict(cli_env, FANOUT_REDIS_URL=quiet_url)
-    from orchestrator.run import submit
-    from tests.faultkit import app_for, new_queue, rigged_job
-
-    app = app_for(quiet_url)
-    job = rigged_job(app, list(range(10)), 5, new_queue())
-    submit(app, job, 600)
-    shown = run_cli(env, "status", job.job_id, "--json")
-    assert shown.returncode == 0, shown.stderr
-    doc = json.loads(shown.stdout)
-    assert doc["state"] == "running"
-    assert (doc["total"], doc["batches"], doc["batches_done"], doc["items_pending"]) == (10, 2, 0, 10)
-    line = run_cli(env, "status", job.job_id)
-    assert "0 of 2 batches done" in line.stdout and "10 pending" in line.stdout
-
-
 def test_a_timeout_names_the_job_so_the_user_can_come_back(
     cli_env: dict[str, str], worker: LocalWorker
 ) -> None:
@@ -66,9 +45,3 @@ def test_a_timeout_names_the_job_so_the_user_can_come_back(
     waited = run_cli(cli_env, "status", job_id, "--wait", "--json", "--timeout", "60")
     assert waited.returncode == 0, waited.stderr
     assert json.loads(waited.stdout)["succeeded"] == 200_000
-
-
-def test_status_of_an_unknown_job_is_a_usage_error(cli_env: dict[str, str], redis_client: object) -> None:
-    shown = run_cli(cli_env, "status", str(uuid.uuid4()))
-    assert shown.returncode == 2
-    assert "no job" in shown.stderr and "expired" in shown.stderr

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.canvas import build_double
+from orchestrator import builtin
+from orchestrator.follow import wait
 from orchestrator.local import LocalWorker
-from orchestrator.run import submit, wait
+from orchestrator.send import publish
 from tests.conftest import fanout_command
 from tests.redisnodes import Certificates, Node, app_for_env, fanout_env, map_command, start_worker, tls_redis
 
@@ -87,8 +88,8 @@ def test_a_worker_over_tls_runs_a_chord_sent_in_process(
     tls_node: Node, certificates: Certificates, tls_worker: LocalWorker
 ) -> None:
     app = app_for_env({"FANOUT_REDIS_URL": tls_url(tls_node, certificates.ca)})
-    job = build_double(list(range(1000)), batch_size=100)
-    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    job = publish(app, builtin.double(list(range(1000))), 100)
+    outcome = wait(app, job, timeout=60)
     assert outcome["results"] == [2 * i for i in range(1000)]
     assert outcome["failed"] == 0
 

@@ -10,11 +10,11 @@ import pytest
 import redis
 from PIL import Image
 
-from orchestrator.inputs import InputError, parse_numbers, plan_images
+from orchestrator.inputs import parse_numbers, plan_images
 from orchestrator.samples import make_photo
 from workers import backend, storage
 from workers.doubling import double
-from workers.errors import ConfigError, ImageError, InvalidNumber, ItemError, TransientError
+from workers.errors import ConfigError, ImageError, InputError, InvalidNumber, ItemError, TransientError
 from workers.fanin import merge, run_batch
 from workers.imaging import resize_image
 from workers.paths import inside_url

@@ -117,7 +117,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 # kombu's Redis transports, except that a worker waits out a full Redis (maxmemory) instead
 # of exiting and losing the message it had taken: registered under kombu's own scheme names.
 broker.install()
-app = Celery("fanout", include=["workers.tasks", "workers.control"])
+app = Celery("fanout", include=["workers.callback", "workers.tasks", "workers.control"])
 # Each worker keeps a registration in Redis, so clients find workers without a broadcast.
 app.steps["consumer"].add("workers.registration:Registration")
 # ...and heals the jobs whose batches Redis dropped (one worker at a time leads).

@@ -31,17 +31,13 @@ from celery.worker.request import Request
 
 from workers import keys
 from workers.backend import REDIS_FULL, retrying
-from workers.errors import ItemError
+from workers.errors import WorkerKilled
 from workers.fanin import Part, run_batch
 
 logger = logging.getLogger(__name__)
 
 #: An item whose run took its worker process down this many times is failed, not retried.
 MAX_KILLS = 2
-
-
-class WorkerKilled(ItemError):
-    """An item that took its worker process down every time it ran (a poison item)."""
 
 
 class AttemptLog(Protocol):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from workers import results
+from workers.errors import BadTask
 
 #: The namespace of header task ids: a batch's id is derived from its job's id and its index.
 _NAMESPACE = uuid.UUID("1b5cf3c2-7c39-4a8e-9d0f-6f7c2a4e8b11")
@@ -37,7 +38,7 @@ def items_ref(items: Sequence[Any], start: int, batch_size: int, where: str) -> 
     """A batch's items as a header message carries them in a job sent by reference.
 
     A range of integers travels as its bounds; anything else as the URL of the
-    file the client writes before sending (see orchestrator/run.py), with its
+    file the client writes before sending (see orchestrator/send.py), with its
     count, so that a header can report every item failed if the file cannot be read.
     """
     if plain_range(items):
@@ -65,3 +66,20 @@ def pack(items: Any) -> bytes:
 def unpack(raw: bytes) -> list[Any]:
     items: list[Any] = json.loads(zlib.decompress(raw))
     return items
+
+
+def batch_items(items: list[Any] | dict[str, Any]) -> list[Any]:
+    """A header message's items: a list, or a reference to them (a job sent by reference).
+
+    ``{"range": [low, high]}`` is the integers ``low .. high-1``; ``{"url": URL}``
+    a JSON list the client wrote to the results location before sending.
+    """
+    if isinstance(items, list):
+        return items
+    if "range" in items:
+        low, high = items["range"]
+        return list(range(int(low), int(high)))
+    listed = results.read_json(str(items["url"]))
+    if not isinstance(listed, list):
+        raise BadTask(f"the items at {items['url']} are not a JSON list")
+    return listed

@@ -32,19 +32,12 @@ from celery.worker.control import control_command
 
 from workers import connections, keys
 from workers.backend import retrying
+from workers.errors import JobStopped
 
 logger = logging.getLogger(__name__)
 
 #: The longest a running batch goes between two looks at its job's stop reason, seconds.
 CHECK_EVERY_S = 0.25
-
-
-class JobStopped(Exception):
-    """The job was stopped (cancelled, or its failure budget exceeded) while the batch ran."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class JobControl:
@@ -275,7 +268,8 @@ def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: li
 def _batch_of(raw: bytes) -> tuple[int, Any, int, list[Any], Any, str | None]:
     """The group index, chord, start, items, item label and results location (if by reference)
     of a queued header message."""
-    from workers.core import batch_items, lookup  # core imports this module
+    from workers.batches import batch_items
+    from workers.core import lookup  # core imports this module
 
     envelope = json.loads(raw)
     headers = envelope["headers"]

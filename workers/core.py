@@ -43,8 +43,9 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from workers import connections, softlimit
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
-from workers.control import JobControl, JobStopped
-from workers.errors import FanoutError, ItemError
+from workers.batches import batch_items
+from workers.control import JobControl
+from workers.errors import BadTask, ItemError, JobStopped, NotJSON
 from workers.fanin import Part, describe, fail_batch
 from workers.settings import get_settings
 
@@ -63,14 +64,6 @@ MAX_BACKOFF_S = 30.0
 HEADER_REQUEST = "workers.attempts:HeaderRequest"
 
 _JSON_SCALARS = (int, float, str, bool, type(None))
-
-
-class NotJSON(ItemError):
-    """An item's input or result that JSON cannot carry."""
-
-
-class BadTask(FanoutError, TypeError):
-    """A function or option that cannot be made a fanout task."""
 
 
 def json_problem(value: Any) -> str | None:
@@ -237,25 +230,6 @@ class FanoutTask(Generic[P, R]):
         if problem is not None:
             raise NotJSON(self.name, f"reduce value: {problem}")
         return value
-
-
-def batch_items(items: list[Any] | dict[str, Any]) -> list[Any]:
-    """A header message's items: a list, or a reference to them (a job sent by reference).
-
-    ``{"range": [low, high]}`` is the integers ``low .. high-1``; ``{"url": URL}``
-    a JSON list the client wrote to the results location before sending.
-    """
-    if isinstance(items, list):
-        return items
-    if "range" in items:
-        low, high = items["range"]
-        return list(range(int(low), int(high)))
-    from workers.results import read_json
-
-    listed = read_json(str(items["url"]))
-    if not isinstance(listed, list):
-        raise BadTask(f"the items at {items['url']} are not a JSON list")
-    return listed
 
 
 def _register(definition: FanoutTask[Any, Any]) -> Any:

@@ -52,3 +52,34 @@ class InfrastructureError(FanoutError):
 
 class RunTimeout(InfrastructureError):
     """The wait for a run's fan-in ran out."""
+
+
+class NotJSON(ItemError):
+    """An item's input or result that JSON cannot carry."""
+
+
+class WorkerKilled(ItemError):
+    """An item that took its worker process down every time it ran (a poison item)."""
+
+
+class BadTask(FanoutError, TypeError):
+    """A function or option that cannot be made a fanout task."""
+
+
+class UnknownJob(FanoutError):
+    """No job with that id is in Redis: never sent there, or expired."""
+
+
+class ResultsTooLarge(FanoutError):
+    """``Outcome.results`` of a job too big to hold as one list: iterate instead."""
+
+
+class JobStopped(FanoutError):
+    """The job was stopped (cancelled, or its failure budget exceeded) while a batch of it ran.
+
+    ``reason`` is the job's stop reason, which every item not run fails with.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

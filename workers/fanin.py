@@ -32,7 +32,7 @@ class Part(TypedDict):
     parts: NotRequired[list[Part]]  # several batches reported as one (see :func:`flatten`)
 
 
-class Outcome(TypedDict):
+class OutcomeDoc(TypedDict):
     """The fan-in of a whole job, in input order; ``reduced`` or ``reduce_error`` once a reduce ran."""
 
     job_id: str
@@ -126,7 +126,7 @@ def flatten(parts: Iterable[Part | None]) -> Iterator[Part]:
             yield part
 
 
-def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> Outcome:
+def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> OutcomeDoc:
     """Merge header parts into one outcome in input order.
 
     Each index counts once, whatever order the parts arrive in or however often
@@ -163,7 +163,7 @@ def merge(parts: Iterable[Part | None], total: int, job_id: str, task: str) -> O
     }
 
 
-def merge_retry(previous: Outcome, again: Outcome, indexes: Sequence[int], job_id: str) -> Outcome:
+def merge_retry(previous: OutcomeDoc, again: OutcomeDoc, indexes: Sequence[int], job_id: str) -> OutcomeDoc:
     """``previous`` with its items at ``indexes`` replaced by ``again``'s (item ``k`` is ``indexes[k]``).
 
     The result is in the original input order: earlier successes carried over,

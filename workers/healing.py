@@ -137,7 +137,7 @@ class Unhealable(Exception):
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to send a job's batches again: read from the job's record (orchestrator/run.py)."""
+    """How to send a job's batches again: read from the job's record (orchestrator/send.py)."""
 
     job_id: str
     group_id: str

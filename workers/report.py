@@ -19,7 +19,7 @@ from PIL import Image
 
 from workers import storage
 from workers.contact_sheet import compose, pages, read_tile, thumbnail
-from workers.fanin import Outcome
+from workers.fanin import OutcomeDoc
 
 MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact-sheet.png"
@@ -27,7 +27,7 @@ CONTACT_SHEET = "contact-sheet.png"
 log = logging.getLogger(__name__)
 
 
-def images(outcome: Outcome, per_image: int = 1, tiles: bool = False) -> list[dict[str, Any]]:
+def images(outcome: OutcomeDoc, per_image: int = 1, tiles: bool = False) -> list[dict[str, Any]]:
     """The outcome grouped by image, in input order: ``index``, ``source``, ``ok``, ``outputs``, ``error``.
 
     Outputs are listed without their ``tile`` unless ``tiles``: tiles are scaffolding
@@ -60,7 +60,7 @@ def images(outcome: Outcome, per_image: int = 1, tiles: bool = False) -> list[di
 
 
 def manifest(
-    outcome: Outcome, per_image: int = 1, items: list[dict[str, Any]] | None = None
+    outcome: OutcomeDoc, per_image: int = 1, items: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """The ``manifest.json`` document: totals, then every image in input order."""
     items = images(outcome, per_image) if items is None else items
@@ -119,11 +119,11 @@ def contact_sheet_pages(
             yield compose(tiles, columns=columns, first=indices.start)
 
 
-def _tiles_of(outcome: Outcome) -> list[str]:
+def _tiles_of(outcome: OutcomeDoc) -> list[str]:
     return [str(r["tile"]) for r in outcome["results"] if isinstance(r, dict) and r.get("tile")]
 
 
-def write_report(out_dir: str, outcome: Outcome, per_image: int = 1, sheet: bool = True) -> dict[str, Any]:
+def write_report(out_dir: str, outcome: OutcomeDoc, per_image: int = 1, sheet: bool = True) -> dict[str, Any]:
     """Write ``manifest.json`` and (if ``sheet``) the contact sheet's pages under ``out_dir`` (a path or URL).
 
     The sheet is pasted from the tiles the header tasks left (no output is read

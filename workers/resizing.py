@@ -45,7 +45,7 @@ from PIL import Image, ImageColor, ImageFile, ImageMath, ImageOps, UnidentifiedI
 
 from workers import storage
 from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
-from workers.errors import ConfigError, ImageError, TransientError
+from workers.errors import ConfigError, ImageError, InputError, TransientError
 
 MODES = ("fit", "fill", "exact")
 #: Where a fill crop is taken from: (x, y) as fractions of the spare width and height.
@@ -147,14 +147,17 @@ class ResizeOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.anchor not in ANCHORS:
-            raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
+            raise InputError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
         if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise InputError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be 1..100, got {self.quality}")
-        ImageColor.getrgb(self.background)  # raises ValueError for a colour Pillow does not know
+            raise InputError(f"quality must be 1..100, got {self.quality}")
+        try:
+            ImageColor.getrgb(self.background)
+        except ValueError as exc:  # a colour Pillow does not know
+            raise InputError(f"background: {exc}") from None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

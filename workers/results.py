@@ -31,7 +31,7 @@ from typing import IO, Any, NotRequired, TypedDict, TypeVar
 
 from workers import storage
 from workers.errors import ConfigError, InfrastructureError
-from workers.fanin import ItemFailure, Outcome, Part, flatten
+from workers.fanin import ItemFailure, OutcomeDoc, Part, flatten
 
 #: A part carries its errors in its reference when it has at most this many
 #: (the callback then never opens its file); more stay in the file alone.
@@ -199,7 +199,7 @@ def _part_errors(ref: PartRef) -> list[ItemFailure]:
     return read_part(ref["url"])["errors"]
 
 
-def merge_refs(refs: Iterable[PartRef | None], total: int, job_id: str, task: str, where: str) -> Outcome:
+def merge_refs(refs: Iterable[PartRef | None], total: int, job_id: str, task: str, where: str) -> OutcomeDoc:
     """Merge part references into an outcome kept under ``where``; return its small Redis form.
 
     Each index counts once: the references are ordered by their first index,
@@ -251,7 +251,7 @@ def merge_refs(refs: Iterable[PartRef | None], total: int, job_id: str, task: st
         lost(total)
 
     storage.write_atomic(errors_url, write_errors)
-    outcome: Outcome = {
+    outcome: OutcomeDoc = {
         "job_id": job_id,
         "task": task,
         "total": total,
@@ -268,7 +268,7 @@ def merge_refs(refs: Iterable[PartRef | None], total: int, job_id: str, task: st
     return outcome
 
 
-def keep(outcome: Outcome, where: str) -> Outcome:
+def keep(outcome: OutcomeDoc, where: str) -> OutcomeDoc:
     """An outcome held in memory written under ``where`` (one part); return its small Redis form."""
     part: Part = {"start": 0, "results": outcome["results"], "errors": outcome["errors"], "transient": 0}
     kept = merge_refs([write_part(where, part)], outcome["total"], outcome["job_id"], outcome["task"], where)
@@ -277,8 +277,8 @@ def keep(outcome: Outcome, where: str) -> Outcome:
 
 
 def merge_retry_refs(
-    previous: Outcome, again: Outcome, indexes: Iterable[int], job_id: str, where: str
-) -> Outcome:
+    previous: OutcomeDoc, again: OutcomeDoc, indexes: Iterable[int], job_id: str, where: str
+) -> OutcomeDoc:
     """:func:`~workers.fanin.merge_retry` for outcomes kept by reference, a part at a time.
 
     ``again``'s item ``k`` is ``previous``'s item ``indexes[k]`` (ascending).  The
@@ -317,7 +317,7 @@ def merge_retry_refs(
 
     storage.write_atomic(storage.join(where, ERRORS), write_all)
     total = previous["total"]
-    outcome: Outcome = {
+    outcome: OutcomeDoc = {
         "job_id": job_id,
         "task": previous["task"],
         "total": total,
@@ -398,7 +398,7 @@ def iter_chunks(where: str) -> Iterator[Chunk]:
         yield lost(expected, total)
 
 
-def chunks(outcome: Outcome) -> Iterator[Chunk]:
+def chunks(outcome: OutcomeDoc) -> Iterator[Chunk]:
     """An outcome in input order, a chunk at a time, held or by reference."""
     where = outcome.get("ref")
     if where:
@@ -417,20 +417,20 @@ def iter_items(where: str) -> Iterator[tuple[int, Any, ItemFailure | None]]:
             yield first + offset, value, failures.get(first + offset)
 
 
-def rows(outcome: Outcome) -> Iterator[tuple[int, Any, ItemFailure | None]]:
+def rows(outcome: OutcomeDoc) -> Iterator[tuple[int, Any, ItemFailure | None]]:
     """``(index, result, failure)`` for every item of an outcome in input order, held or by reference."""
     for first, values, failures in chunks(outcome):
         for offset, value in enumerate(values):
             yield first + offset, value, failures.get(first + offset)
 
 
-def outcome_errors(outcome: Outcome) -> Iterator[ItemFailure]:
+def outcome_errors(outcome: OutcomeDoc) -> Iterator[ItemFailure]:
     """The failures of an outcome by index, held or read from the results location."""
     where = outcome.get("ref")
     return iter_errors(where) if where else iter(outcome["errors"])
 
 
-def materialize(outcome: Outcome) -> Outcome:
+def materialize(outcome: OutcomeDoc) -> OutcomeDoc:
     """An outcome kept by reference as an ordinary one, every value in memory (for small uses)."""
     where = outcome.get("ref")
     if not where:

@@ -1,12 +1,9 @@
-"""The jobs that ship with fanout, as any user would write them, and the one chord callback.
+"""The jobs that ship with fanout, as any user would write them.
 
 ``double`` and ``resize`` are plain functions made fanout tasks by
 :func:`workers.core.task`, exactly as a user's function is; the resize report
 (``manifest.json`` and the contact sheet) is resize's reduce step.  Nothing
 else here knows about either job.
-
-``collect`` is the chord callback of every job: it merges the header parts
-back into input order and, when the job names one, runs its reduce.
 """
 
 from __future__ import annotations
@@ -15,19 +12,15 @@ import io
 import logging
 from typing import Any
 
-from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
-
-from workers import connections, keys, results, storage
+from workers import storage
 from workers.app import app
-from workers.core import lookup, task
+from workers.core import task
 from workers.doubling import double as double_value
 from workers.errors import TransientError
-from workers.fanin import ItemFailure, Outcome, describe, merge, merge_retry
+from workers.fanin import ItemFailure, OutcomeDoc
 from workers.paths import inside_url
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
-from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +114,7 @@ def resize_report(
     sheet: bool = True,
 ) -> dict[str, str | None]:
     """Resize's reduce: write ``manifest.json`` and the contact sheet under ``out_dir``; return their URLs."""
-    outcome: Outcome = {
+    outcome: OutcomeDoc = {
         "job_id": job_id,
         "task": "resize",
         "total": len(results),
@@ -132,65 +125,3 @@ def resize_report(
     }
     # Written once: a redelivered callback finds the same manifest and leaves it.
     return write_report(out_dir, outcome, per_image, sheet)
-
-
-@app.task(name="fanout.collect", bind=True)
-def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> Outcome:
-    """The chord callback: merge the header parts into one outcome in input order, then reduce.
-
-    ``job`` carries ``job_id``, ``task`` and ``total``, and optionally ``reduce``
-    (a fanout task's name) with ``reduce_kwargs``, and ``retry_of`` with
-    ``indexes`` (this job ran those items of an earlier job again: the two
-    outcomes are merged).  A reduce that fails leaves the outcome complete,
-    with ``reduce_error`` saying why.
-    """
-    job_id = str(job["job_id"])
-    where = job.get("where")
-    if where:  # sent by reference: the parts are files, the joins carry where they are
-        outcome = results.merge_refs(parts, int(job["total"]), job_id, str(job["task"]), str(where))
-    else:
-        outcome = merge(parts, int(job["total"]), job_id, str(job["task"]))
-    if job.get("retry_of"):
-        previous = self.app.backend.get_task_meta(str(job["retry_of"]))
-        if previous.get("status") == "SUCCESS":
-            indexes = job["indexes"] if "indexes" in job else results.read_json(str(job["indexes_url"]))
-            earlier: Outcome = previous["result"]
-            if where and "ref" in earlier:  # both by reference: merged a part at a time
-                outcome = results.merge_retry_refs(earlier, outcome, indexes, job_id, str(where))
-            else:
-                merged = merge_retry(
-                    results.materialize(earlier), results.materialize(outcome), list(indexes), job_id
-                )
-                outcome = results.keep(merged, str(where)) if where else merged
-        else:
-            outcome["stopped"] = f"the outcome of job {job['retry_of']} is gone (expired?): not merged"
-    if self.request.group:
-        raw = connections.backend(self.app).get(keys.stop(str(self.request.group)))
-        if raw:
-            outcome["stopped"] = raw.decode()
-    name = job.get("reduce")
-    if name:
-        # A reduce takes lists: a job sent by reference has them built here, from its parts.
-        whole = results.materialize(outcome)
-        outcome.update(reduce_outcome(str(name), whole, dict(job.get("reduce_kwargs") or {})))  # type: ignore[typeddict-item]
-        del whole
-    if where and job.get("root"):
-        try:
-            results.sweep(str(job["root"]), get_settings().result_expires)
-        except Exception:  # an old job left behind is no reason to fail this one
-            logger.warning("could not sweep the results location %s", job.get("root"), exc_info=True)
-    return outcome
-
-
-def reduce_outcome(name: str, outcome: Outcome, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``{"reduced": value}`` from the reduce task ``name``, or ``{"reduce_error": reason}``."""
-    definition = lookup(name)
-    if definition is None:
-        return {"reduce_error": f"no task {name} on this worker (set FANOUT_IMPORTS on the workers)"}
-    try:
-        return {"reduced": definition.reduce(outcome["results"], outcome["errors"], kwargs)}
-    except SoftTimeLimitExceeded:
-        return {"reduce_error": f"{name}: the reduce ran past its soft time limit"}
-    except Exception as exc:
-        logger.warning("reduce %s raised", name, exc_info=True)
-        return {"reduce_error": f"{name}: {describe(exc)}"}

@@ -1,0 +1,75 @@
+"""The jobs that ship with fanout, planned on the same public core as any user's.
+
+``double`` and ``resize`` are specs over fanout tasks (workers/tasks.py) and
+a :func:`~orchestrator.plan.prepare`; nothing in the core knows about them.
+Planning a resize loads :class:`~workers.resizing.ResizeOptions` (Pillow);
+``import fanout`` does not import this module.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from orchestrator.plan import JobSpec, Plan, prepare
+from workers import storage
+from workers.errors import InputError
+from workers.resizing import ResizeOptions
+from workers.settings import get_settings
+
+#: Largest batch for doubling: big enough to hide per-task overhead.
+MAX_DOUBLE_BATCH = 10_000
+#: Largest batch of images: small enough to spread work evenly and stay far below time limits.
+MAX_RESIZE_BATCH = 8
+DOUBLE = "fanout.double_batch"
+RESIZE = "fanout.resize_items"
+RESIZE_REPORT = "fanout.resize_report"
+#: Where a resize job sent by reference keeps its results, under its --out (unless FANOUT_RESULTS_URL).
+RESIZE_RESULTS = ".fanout-results"
+
+
+def double(values: Sequence[int], job_id: str | None = None) -> Plan:
+    """Doubling ``values``: a list, or a range (sent by reference as bounds, never listed)."""
+    spec = JobSpec(DOUBLE, shown_as="double", output="double", batch_cap=MAX_DOUBLE_BATCH)
+    return prepare(spec, values, job_id=job_id)
+
+
+def resize(pairs: Sequence[tuple[str, str]], max_side: int, out_dir: str, job_id: str | None = None) -> Plan:
+    """The plain resize job: each (source, destination) fitted within ``max_side`` pixels."""
+    if max_side < 1:
+        raise InputError("max_side must be at least 1")
+    items = [(src, dst, max_side, max_side) for src, dst in pairs]
+    return resize_items(items, ResizeOptions().to_json(), out_dir, 1, job_id)
+
+
+def resize_items(
+    items: Sequence[tuple[str, str, int, int]],
+    options: dict[str, Any],
+    out_dir: str,
+    per_image: int,
+    job_id: str | None = None,
+    sheet: bool = True,
+    skip_existing: bool = False,
+) -> Plan:
+    """A resize job of (source URL, destination URL, width, height) items, image-major.
+
+    ``per_image`` is how many sizes each image has (consecutive items), so the
+    report can group the outputs by image; ``sheet`` asks it for a contact sheet;
+    with ``skip_existing`` an output already there (and readable) is not made again.
+    """
+    if per_image < 1 or len(items) % per_image:
+        raise InputError("per_image must divide the items into whole images")
+    job_id = job_id or str(uuid.uuid4())  # the report names the job: chosen here
+    spec = JobSpec(
+        RESIZE,
+        shown_as="resize",
+        output="resize",
+        kwargs={"options": options, "out_dir": out_dir, **({"skip_existing": True} if skip_existing else {})},
+        reduce=RESIZE_REPORT,
+        reduce_kwargs={"out_dir": out_dir, "job_id": job_id, "per_image": per_image, "sheet": sheet},
+        batch_cap=MAX_RESIZE_BATCH,
+        # Next to the outputs, which every worker already writes, unless FANOUT_RESULTS_URL says where.
+        results_root=get_settings().results_url or storage.join(out_dir, RESIZE_RESULTS),
+    )
+    return prepare(spec, [[src, dst, int(w), int(h)] for src, dst, w, h in items], job_id=job_id)

@@ -1,0 +1,89 @@
+"""The shape of the package: a small public surface, the engine apart from the jobs that ship
+with it, one error hierarchy."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+
+import fanout
+import workers.errors
+
+
+def test_the_public_surface_is_sorted_and_every_name_in_it_imports() -> None:
+    # Sorted as ruff keeps it (RUF022): constants, then classes, then functions, each alphabetically.
+    kind = lambda name: (0 if name.isupper() else 1 if name[0].isupper() else 2, name)  # noqa: E731
+    assert fanout.__all__ == sorted(fanout.__all__, key=kind)
+    assert len(set(fanout.__all__)) == len(fanout.__all__)
+    for name in fanout.__all__:
+        assert getattr(fanout, name) is not None, name
+    namespace: dict[str, object] = {}
+    exec("from fanout import *", namespace)
+    assert set(fanout.__all__) <= set(namespace)
+
+
+def test_import_fanout_loads_neither_pillow_nor_the_built_in_jobs() -> None:
+    # A fresh interpreter: this one has long imported everything.
+    code = (
+        "import sys, fanout; "
+        "print(sorted(m for m in sys.modules if m == 'PIL' or m.startswith('PIL.') "
+        "or m in ('workers.tasks', 'workers.resizing', 'orchestrator.builtin')))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert found.stdout.strip() == "[]", found.stdout
+
+
+def test_every_error_fanout_defines_is_a_fanout_error_and_lives_in_one_module() -> None:
+    errors = [
+        value
+        for value in vars(workers.errors).values()
+        if inspect.isclass(value)
+        and issubclass(value, BaseException)
+        and value.__module__ == "workers.errors"
+    ]
+    assert len(errors) >= 10
+    assert all(issubclass(error, workers.errors.FanoutError) for error in errors)
+    # No module of the package defines an exception class of its own.
+    for module_name in (
+        "orchestrator.jobs",
+        "orchestrator.send",
+        "orchestrator.plan",
+        "orchestrator.status",
+        "orchestrator.canvas",
+        "workers.core",
+        "workers.control",
+        "workers.attempts",
+        "workers.callback",
+    ):
+        module = importlib.import_module(module_name)
+        own = [
+            name
+            for name, value in vars(module).items()
+            if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == module_name
+        ]
+        assert own == [], f"{module_name} defines {own}: errors belong in workers/errors.py"
+
+
+def test_the_generic_core_imports_no_built_in_job() -> None:
+    code = (
+        "import sys, workers.core, workers.callback, workers.control, orchestrator.canvas, "
+        "orchestrator.send, orchestrator.plan; "
+        "print(sorted(m for m in sys.modules if m in ('workers.tasks', 'workers.resizing', "
+        "'orchestrator.builtin') or m == 'PIL'))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert found.stdout.strip() == "[]", found.stdout
+
+
+def _run(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout.strip()

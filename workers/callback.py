@@ -1,0 +1,86 @@
+"""The chord callback of every job: the fan-in.
+
+``fanout.collect`` merges the header parts of a job back into one outcome in
+input order (:mod:`workers.fanin`, or part by part for a job sent by
+reference, :mod:`workers.results`), merges a retry's outcome into the job it
+retried, records why the job was stopped, and runs the job's reduce, if it
+names one.  It is generic: it knows no job by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from workers import connections, keys, results
+from workers.app import app
+from workers.core import lookup
+from workers.fanin import OutcomeDoc, describe, merge, merge_retry
+from workers.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+@app.task(name="fanout.collect", bind=True)
+def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> OutcomeDoc:
+    """The chord callback: merge the header parts into one outcome in input order, then reduce.
+
+    ``job`` carries ``job_id``, ``task`` and ``total``, and optionally ``reduce``
+    (a fanout task's name) with ``reduce_kwargs``, and ``retry_of`` with
+    ``indexes`` (this job ran those items of an earlier job again: the two
+    outcomes are merged).  A reduce that fails leaves the outcome complete,
+    with ``reduce_error`` saying why.
+    """
+    job_id = str(job["job_id"])
+    where = job.get("where")
+    if where:  # sent by reference: the parts are files, the joins carry where they are
+        outcome = results.merge_refs(parts, int(job["total"]), job_id, str(job["task"]), str(where))
+    else:
+        outcome = merge(parts, int(job["total"]), job_id, str(job["task"]))
+    if job.get("retry_of"):
+        previous = self.app.backend.get_task_meta(str(job["retry_of"]))
+        if previous.get("status") == "SUCCESS":
+            indexes = job["indexes"] if "indexes" in job else results.read_json(str(job["indexes_url"]))
+            earlier: OutcomeDoc = previous["result"]
+            if where and "ref" in earlier:  # both by reference: merged a part at a time
+                outcome = results.merge_retry_refs(earlier, outcome, indexes, job_id, str(where))
+            else:
+                merged = merge_retry(
+                    results.materialize(earlier), results.materialize(outcome), list(indexes), job_id
+                )
+                outcome = results.keep(merged, str(where)) if where else merged
+        else:
+            outcome["stopped"] = f"the outcome of job {job['retry_of']} is gone (expired?): not merged"
+    if self.request.group:
+        raw = connections.backend(self.app).get(keys.stop(str(self.request.group)))
+        if raw:
+            outcome["stopped"] = raw.decode()
+    name = job.get("reduce")
+    if name:
+        # A reduce takes lists: a job sent by reference has them built here, from its parts.
+        whole = results.materialize(outcome)
+        outcome.update(reduce_outcome(str(name), whole, dict(job.get("reduce_kwargs") or {})))  # type: ignore[typeddict-item]
+        del whole
+    if where and job.get("root"):
+        try:
+            results.sweep(str(job["root"]), get_settings().result_expires)
+        except Exception:  # an old job left behind is no reason to fail this one
+            logger.warning("could not sweep the results location %s", job.get("root"), exc_info=True)
+    return outcome
+
+
+def reduce_outcome(name: str, outcome: OutcomeDoc, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"reduced": value}`` from the reduce task ``name``, or ``{"reduce_error": reason}``."""
+    definition = lookup(name)
+    if definition is None:
+        return {"reduce_error": f"no task {name} on this worker (set FANOUT_IMPORTS on the workers)"}
+    try:
+        return {"reduced": definition.reduce(outcome["results"], outcome["errors"], kwargs)}
+    except SoftTimeLimitExceeded:
+        return {"reduce_error": f"{name}: the reduce ran past its soft time limit"}
+    except Exception as exc:
+        logger.warning("reduce %s raised", name, exc_info=True)
+        return {"reduce_error": f"{name}: {describe(exc)}"}
