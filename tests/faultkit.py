@@ -72,8 +72,8 @@ def close_app(app: Celery) -> None:
     from workers.app import app as fanout_app
 
     with app.connection_for_write() as connection, fanout_app.connection_for_write() as own:
-        key = eqhash(connection)
-        if key != eqhash(own):
+        key = eqhash(connection)  # type: ignore[no-untyped-call]
+        if key != eqhash(own):  # type: ignore[no-untyped-call]
             for registry in (pools.producers, pools.connections):
                 pool = dict.pop(registry, key, None)
                 if pool is not None:
