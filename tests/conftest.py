@@ -133,6 +133,16 @@ def worker(
         sys.stderr.write(log.read_text(errors="replace")[-4000:])
 
 
+@pytest.fixture(autouse=True)
+def _close_apps() -> Iterator[None]:
+    """Close the apps a test made with ``tests.faultkit.app_for`` once it ends (after its other
+    fixtures): a Redis socket left to the garbage collector would fail a later test."""
+    yield
+    from tests.faultkit import close_apps
+
+    close_apps()
+
+
 @pytest.fixture
 def workers_started() -> Iterator[list[LocalWorker]]:
     """Workers a test starts; whatever is left of them is stopped, then killed, afterwards."""

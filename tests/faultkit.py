@@ -38,11 +38,57 @@ def new_queue() -> str:
     return f"faults-{uuid.uuid4().hex[:8]}"
 
 
+#: The apps :func:`app_for` made and no one has closed yet (tests/conftest.py closes them
+#: after each test).
+_open_apps: list[Celery] = []
+
+
 def app_for(url: str) -> Celery:
-    """A Celery app like fanout's, pointed at ``url`` (the process's own app keeps its settings)."""
+    """A Celery app like fanout's, pointed at ``url`` (the process's own app keeps its settings).
+
+    Closed, its Redis connections with it, when the test that made it ends.
+    """
     app = Celery(f"fanout-{uuid.uuid4().hex[:6]}", set_as_current=False)
     app.conf.update(celery_config(Settings.from_env({"FANOUT_REDIS_URL": url})))
+    _open_apps.append(app)
     return app
+
+
+def close_app(app: Celery) -> None:
+    """Close ``app``'s Redis connections now: its result subscriptions', its result backend's
+    pool's, and its broker connection pool's.
+
+    ``app.close()`` alone (Celery 5.7) only drops the broker pool: the connections that
+    published through ``apply_async`` (fanout's fallback path, and any chord the bulk path
+    does not cover) keep their channels' Redis sockets open until the garbage collector
+    finalizes them, an unclosed-socket ResourceWarning in whichever later test it runs in.
+    """
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.stop()
+    app.backend.client.connection_pool.disconnect()
+    # kombu keeps one connection pool and one producer pool per broker URL, for every app in the
+    # process: taken out of its registry, the next app on that URL gets new ones.  Not the pools
+    # fanout's own app (the session's) uses: they live as long as it does.
+    from kombu import pools
+    from kombu.utils.collections import eqhash
+
+    from workers.app import app as fanout_app
+
+    with app.connection_for_write() as connection, fanout_app.connection_for_write() as own:
+        key = eqhash(connection)  # type: ignore[no-untyped-call]
+        if key != eqhash(own):  # type: ignore[no-untyped-call]
+            for registry in (pools.producers, pools.connections):
+                pool = dict.pop(registry, key, None)
+                if pool is not None:
+                    pool.force_close_all()  # each connection's channels, and their Redis pools, closed
+    app.close()
+
+
+def close_apps() -> None:
+    """Close every app :func:`app_for` made that is still open."""
+    while _open_apps:
+        close_app(_open_apps.pop())
 
 
 def rigged_job(

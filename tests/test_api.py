@@ -106,6 +106,52 @@ def test_a_reduce_that_raises_leaves_the_outcome_complete(worker: LocalWorker) -
     assert not outcome.ok
 
 
+def odd_first(failing: int) -> list[int]:
+    """``failing`` odd items (each fails) then 20 even ones: with one item a batch, each batch's
+    failures counted as it ends, the job's count reaches exactly ``failing`` before its callback runs,
+    whatever order the batches run in."""
+    return [2 * k + 1 for k in range(failing)] + [2 * k for k in range(20)]
+
+
+def test_a_failure_budget_of_n_lets_a_job_with_exactly_n_failures_finish(worker: LocalWorker) -> None:
+    items = odd_first(3)
+    outcome = fanout.map(userjobs.odd_fails, items, batch_size=1, max_failures=3)
+    assert "stopped" not in outcome.data, outcome.data["stopped"]
+    assert [(f.index, f.error) for f in outcome.errors] == [
+        (0, "ValueError: 1 is odd"),
+        (1, "ValueError: 3 is odd"),
+        (2, "ValueError: 5 is odd"),
+    ]
+    assert outcome.results == [None] * 3 + items[3:]
+
+
+def test_a_failure_budget_of_n_stops_the_job_at_n_plus_1_failures(worker: LocalWorker) -> None:
+    items = odd_first(4)
+    outcome = fanout.map(userjobs.odd_fails, items, batch_size=1, max_failures=3)
+    assert outcome.data.get("stopped", "").startswith("failure budget exceeded"), outcome.data
+    assert [(f.index, f.error) for f in outcome.errors[:4]] == [
+        (i, f"ValueError: {items[i]} is odd") for i in range(4)
+    ]
+
+
+def test_cli_map_exits_1_when_the_reduce_fails_and_says_why(
+    cli_env: dict[str, str], worker: LocalWorker
+) -> None:
+    reason = "tests.userjobs.broken_reduce: RuntimeError: the reduce itself fails"
+    for extra in ([], ["--json"]):
+        proc = run_cli(
+            cli_env, "map", "tests.userjobs:triple", "--input", "-",
+            "--reduce", "tests.userjobs:broken_reduce", *extra, stdin=jsonl([1, 2, 3]),
+        )  # fmt: skip
+        assert proc.returncode == 1, (extra, proc.stdout, proc.stderr)
+        if extra:
+            document = json.loads(proc.stdout)
+            assert document["results"] == [3, 6, 9] and document["failed"] == 0
+            assert document["reduce_error"] == reason and "reduced" not in document
+        else:
+            assert reason in proc.stderr and proc.stdout == ""
+
+
 def test_the_soft_time_limit_stops_the_batch_at_its_item_and_keeps_what_finished(worker: LocalWorker) -> None:
     outcome = fanout.map(userjobs.sleepy_limited, [0.1, 5, 0.1], batch_size=3)
     assert outcome.results == [0.1, None, None]

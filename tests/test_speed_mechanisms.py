@@ -27,6 +27,7 @@ from orchestrator.jobs import Job, load_record
 from orchestrator.local import LocalWorker
 from orchestrator.publish import _argsrepr, bulk_supported, header_of, publish_chord
 from orchestrator.send import publish
+from tests.faultkit import close_app
 from workers import tasks as _tasks  # noqa: F401 - the client knows the built-in tasks (and their limits)
 from workers.app import celery_config
 from workers.errors import InfrastructureError
@@ -78,15 +79,6 @@ def quiet_app(quiet_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
     yield probe, client
     client.close()
     close_app(probe)
-
-
-def close_app(app: Celery) -> None:
-    """Close ``app``'s Redis connections now, its result subscriptions' included."""
-    consumer = getattr(app.backend, "result_consumer", None)
-    if consumer is not None:
-        consumer.stop()
-    app.backend.client.connection_pool.disconnect()
-    app.close()
 
 
 def _queued(client: redis.Redis) -> list[dict[str, Any]]:

@@ -67,6 +67,20 @@ def test_merge_counts_a_redelivered_batch_once() -> None:
     assert outcome["total"] == outcome["succeeded"] == 3
 
 
+def test_merge_keeps_the_first_report_of_an_index_when_two_runs_of_its_batch_disagree() -> None:
+    # A batch run twice (redelivered) whose runs differ: the first report of each index wins,
+    # in either order, and an index is never both a result and an error.
+    done = run_batch(double, 0, [1, 2])
+    failed = run_batch(double, 0, [1, "x"])  # index 1 failed on the other run
+    outcome = merge([done, failed], 2, "job", "double")
+    assert outcome["results"] == [2, 4]
+    assert (outcome["succeeded"], outcome["failed"], outcome["errors"]) == (2, 0, [])
+    outcome = merge([failed, done], 2, "job", "double")
+    assert outcome["results"] == [2, None]
+    assert (outcome["succeeded"], outcome["failed"]) == (1, 1)
+    assert outcome["errors"] == [{"index": 1, "input": "x", "error": "expected an integer, got str"}]
+
+
 def test_merge_reports_an_index_no_part_covered_as_lost() -> None:
     outcome = merge([run_batch(double, 0, [1]), None], 2, "job", "double")
     assert outcome["results"] == [2, None]
