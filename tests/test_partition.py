@@ -30,13 +30,13 @@ from tests.faultkit import (
     QUICK,
     app_for,
     assert_every_index_once,
+    busy,
     free_port,
     kill_all,
     new_queue,
     rigged_job,
     wait_until,
 )
-from tests.test_faults import active_ids
 
 pytestmark = [pytest.mark.system, pytest.mark.netns]
 
@@ -149,7 +149,7 @@ def test_a_partitioned_worker_host_loses_nothing_and_counts_nothing_twice(
         values = list(range(16))
         job = rigged_job(app, values, 1, queue, seconds=2)
         group_id = submit(app, job, 600)
-        cut_off = active_ids(app, workers["a"])
+        cut_off = busy(app, workers["a"])
         ip("-n", hosts.worker_ns["a"], "link", "set", hosts.links["a"], "down")  # the cable is cut
         a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
 
