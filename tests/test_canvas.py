@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from celery import chord
 
 from orchestrator.canvas import auto_batch_size, build, build_double, build_resize
 
 
-def test_building_a_job_subscribes_to_nothing() -> None:
-    from workers.app import app
+def test_building_a_job_sends_nothing_to_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building is pure: not one Redis command, so no message published and no result subscribed to.
 
+    That sending subscribes the client to no header result is shown on a real send, by
+    Redis's own count of subscribers: tests/test_speed_mechanisms.py::
+    test_submit_subscribes_the_client_to_no_header_result.
+    """
+    from redis.connection import AbstractConnection
+
+    sent: list[Any] = []
+
+    def send_packed_command(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent.append(command)  # every command of redis-py, and of kombu's Redis transport, passes here
+        raise ConnectionError("building a job must not talk to Redis")
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send_packed_command)
     job = build_double(list(range(100)), batch_size=10)
     assert job.batches == 10
-    assert not app.backend.result_consumer.subscribed_to
+    assert sent == []
 
 
 def test_double_job_is_a_chord_of_batches_with_collect_as_callback() -> None:
