@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -32,6 +33,9 @@ for _name in ("FANOUT_BROKER_URL", "FANOUT_RESULT_BACKEND"):
 from celery import Celery  # noqa: E402
 
 from orchestrator.local import LocalWorker  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.faultkit import RedisServer
 
 #: Task modules of "users" (outside the fanout package) that the session's worker imports.
 USER_MODULES = "tests.userjobs,examples.wordcount"
@@ -153,6 +157,41 @@ def workers_started() -> Iterator[list[LocalWorker]]:
     for local in started:
         local.stop(timeout=10)
         kill_all(local)
+
+
+@pytest.fixture
+def start_worker(workers_started: list[LocalWorker], tmp_path: Path) -> Callable[..., LocalWorker]:
+    """``start_worker(app, queue, name, env=None, concurrency=2)``: a started worker that also knows
+    the rigged tasks and consumes only ``queue`` (its log ``tmp_path/NAME.log``), stopped after the test."""
+    from tests.faultkit import worker
+
+    def start(
+        app: Celery, queue: str, name: str, env: Mapping[str, str] | None = None, concurrency: int = 2
+    ) -> LocalWorker:
+        local = worker(app, queue, tmp_path, name, env=env, concurrency=concurrency)
+        workers_started.append(local)
+        return local
+
+    return start
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A ``redis-server`` of the test's own, which the test may stop and start again: with AOF
+    (every write fsynced) when parametrized ``True`` (``indirect=["own_redis"]``), else without."""
+    from tests.faultkit import RedisServer
+
+    server = RedisServer(tmp_path / "redis", persistent=bool(getattr(request, "param", False))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def marks(tmp_path: Path) -> Path:
+    """An empty directory where each run of a rigged item leaves a file (``tests/faulty.py``)."""
+    directory = tmp_path / "marks"
+    directory.mkdir()
+    return directory
 
 
 @pytest.fixture

@@ -1,13 +1,21 @@
-"""Helpers for the fault tests: rigged jobs, workers on their own queue, a Redis of their own."""
+"""Helpers for the fault tests: rigged jobs, workers on their own queue, a Redis of their own.
+
+The tests build and send jobs only through :func:`rigged_job`, :func:`double_job`,
+:func:`resize_job` and :func:`send`: they are the one place that knows the client's
+build-and-send API.  The fixtures that go with these (``start_worker``, ``own_redis``,
+``marks``) are in tests/conftest.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +26,9 @@ from typing import Any
 from celery import Celery, chord, group
 from celery.canvas import Signature
 
+from orchestrator import builtin
+from orchestrator.canvas import build
+from orchestrator.follow import wait
 from orchestrator.jobs import Job
 from orchestrator.local import LocalWorker
 from orchestrator.plan import JobSpec, Plan
@@ -66,6 +77,9 @@ def close_app(app: Celery) -> None:
     consumer = getattr(app.backend, "result_consumer", None)
     if consumer is not None:
         consumer.stop()
+        # Closed, it is subscribed to nothing: a result apply_async returned, collected later (at
+        # exit, say), would otherwise unsubscribe from a Redis gone by then (an error pytest reports).
+        consumer.subscribed_to.clear()
     app.backend.client.connection_pool.disconnect()
     # kombu keeps one connection pool and one producer pool per broker URL, for every app in the
     # process: taken out of its registry, the next app on that URL gets new ones.  Not the pools
@@ -103,7 +117,7 @@ def rigged_job(
     task: str = "fanout.test.rigged_batch",
     kwargs: dict[str, Any] | None = None,
     callback_queue: str | None = None,
-) -> Rigged:
+) -> Built:
     """A chord of ``fanout.test.rigged_batch`` headers (or ``task``'s, with ``kwargs``) and the real
     ``fanout.collect``, on ``queue`` (the callback on ``callback_queue`` if given).
 
@@ -135,27 +149,7 @@ def rigged_job(
     # Its items are kept in Redis (as a job sent by value keeps them), so the healer can
     # send a batch Redis dropped again, even when its parts go to ``results_root``.
     plan = Plan(job_id, JobSpec(task, shown_as="double", kwargs=kwargs), values)
-    return Rigged(plan, batch_size, chord(group(header), body))
-
-
-@dataclass(frozen=True)
-class Rigged:
-    """A job of rigged headers, built by hand and not yet sent: :meth:`send` sends it as fanout does."""
-
-    plan: Plan
-    batch_size: int
-    signature: Signature
-
-    @property
-    def job_id(self) -> str:
-        return self.plan.job_id
-
-    @property
-    def batches(self) -> int:
-        return self.plan.batches(self.batch_size)
-
-    def send(self, app: Celery, max_failures: int | None = None) -> Job:
-        return publish(app, self.plan, self.batch_size, max_failures, signature=self.signature)
+    return Built(plan, batch_size, chord(group(header), body))
 
 
 def worker(
@@ -176,11 +170,33 @@ def worker(
 
 
 def kill_all(local: LocalWorker) -> None:
-    """SIGKILL the worker's whole process group: its main process and its pool."""
+    """SIGKILL the worker's main process, then its whole process group (its pool), as losing
+    the machine would: the pool children would otherwise finish their batch on their own."""
     if local.process is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(local.process.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(local.process.pid, signal.SIGKILL)
         local.process.wait(10)
+
+
+def log_of(local: LocalWorker) -> str:
+    """What ``local`` has logged so far."""
+    assert local.log_path is not None
+    return Path(local.log_path).read_text(errors="replace")
+
+
+def busy(app: Celery, local: LocalWorker, timeout: float = 30) -> set[str]:
+    """The ids of the tasks ``local`` is running, once it runs at least one."""
+    found: set[str] = set()
+
+    def running() -> bool:
+        replies = app.control.inspect([local.hostname], timeout=1).active() or {}
+        found.update(task["id"] for task in replies.get(local.hostname, []))
+        return bool(found)
+
+    wait_until(running, timeout, f"{local.hostname} to be busy", interval=0.02)
+    return found
 
 
 def free_port() -> int:
@@ -274,3 +290,162 @@ def counted(app: Celery, group_id: str) -> int:
     from workers import keys
 
     return int(app.backend.client.bitcount(keys.done(group_id)))
+
+
+# --- sending jobs: the one place that calls the client's build-and-send API ----------------------
+
+
+@dataclass(frozen=True)
+class Built:
+    """A job built and not yet sent: its plan, its batch size, and the chord to send (None:
+    the one fanout builds from the plan)."""
+
+    plan: Plan
+    batch_size: int
+    signature: Signature | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.plan.job_id
+
+    @property
+    def batches(self) -> int:
+        return self.plan.batches(self.batch_size)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A job sent to the workers: what a test waits on."""
+
+    app: Celery
+    #: The job as ``fanout.submit`` returns it (``as_completed``, ``progress``, ...).
+    job: Job
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def group_id(self) -> str:
+        return self.job.group_id
+
+    def wait(self, timeout: float, progress: Callable[[int, int], None] | None = None) -> Any:
+        """The outcome (fanout's outcome document), once the fan-in is done."""
+        return wait(self.app, self.job, timeout, progress=progress)
+
+    def waiting(self, timeout: float) -> Waiting:
+        """:meth:`wait` in a thread, as a client is waiting when a fault strikes."""
+        return Waiting(self, timeout)
+
+
+def send(app: Celery, built: Built, max_failures: int | None = None) -> Sent:
+    """Send a built job (its record and inputs kept as ``fanout`` keeps them), with no checks first."""
+    return Sent(app, publish(app, built.plan, built.batch_size, max_failures, signature=built.signature))
+
+
+def double_job(values: Sequence[int], batch_size: int) -> Built:
+    """The built-in doubling job over ``values``, built and not yet sent."""
+    return Built(builtin.double(values), batch_size)
+
+
+def resize_job(
+    pairs: Sequence[tuple[str, str]],
+    max_side: int,
+    out_dir: Path,
+    batch_size: int,
+    queue: str | None = None,
+    limits: tuple[int, int] | None = None,
+) -> Built:
+    """The built-in resize job over (source, destination) ``pairs``, built and not yet sent: its
+    header and callback on ``queue`` if given, its header with (hard, soft) ``limits`` if given."""
+    plan = builtin.resize(pairs, max_side, str(out_dir))
+    signature = build(plan, batch_size)
+    for header in signature.tasks:
+        header.set(**({"queue": queue} if queue else {}))
+        if limits:
+            header.set(time_limit=limits[0], soft_time_limit=limits[1])
+    if queue:
+        signature.body.set(queue=queue)
+    return Built(plan, batch_size, signature)
+
+
+class Waiting:
+    """``Sent.wait`` running in a thread: the times progress moved, then how it ended."""
+
+    def __init__(self, sent: Sent, timeout: float) -> None:
+        self.moved: list[float] = []
+        self.outcome: Any = None
+        self.error: Exception | None = None
+        self.ended_at: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(sent, timeout), daemon=True)
+        self.thread.start()
+
+    def _run(self, sent: Sent, timeout: float) -> None:
+        try:
+            self.outcome = sent.wait(
+                timeout, progress=lambda _done, _all: self.moved.append(time.monotonic())
+            )
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            self.error = exc
+        self.ended_at = time.monotonic()
+
+    def ended(self, timeout: float) -> float:
+        """When the wait ended; AssertionError if it has not within ``timeout`` seconds."""
+        self.thread.join(timeout)
+        assert self.ended_at is not None, f"the wait did not end within {timeout} s"
+        return self.ended_at
+
+
+def cli_waiting(url: str, job_id: str, timeout: float = 120) -> subprocess.Popen[str]:
+    """``fanout status JOB_ID --wait --json`` in the background, against the Redis at ``url``."""
+    from tests.conftest import fanout_command
+
+    return subprocess.Popen(
+        fanout_command("status", job_id, "--wait", "--json", "--timeout", str(timeout)),
+        env={**os.environ, "FANOUT_REDIS_URL": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def polling(server: RedisServer) -> Callable[[], bool]:
+    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD (a test
+    reads its progress with :func:`counted`)."""
+    import redis
+
+    def seen() -> bool:
+        client = redis.Redis(host=server.bind, port=server.port)
+        try:
+            return any(c.get("cmd") == "zcard" for c in client.client_list())
+        finally:
+            client.close()
+
+    return seen
+
+
+def quick_env(url: str) -> dict[str, str]:
+    """Worker settings for fault tests on the Redis at ``url``: QUICK, there."""
+    return {**QUICK, "FANOUT_REDIS_URL": url}
+
+
+def deliver_first_batch_twice(app: Celery, queue: str) -> None:
+    """Copy the first batch's message on ``queue``, before any worker takes it, as a redelivery
+    after the batch already finished would (same task id, same chord)."""
+    client = app.backend.client
+    first = client.lrange(queue, -1, -1)[0]
+    assert json.loads(first)["headers"]["group_index"] == 0
+    client.rpush(queue, first)
+
+
+def runs_of(marks: Path) -> dict[str, int]:
+    """How many times each item of a rigged job ran, by the item's name (its value as marked).
+
+    The mark a [KILL_ONCE, ...] item leaves once, before it kills its process, is not a run.
+    """
+    counts: dict[str, int] = {}
+    for mark in marks.iterdir():
+        if mark.name.count(".") >= 2:
+            name = mark.name.rsplit(".", 2)[0]
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,6 @@ from celery import Celery
 
 import fanout
 from orchestrator.local import LocalWorker
-from orchestrator.run import batches_done, submit, wait
 from tests import userjobs
 from tests.conftest import fanout_command
 from tests.faultkit import (
@@ -30,14 +29,21 @@ from tests.faultkit import (
     RedisServer,
     app_for,
     assert_every_index_once,
+    counted,
+    deliver_first_batch_twice,
+    log_of,
     new_queue,
+    polling,
+    quick_env,
     rigged_job,
+    runs_of,
+    send,
     wait_until,
-    worker,
 )
 from tests.faulty import KILL_ONCE
 from workers import results
-from workers.fanin import Outcome, Part
+from workers.batches import batch_task_id
+from workers.fanin import OutcomeDoc, Part
 from workers.settings import get_settings
 
 # --- the merge, without a broker --------------------------------------------------------------
@@ -212,25 +218,19 @@ def test_retry_of_a_job_kept_by_reference_merges_in_input_order(
 
 @pytest.mark.system
 def test_a_batch_delivered_twice_writes_its_part_twice_and_counts_once(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, tmp_path: Path, start_worker: Callable[..., LocalWorker], marks: Path
 ) -> None:
     queue = new_queue()
-    marks = tmp_path / "marks"
-    marks.mkdir()
     values = list(range(8))
     job = rigged_job(
         app, values, 2, queue, seconds=0.2, marks=marks, limits=None, results_root=tmp_path / "r"
     )
-    group_id = submit(app, job, 600)
-    client = app.backend.client
-    first = client.lrange(queue, -1, -1)[0]
-    assert json.loads(first)["headers"]["group_index"] == 0
-    client.rpush(queue, first)  # a redelivery of the first batch, after it finished
-    workers_started.append(worker(app, queue, tmp_path, "twice"))
-    outcome = wait(app, job, group_id, timeout=60)
+    sent = send(app, job)
+    deliver_first_batch_twice(app, queue)
+    start_worker(app, queue, "twice")
+    outcome = sent.wait(timeout=60)
     assert_every_index_once(outcome, values, by_reference=True)
-    ran = sorted(p.name.split(".")[0] for p in marks.iterdir())
-    assert ran.count("0") == 2, "the copy should have run too"
+    assert runs_of(marks)["0"] == 2, "the copy should have run too"
     # Both runs wrote a part of their own (4 batches, 5 files); the outcome counted one.
     parts = sorted(p.name.split("-")[0] for p in (tmp_path / "r" / job.job_id / "parts").iterdir())
     assert parts.count(f"{0:012d}") == 2 and len(parts) == 5
@@ -238,40 +238,42 @@ def test_a_batch_delivered_twice_writes_its_part_twice_and_counts_once(
 
 @pytest.mark.system
 def test_kill_9_of_a_pool_process_mid_batch_loses_nothing(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, tmp_path: Path, start_worker: Callable[..., LocalWorker], marks: Path
 ) -> None:
     # SIGKILL of the process running a batch, once, half-way through it (as the OOM killer does).
     queue = new_queue()
-    workers_started.append(worker(app, queue, tmp_path, "oom", env=QUICK))
-    marks = tmp_path / "marks"
-    marks.mkdir()
+    start_worker(app, queue, "oom", env=QUICK)
     values: list[object] = list(range(12))
     values[5] = [KILL_ONCE, 5, "item5"]
-    job = rigged_job(app, values, 4, queue, marks=marks, results_root=tmp_path / "r")
-    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    outcome = send(app, rigged_job(app, values, 4, queue, marks=marks, results_root=tmp_path / "r")).wait(60)
     assert_every_index_once(outcome, list(range(12)), by_reference=True)
     assert (marks / "['once',5,'item5']").exists(), "the item never killed its process"
 
 
 @pytest.mark.system
-def test_redis_restart_with_aof_mid_run_completes(tmp_path: Path, workers_started: list[LocalWorker]) -> None:
-    own = RedisServer(tmp_path / "redis", persistent=True).start()
-    try:
-        app = app_for(own.url)
-        queue = new_queue()
-        env = {**QUICK, "FANOUT_REDIS_URL": own.url}
-        workers_started.append(worker(app, queue, tmp_path, "aof", env=env))
-        values = list(range(16))
-        job = rigged_job(app, values, 1, queue, seconds=0.5, results_root=tmp_path / "r")
-        group_id = submit(app, job, 600)
-        wait_until(lambda: batches_done(app, group_id) >= 2, 30, "the first batches")
-        own.stop()
-        time.sleep(2)
-        own.start()
-        outcome = wait(app, job, group_id, timeout=120)
-        assert_every_index_once(outcome, values, by_reference=True)
-    finally:
-        own.stop()
+@pytest.mark.parametrize("own_redis", [True], indirect=True)
+def test_redis_restart_with_aof_mid_run_the_waiting_client_rides_it_out(
+    own_redis: RedisServer, tmp_path: Path, start_worker: Callable[..., LocalWorker]
+) -> None:
+    app = app_for(own_redis.url)
+    queue = new_queue()
+    start_worker(app, queue, "aof", env=quick_env(own_redis.url))
+    values = list(range(16))
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=0.5, results_root=tmp_path / "r"))
+    # Given a client already waiting for the job, mid-run
+    waiting = sent.waiting(timeout=120)
+    wait_until(lambda: counted(app, sent.group_id) >= 2, 30, "the first batches")
+    wait_until(polling(own_redis), 30, "the client to be waiting")
+    # When Redis goes away under it and comes back (AOF: nothing acknowledged is lost)
+    assert waiting.ended_at is None, "the wait ended before the outage"
+    own_redis.stop()
+    time.sleep(2)  # the outage: the fault itself, not a wait for a condition
+    own_redis.start()
+    back_at = time.monotonic()
+    # Then that same wait ends after the restart with every index once, read from the results location
+    assert waiting.ended(120) > back_at
+    assert waiting.error is None, waiting.error
+    assert_every_index_once(waiting.outcome, values, by_reference=True)
 
 
 @pytest.mark.system
@@ -325,7 +327,7 @@ def test_resize_by_reference_keeps_its_results_next_to_the_outputs(
 def test_outcome_results_of_a_huge_job_is_refused_in_favour_of_the_iterator() -> None:
     from orchestrator.jobs import MAX_RESULTS_LIST
 
-    data: Outcome = {
+    data: OutcomeDoc = {
         "job_id": "j", "task": "t", "total": MAX_RESULTS_LIST + 1, "succeeded": 0, "failed": 0,
         "results": [], "errors": [], "ref": "/nowhere",
     }  # fmt: skip
@@ -366,3 +368,16 @@ def test_cancel_of_a_job_kept_by_reference_reports_its_queued_batches_by_referen
     assert {f.error for f in outcome.errors} == {"cancelled"}
     assert len(done) + len(outcome.errors) == 2000
     wait_until(lambda: redis_client.llen(get_settings().queue) == 0, 10, "the queue to empty")
+    # The purge took most batches off the queue (the worker never received them) and wrote
+    # each as a part file in the results location, as a worker writes a batch it ran: one
+    # file per batch, its items cancelled, which is where the outcome read them from.
+    files = {path.name.split("-")[0]: path for path in (by_ref_here / job.id / "parts").iterdir()}
+    assert sorted(files) == [f"{start:012d}" for start in range(0, 2000, 10)]
+    received = log_of(worker)
+    purged = [index for index in range(200) if batch_task_id(job.id, index) not in received]
+    assert len(purged) > 150, f"the purge took {len(purged)} of 200 batches off the queue"
+    failed = {f.index for f in outcome.errors}
+    for index in purged:
+        part = json.loads(files[f"{10 * index:012d}"].read_text())
+        assert [e["error"] for e in part["errors"]] == ["cancelled"] * 10, part
+        assert set(range(10 * index, 10 * index + 10)) <= failed

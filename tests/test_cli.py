@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from orchestrator.cli import main
 from orchestrator.local import LocalWorker
-from tests.faultkit import new_queue, rigged_job
+from tests.faultkit import new_queue, rigged_job, send
 
 system = pytest.mark.system
 
@@ -84,7 +84,7 @@ def test_status_of_an_unknown_job_exits_2_saying_it_may_have_expired(redis_clien
 @system
 def test_status_json_of_a_job_still_running_is_one_document(app: Celery) -> None:
     # A queue of its own that no worker consumes: the job cannot move.
-    job = rigged_job(app, list(range(10)), 4, new_queue()).send(app)
+    job = send(app, rigged_job(app, list(range(10)), 4, new_queue())).job
     result = fanout("status", job.job_id, "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)

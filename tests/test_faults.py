@@ -11,30 +11,35 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from celery import Celery
 
+from orchestrator.canvas import callback_job
+from orchestrator.follow import callback_meta
 from orchestrator.local import LocalWorker
-from orchestrator.run import callback_meta, submit, wait
-from tests.conftest import fanout_command
 from tests.faultkit import (
     QUICK,
     RedisServer,
     app_for,
     assert_every_index_once,
+    busy,
+    cli_waiting,
     counted,
+    deliver_first_batch_twice,
     kill_all,
+    log_of,
     new_queue,
+    polling,
+    quick_env,
+    resize_job,
     rigged_job,
+    runs_of,
+    send,
     wait_until,
-    worker,
 )
 from tests.faulty import HANG, KILL, KILL_ONCE
 from workers.attempts import MAX_KILLS
@@ -71,42 +76,22 @@ def test_default_visibility_timeout_bounds_the_loss_of_a_worker_to_two_minutes()
     assert settings.visibility_timeout > 2 * settings.task_time_limit
 
 
-def active_ids(app: Celery, local: LocalWorker, timeout: float = 30) -> set[str]:
-    """The ids of the tasks ``local`` is running, once it runs at least one."""
-    found: set[str] = set()
-
-    def busy() -> bool:
-        replies = app.control.inspect([local.hostname], timeout=1).active() or {}
-        found.update(task["id"] for task in replies.get(local.hostname, []))
-        return bool(found)
-
-    wait_until(busy, timeout, f"{local.hostname} to be busy")
-    return found
-
-
 @pytest.mark.timeout(LOST_WORKER_BOUND_S + 180)  # two worker starts, then the bound from the kill
 def test_kill_9_of_a_worker_with_default_settings_loses_nothing_within_two_minutes(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
     queue = new_queue()
-    doomed = worker(app, queue, tmp_path, "doomed")
-    workers_started.append(doomed)
-    survivor = worker(app, queue, tmp_path, "survivor")
-    workers_started.append(survivor)
+    doomed = start_worker(app, queue, "doomed")
+    survivor = start_worker(app, queue, "survivor")
     values = list(range(12))
-    job = rigged_job(app, values, 1, queue, seconds=4, limits=None)
-    group_id = submit(app, job, 600)
-    in_flight = active_ids(app, doomed)
-    assert doomed.process is not None
-    os.kill(doomed.process.pid, signal.SIGKILL)
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=4, limits=None))
+    in_flight = busy(app, doomed)
     killed_at = time.monotonic()
-    # Its pool children would finish their batch on their own; kill them too, as
-    # losing the machine would, so only redelivery can bring that work back.
-    kill_all(doomed)
-    outcome = wait(app, job, group_id, timeout=LOST_WORKER_BOUND_S + 60)
+    kill_all(doomed)  # its pool too: only redelivery can bring that work back
+    outcome = sent.wait(timeout=LOST_WORKER_BOUND_S + 60)
     recovered_in = time.monotonic() - killed_at
     assert_every_index_once(outcome, values)
-    survivor_log = (tmp_path / "survivor.log").read_text()
+    survivor_log = log_of(survivor)
     assert any(task_id in survivor_log for task_id in in_flight), "the lost batches were not redelivered"
     # The bound as stated, from the kill: visibility timeout, one sweep, one batch.
     assert recovered_in < LOST_WORKER_BOUND_S, f"completed {recovered_in:.0f} s after the kill"
@@ -114,18 +99,8 @@ def test_kill_9_of_a_worker_with_default_settings_loses_nothing_within_two_minut
     assert recovered_in > settings.visibility_timeout, "only redelivery should bring the lost work back"
 
 
-def runs_of(marks: Path) -> dict[str, int]:
-    """How many times each item of a rigged job ran, by the item's name (its value as marked)."""
-    counts: dict[str, int] = {}
-    for mark in marks.iterdir():
-        name = mark.name.rsplit(".", 2)[0] if mark.name.count(".") >= 2 else None
-        if name is not None:
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
 def test_sigkill_of_a_pool_process_reruns_its_batch_once_within_seconds(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker], marks: Path
 ) -> None:
     # The way the OOM killer ends a pool process: SIGKILL, once, in the middle of a batch.
     # A 600 s visibility timeout and the default 30 s time limit: neither redelivery nor
@@ -133,13 +108,10 @@ def test_sigkill_of_a_pool_process_reruns_its_batch_once_within_seconds(
     # noticing its lost process.
     queue = new_queue()
     env = {**NO_REDELIVERY, "FANOUT_TASK_TIME_LIMIT": "30"}
-    workers_started.append(worker(app, queue, tmp_path, "oom", env=env))
-    marks = tmp_path / "marks"
-    marks.mkdir()
+    start_worker(app, queue, "oom", env=env)
     values: list[object] = list(range(8))
     values[5] = [KILL_ONCE, 5, "item5"]
-    job = rigged_job(app, values, 4, queue, marks=marks, limits=None)
-    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    outcome = send(app, rigged_job(app, values, 4, queue, marks=marks, limits=None)).wait(timeout=60)
     done_at = time.time()
     assert_every_index_once(outcome, list(range(8)))
     killed = marks / "['once',5,'item5']"  # made by the item just before it kills its process
@@ -151,17 +123,13 @@ def test_sigkill_of_a_pool_process_reruns_its_batch_once_within_seconds(
 
 
 def test_a_poison_item_is_failed_after_a_capped_number_of_runs_and_the_rest_completes(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker], marks: Path
 ) -> None:
     queue = new_queue()
-    local = worker(app, queue, tmp_path, "poison", env=QUICK)
-    workers_started.append(local)
-    marks = tmp_path / "marks"
-    marks.mkdir()
+    local = start_worker(app, queue, "poison", env=QUICK)
     values: list[object] = list(range(10))
     values[6] = [KILL, 6]
-    job = rigged_job(app, values, 4, queue, marks=marks)
-    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    outcome = send(app, rigged_job(app, values, 4, queue, marks=marks)).wait(timeout=60)
     assert outcome["results"] == [0, 2, 4, 6, 8, 10, None, 14, 16, 18]
     [error] = outcome["errors"]
     assert error["index"] == 6 and error["input"] == [KILL, 6]
@@ -177,17 +145,14 @@ def test_a_poison_item_is_failed_after_a_capped_number_of_runs_and_the_rest_comp
 
 
 def test_an_item_past_the_hard_time_limit_is_failed_not_the_chord(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker], marks: Path
 ) -> None:
     # With a 600 s visibility timeout, only the immediate requeue can rerun the batch.
     queue = new_queue()
     env = {**NO_REDELIVERY, "FANOUT_TASK_TIME_LIMIT": "2"}
-    workers_started.append(worker(app, queue, tmp_path, "hang", env=env))
-    marks = tmp_path / "marks"
-    marks.mkdir()
+    start_worker(app, queue, "hang", env=env)
     values: list[object] = [0, 1, [HANG, 2], 3]
-    job = rigged_job(app, values, 2, queue, marks=marks, limits=(2, 1))
-    outcome = wait(app, job, submit(app, job, 600), timeout=60)
+    outcome = send(app, rigged_job(app, values, 2, queue, marks=marks, limits=(2, 1))).wait(timeout=60)
     assert outcome["results"] == [0, 2, None, 6]
     [error] = outcome["errors"]
     assert error["index"] == 2 and "hard time limit" in error["error"]
@@ -197,74 +162,58 @@ def test_an_item_past_the_hard_time_limit_is_failed_not_the_chord(
 
 
 def test_warm_shutdown_of_a_busy_worker_loses_nothing(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
     # Default settings: a message lost at shutdown would take 75 s to come back,
     # longer than this test waits, so completing proves nothing was dropped.
     queue = new_queue()
-    leaving = worker(app, queue, tmp_path, "leaving")
-    workers_started.append(leaving)
-    staying = worker(app, queue, tmp_path, "staying")
-    workers_started.append(staying)
+    leaving = start_worker(app, queue, "leaving")
+    start_worker(app, queue, "staying")
     values = list(range(12))
-    job = rigged_job(app, values, 1, queue, seconds=3, limits=None)
-    group_id = submit(app, job, 600)
-    running = active_ids(app, leaving)
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=3, limits=None))
+    running = busy(app, leaving)
     assert leaving.process is not None
     leaving.process.send_signal(signal.SIGTERM)
-    outcome = wait(app, job, group_id, timeout=50)
+    outcome = sent.wait(timeout=50)
     assert_every_index_once(outcome, values)
     assert leaving.process.wait(30) == 0, "warm shutdown should end cleanly"
-    leaving_log = (tmp_path / "leaving.log").read_text()
+    leaving_log = log_of(leaving)
     assert all(f"{task_id}] succeeded" in leaving_log for task_id in running), "running tasks should finish"
 
 
 def test_a_batch_delivered_twice_is_counted_once(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker], marks: Path
 ) -> None:
     queue = new_queue()
-    marks = tmp_path / "marks"
-    marks.mkdir()
     values = list(range(8))
-    job = rigged_job(app, values, 2, queue, seconds=0.5, marks=marks, limits=None)
-    group_id = submit(app, job, 600)
-    # Before any worker consumes: copy the first batch's message, as a redelivery
-    # after the batch already finished would (same task id, same chord).
-    client = app.backend.client
-    first = client.lrange(queue, -1, -1)[0]
-    assert json.loads(first)["headers"]["group_index"] == 0
-    client.rpush(queue, first)
-    workers_started.append(worker(app, queue, tmp_path, "twice"))
-    outcome = wait(app, job, group_id, timeout=60)
+    sent = send(app, rigged_job(app, values, 2, queue, seconds=0.5, marks=marks, limits=None))
+    deliver_first_batch_twice(app, queue)
+    start_worker(app, queue, "twice")
+    outcome = sent.wait(timeout=60)
     # Counted twice, the chord would fire one part early and report a lost batch.
     assert_every_index_once(outcome, values)
-    ran = sorted(p.name.split(".")[0] for p in marks.iterdir())
-    assert ran.count("0") == ran.count("1") == 2, "the copy should have run too"
+    assert runs_of(marks) == {"0": 2, "1": 2, **{str(v): 1 for v in values[2:]}}, (
+        "the copy should have run too"
+    )
 
 
 def test_a_callback_run_twice_writes_the_manifest_once(
     app: Celery, worker: LocalWorker, photos: Path, tmp_path: Path
 ) -> None:
-    from orchestrator.canvas import build_resize
     from orchestrator.inputs import plan_images
 
     out = tmp_path / "out"
-    plan = plan_images([photos], out)
-    job = build_resize(plan.pairs, 64, str(out), batch_size=2)
-    outcome = wait(app, job, submit(app, job, 600), timeout=60)
-    assert worker.log_path is not None
-    log = Path(worker.log_path)
+    job = resize_job(plan_images([photos], out).pairs, 64, out, batch_size=2)
+    outcome = send(app, job).wait(timeout=60)
     ran = f"Task fanout.collect[{job.job_id}] succeeded"
-    assert log.read_text().count(ran) == 1
+    assert log_of(worker).count(ran) == 1
     files = [out / "manifest.json", out / "contact-sheet.png"]
     before = [(f.read_bytes(), f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
     # The callback's message delivered again: same task id, same parts.
     part = {"start": 0, "results": outcome["results"], "errors": outcome["errors"], "transient": 0}
-    app.send_task(
-        "fanout.collect", args=[[part]], kwargs={"job": job.signature.body.kwargs["job"]}, task_id=job.job_id
-    )
+    app.send_task("fanout.collect", args=[[part]], kwargs={"job": callback_job(job.plan)}, task_id=job.job_id)
     # Not .get(): that would return the first run's stored result at once.
-    wait_until(lambda: log.read_text().count(ran) == 2, 30, "the callback's second run")
+    wait_until(lambda: log_of(worker).count(ran) == 2, 30, "the callback's second run")
     again = callback_meta(app, job.job_id)
     assert again is not None and again["result"] == outcome  # the second run's own result
     after = [(f.read_bytes(), f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
@@ -272,102 +221,40 @@ def test_a_callback_run_twice_writes_the_manifest_once(
     assert json.loads(before[0][0])["succeeded"] == outcome["total"] == 6
 
 
-def wait_in_thread(
-    app: Celery, job: Any, group_id: str, timeout: float
-) -> tuple[threading.Thread, list[float], dict[str, Any]]:
-    """Run ``wait`` in a thread, as the CLI would be waiting when a fault strikes.
-
-    Returns the thread, the times progress moved, and where the ending goes
-    (``"error"`` and ``"at"``, or ``"outcome"``).
-    """
-    moved: list[float] = []
-    ending: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            ending["outcome"] = wait(
-                app, job, group_id, timeout, progress=lambda done, _all: moved.append(time.monotonic())
-            )
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            ending["error"] = exc
-        ending["at"] = time.monotonic()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, moved, ending
-
-
 def test_workers_that_vanish_mid_run_are_reported_with_what_is_pending(
-    tmp_path: Path, quiet_url: str, workers_started: list[LocalWorker]
+    quiet_url: str, start_worker: Callable[..., LocalWorker]
 ) -> None:
     # A Redis of its own: no other worker answers there.
     app = app_for(quiet_url)
     queue = new_queue()
-    local = worker(app, queue, tmp_path, "vanishing", env={"FANOUT_REDIS_URL": quiet_url})
-    workers_started.append(local)
+    local = start_worker(app, queue, "vanishing", env={"FANOUT_REDIS_URL": quiet_url})
     values = list(range(20))
-    job = rigged_job(app, values, 1, queue, seconds=1.0, limits=None)
-    group_id = submit(app, job, 600)
-    thread, moved, ending = wait_in_thread(app, job, group_id, timeout=90)
-    wait_until(lambda: len(moved) >= 2, 30, "the first batches")  # the first call is 0 done
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=1.0, limits=None))
+    waiting = sent.waiting(timeout=90)
+    wait_until(lambda: len(waiting.moved) >= 2, 30, "the first batches")  # the first call is 0 done
     kill_all(local)
     killed_at = time.monotonic()
-    thread.join(60)
-    assert not thread.is_alive(), "the wait should have ended long before its timeout"
-    error = ending.get("error")
-    assert isinstance(error, InfrastructureError), ending
-    stopped_moving = moved[-1]
-    assert STALL_S <= ending["at"] - stopped_moving <= STALL_REPORT_S, ending["at"] - stopped_moving
-    assert ending["at"] - killed_at <= STALL_REPORT_S
+    ended_at = waiting.ended(60)  # long before its timeout
+    error = waiting.error
+    assert isinstance(error, InfrastructureError), waiting.outcome
+    stopped_moving = waiting.moved[-1]
+    assert STALL_S <= ended_at - stopped_moving <= STALL_REPORT_S, ended_at - stopped_moving
+    assert ended_at - killed_at <= STALL_REPORT_S
     message = str(error)
-    assert "no worker is running" in message and job.job_id in message
+    assert "no worker is running" in message and sent.job_id in message
     assert "of 20 batches done" in message and "pending" in message
 
 
-def test_a_wait_notices_when_redis_lost_the_run_between_two_polls(tmp_path: Path, quiet_url: str) -> None:
+def test_a_wait_notices_when_redis_lost_the_run_between_two_polls(quiet_url: str) -> None:
     # A restart without persistence that no poll saw: the state is simply gone.
     app = app_for(quiet_url)
-    job = rigged_job(app, list(range(4)), 2, new_queue())
-    group_id = submit(app, job, 600)
+    sent = send(app, rigged_job(app, list(range(4)), 2, new_queue()))
     app.backend.client.flushdb()
     flushed_at = time.monotonic()
     with pytest.raises(InfrastructureError) as info:
-        wait(app, job, group_id, timeout=120)
+        sent.wait(timeout=120)
     assert STALL_S <= time.monotonic() - flushed_at <= STALL_REPORT_S
-    assert "without persistence" in str(info.value) and job.job_id in str(info.value)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", persistent=bool(request.param)).start()
-    yield server
-    server.stop()
-
-
-def cli_waiting(env: dict[str, str], job_id: str, timeout: float = 120) -> subprocess.Popen[str]:
-    """``fanout status JOB_ID --wait --json`` in the background."""
-    return subprocess.Popen(
-        fanout_command("status", job_id, "--wait", "--json", "--timeout", str(timeout)),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def polling(server: RedisServer) -> Callable[[], bool]:
-    """Whether a client of ``server`` is in its wait loop: only the wait sends ZCARD (the test
-    reads its progress with ``counted``)."""
-    import redis
-
-    def seen() -> bool:
-        client = redis.Redis(host=server.bind, port=server.port)
-        try:
-            return any(c.get("cmd") == "zcard" for c in client.client_list())
-        finally:
-            client.close()
-
-    return seen
+    assert "without persistence" in str(info.value) and sent.job_id in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -384,26 +271,22 @@ def test_redis_restart_with_aof_mid_chord_the_waiting_cli_rides_it_out(
     own_redis: RedisServer,
     outage_s: float,
     workers_late_s: float,
-    tmp_path: Path,
-    workers_started: list[LocalWorker],
+    start_worker: Callable[..., LocalWorker],
 ) -> None:
     app = app_for(own_redis.url)
     queue = new_queue()
-    env = {**QUICK, "FANOUT_REDIS_URL": own_redis.url}
-    workers_started.append(worker(app, queue, tmp_path, "aof-a", env=env))
-    workers_started.append(worker(app, queue, tmp_path, "aof-b", env=env))
+    both = [start_worker(app, queue, name, env=quick_env(own_redis.url)) for name in ("aof-a", "aof-b")]
     values = list(range(16))
-    job = rigged_job(app, values, 1, queue, seconds=1.0)
-    group_id = submit(app, job, 600)
-    waiting = cli_waiting({**os.environ, "FANOUT_REDIS_URL": own_redis.url}, job.job_id)
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=1.0))
+    waiting = cli_waiting(own_redis.url, sent.job_id)
 
     def signal_workers(signum: int) -> None:
-        for local in workers_started:
+        for local in both:
             if local.process is not None and local.process.poll() is None:
                 os.killpg(local.process.pid, signum)
 
     try:
-        wait_until(lambda: counted(app, group_id) >= 2, 30, "the first batches")
+        wait_until(lambda: counted(app, sent.group_id) >= 2, 30, "the first batches")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         down_at = time.monotonic()
@@ -426,17 +309,15 @@ def test_redis_restart_with_aof_mid_chord_the_waiting_cli_rides_it_out(
 
 @pytest.mark.parametrize("own_redis", [True], indirect=True)
 def test_the_waiting_cli_gives_up_on_redis_30_s_after_it_went_away(
-    own_redis: RedisServer, tmp_path: Path, workers_started: list[LocalWorker]
+    own_redis: RedisServer, start_worker: Callable[..., LocalWorker]
 ) -> None:
     app = app_for(own_redis.url)
     queue = new_queue()
-    env = {**QUICK, "FANOUT_REDIS_URL": own_redis.url}
-    workers_started.append(worker(app, queue, tmp_path, "gone", env=env))
-    job = rigged_job(app, list(range(60)), 1, queue, seconds=1.0)
-    group_id = submit(app, job, 600)
-    waiting = cli_waiting({**os.environ, "FANOUT_REDIS_URL": own_redis.url}, job.job_id)
+    start_worker(app, queue, "gone", env=quick_env(own_redis.url))
+    sent = send(app, rigged_job(app, list(range(60)), 1, queue, seconds=1.0))
+    waiting = cli_waiting(own_redis.url, sent.job_id)
     try:
-        wait_until(lambda: counted(app, group_id) >= 1, 30, "the first batch")
+        wait_until(lambda: counted(app, sent.group_id) >= 1, 30, "the first batch")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         down_at = time.monotonic()
@@ -446,7 +327,7 @@ def test_the_waiting_cli_gives_up_on_redis_30_s_after_it_went_away(
         if waiting.poll() is None:
             waiting.kill()
     assert waiting.returncode == 3, err
-    assert "lost Redis" in err and job.job_id in err and "fanout status" in err
+    assert "lost Redis" in err and sent.job_id in err and "fanout status" in err
     assert REDIS_GRACE_S <= gave_up_in <= REDIS_GRACE_REPORT_S, gave_up_in
 
 
@@ -465,18 +346,15 @@ def test_redis_restart_without_persistence_ends_the_wait_with_exit_3(
     own_redis: RedisServer,
     outage_s: float,
     bound_s: float,
-    tmp_path: Path,
-    workers_started: list[LocalWorker],
+    start_worker: Callable[..., LocalWorker],
 ) -> None:
     app = app_for(own_redis.url)
     queue = new_queue()
-    env = {**QUICK, "FANOUT_REDIS_URL": own_redis.url}
-    workers_started.append(worker(app, queue, tmp_path, "volatile", env=env))
-    job = rigged_job(app, list(range(30)), 1, queue, seconds=1.0)
-    group_id = submit(app, job, 600)
-    waiting = cli_waiting({**os.environ, "FANOUT_REDIS_URL": own_redis.url}, job.job_id)
+    start_worker(app, queue, "volatile", env=quick_env(own_redis.url))
+    sent = send(app, rigged_job(app, list(range(30)), 1, queue, seconds=1.0))
+    waiting = cli_waiting(own_redis.url, sent.job_id)
     try:
-        wait_until(lambda: counted(app, group_id) >= 1, 30, "the first batch")
+        wait_until(lambda: counted(app, sent.group_id) >= 1, 30, "the first batch")
         wait_until(polling(own_redis), 30, "the CLI to be waiting")
         own_redis.stop()
         time.sleep(outage_s)  # the outage: the fault itself, not a wait for a condition
@@ -488,5 +366,5 @@ def test_redis_restart_without_persistence_ends_the_wait_with_exit_3(
         if waiting.poll() is None:
             waiting.kill()
     assert waiting.returncode == 3, err
-    assert "without persistence" in err and job.job_id in err
+    assert "without persistence" in err and sent.job_id in err
     assert reported_in <= bound_s, f"reported {reported_in:.1f} s after Redis answered again"

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,20 @@ import pytest
 import redis
 from celery import Celery
 
-from orchestrator.follow import batches_done, callback_meta, wait
+from orchestrator.follow import batches_done, callback_meta
 from orchestrator.local import LocalWorker
-from orchestrator.send import publish
 from tests.conftest import fanout_command
-from tests.faultkit import QUICK, assert_every_index_once, kill_all, new_queue, rigged_job, wait_until, worker
+from tests.faultkit import (
+    QUICK,
+    Built,
+    assert_every_index_once,
+    kill_all,
+    new_queue,
+    rigged_job,
+    runs_of,
+    send,
+    wait_until,
+)
 from workers import keys
 from workers.batches import batch_task_id
 from workers.errors import InfrastructureError
@@ -170,28 +180,17 @@ def healed(client: redis.Redis, job_id: str) -> int:
     return int(client.get(keys.healed(job_id)) or 0)
 
 
-def runs_by_value(marks: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for path in marks.iterdir():
-        value = path.name.split(".")[0]
-        counts[value] = counts.get(value, 0) + 1
-    return counts
-
-
 @system
 def test_a_batch_whose_message_redis_dropped_is_sent_again_and_counted_once(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker], marks: Path
 ) -> None:
     queue = new_queue()
-    marks = tmp_path / "marks"
-    marks.mkdir()
     values = list(range(8))
     client = app.backend.client
     # Given a job of 8 one-item batches of 1 s each, on one worker process
-    job = rigged_job(app, values, 1, queue, seconds=1.0, marks=marks)
-    sent = job.send(app)
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=1.0, marks=marks))
     group_id = sent.group_id
-    workers_started.append(worker(app, queue, tmp_path, "heal", env=QUICK, concurrency=1))
+    start_worker(app, queue, "heal", env=QUICK, concurrency=1)
     wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
     # When Redis drops one of its queued messages (nobody will ever run it)
     take_message(client, queue, group_id, 5)
@@ -206,17 +205,17 @@ def test_a_batch_whose_message_redis_dropped_is_sent_again_and_counted_once(
         if done > last[0]:
             last[0] = done
             progress.append(now)
-        if not resent_at and healed(client, job.job_id):
+        if not resent_at and healed(client, sent.job_id):
             resent_at.append(now)
-        meta = callback_meta(app, job.job_id)
+        meta = callback_meta(app, sent.job_id)
         return meta is not None and meta["status"] == "SUCCESS"
 
     wait_until(watch, 90, "the job to complete", interval=0.05)
-    outcome = wait(app, sent, timeout=10)
+    outcome = sent.wait(timeout=10)
     # ...with every index exactly once, the lost batch sent again once and run once
     assert_every_index_once(outcome, values)
-    assert healed(client, job.job_id) == 1
-    assert runs_by_value(marks) == {str(v): 1 for v in values}
+    assert healed(client, sent.job_id) == 1
+    assert runs_of(marks) == {str(v): 1 for v in values}
     # ...within the stated bound of the job's last progress before the healing.
     assert resent_at, "the healer never sent the batch again"
     stalled_at = max(t for t in progress if t <= resent_at[0])
@@ -225,17 +224,15 @@ def test_a_batch_whose_message_redis_dropped_is_sent_again_and_counted_once(
 
 @system
 def test_a_message_lost_from_unacked_with_its_worker_is_sent_again(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
     queue = new_queue()
     values = list(range(6))
     client = app.backend.client
     # Given two workers, the first holding a batch it has started (in kombu's unacked hash)
-    job = rigged_job(app, values, 1, queue, seconds=4.0, limits=(20, 15))
-    sent = job.send(app)
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=4.0, limits=(20, 15)))
     group_id = sent.group_id
-    doomed = worker(app, queue, tmp_path, "doomed", env=QUICK, concurrency=1)
-    workers_started.append(doomed)
+    doomed = start_worker(app, queue, "doomed", env=QUICK, concurrency=1)
     wait_until(lambda: client.hlen("unacked") >= 1, 30, "a batch to be reserved")
     # When its message vanishes from unacked (kombu's BRPOP window, a failover) and the worker
     # dies with it: no restore can ever bring that batch back
@@ -244,11 +241,11 @@ def test_a_message_lost_from_unacked_with_its_worker_is_sent_again(
             client.hdel("unacked", tag)
             client.zrem("unacked_index", tag)
     kill_all(doomed)
-    workers_started.append(worker(app, queue, tmp_path, "survivor", env=QUICK, concurrency=2))
+    start_worker(app, queue, "survivor", env=QUICK, concurrency=2)
     # Then the job completes on the other worker, every index once, the lost batch healed
-    outcome = wait(app, sent, timeout=120)
+    outcome = sent.wait(timeout=120)
     assert_every_index_once(outcome, values)
-    assert healed(client, job.job_id) >= 1
+    assert healed(client, sent.job_id) >= 1
 
 
 @system
@@ -264,57 +261,54 @@ def test_a_batch_of_a_job_sent_by_reference_is_sent_again_from_its_input_file(
     # Given a user's job sent by reference (its items in files of the results location)
     values = [0.6 + k / 100 for k in range(8)]
     spec = replace(spec_of(userjobs.sleepy), results_root=str(tmp_path / "r"))
-    plan = prepare(spec, values, by_reference=True)
-    sent = publish(app, plan, 1)
+    sent = send(app, Built(prepare(spec, values, by_reference=True), 1))
     group_id = sent.group_id
     # When Redis drops one of its queued messages
     take_message(client, "fanout", group_id, 7)
     # Then the healer sends it again, naming the same file, and the job completes
-    outcome = wait(app, sent, timeout=90)
+    outcome = sent.wait(timeout=90)
     whole = results.materialize(outcome)
     assert whole["results"] == values and whole["failed"] == 0
-    assert healed(client, plan.job_id) == 1
+    assert healed(client, sent.job_id) == 1
 
 
 @system
 def test_a_flushed_queue_is_sent_again_batch_by_batch(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
     queue = new_queue()
     values = list(range(40))
     client = app.backend.client
-    job = rigged_job(app, values, 4, queue, seconds=0.2)
-    sent = job.send(app)
+    sent = send(app, rigged_job(app, values, 4, queue, seconds=0.2))
     group_id = sent.group_id
-    workers_started.append(worker(app, queue, tmp_path, "flush", env=QUICK, concurrency=1))
+    start_worker(app, queue, "flush", env=QUICK, concurrency=1)
     wait_until(lambda: batches_done(app, group_id) >= 1, 30, "the first batch")
     # When an operator deletes the queue mid-job
     dropped = client.llen(queue)
     client.delete(queue)
     assert dropped >= 5
     # Then every dropped batch is sent again and the job completes, every index once
-    outcome = wait(app, sent, timeout=120)
+    outcome = sent.wait(timeout=120)
     assert_every_index_once(outcome, values)
-    assert healed(client, job.job_id) == dropped
+    assert healed(client, sent.job_id) == dropped
 
 
 @system
 def test_a_lost_batch_whose_inputs_are_gone_ends_the_wait_with_exit_3(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker], cli_env: dict[str, str]
+    app: Celery, start_worker: Callable[..., LocalWorker], cli_env: dict[str, str]
 ) -> None:
     queue = new_queue()
     client = app.backend.client
-    job = rigged_job(app, list(range(6)), 1, queue, seconds=0.5)
-    sent = job.send(app)
+    sent = send(app, rigged_job(app, list(range(6)), 1, queue, seconds=0.5))
     group_id = sent.group_id
     # Given a batch dropped by Redis and the job's kept inputs gone too
     take_message(client, queue, group_id, 4)
-    assert client.delete(keys.inputs(job.job_id)) == 1
-    workers_started.append(worker(app, queue, tmp_path, "gone", env=QUICK, concurrency=2))
+    assert client.delete(keys.inputs(sent.job_id)) == 1
+    start_worker(app, queue, "gone", env=QUICK, concurrency=2)
     # When a client waits for the job
     started = time.monotonic()
     proc = subprocess.run(
-        fanout_command("status", job.job_id, "--wait", "--timeout", "120"),
+        fanout_command("status", sent.job_id, "--wait", "--timeout", "120"),
         env=cli_env,
         capture_output=True,
         text=True,
@@ -328,56 +322,54 @@ def test_a_lost_batch_whose_inputs_are_gone_ends_the_wait_with_exit_3(
     # (the job runs out of other work in about 1.5 s; the client looks at the next stall check)
     assert took <= HEAL_AFTER_STALL_S + 14, took
     with pytest.raises(InfrastructureError, match="cannot complete"):
-        wait(app, sent, timeout=30)
+        sent.wait(timeout=30)
 
 
 @system
 def test_a_callback_never_sent_by_a_dead_reporter_is_sent_by_a_copy_of_one_batch(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
     queue = new_queue()
     values = list(range(6))
     client = app.backend.client
-    job = rigged_job(app, values, 2, queue)
-    sent = job.send(app)
+    sent = send(app, rigged_job(app, values, 2, queue))
     group_id = sent.group_id
     # Given a chord whose last report counted the parts but sent no callback (as when the
     # worker reporting it dies in between): here the chord expects one part more...
     client.incr(app.backend.get_key_for_group(group_id, ".t"))
-    workers_started.append(worker(app, queue, tmp_path, "nocb", env=QUICK, concurrency=2))
+    start_worker(app, queue, "nocb", env=QUICK, concurrency=2)
     wait_until(lambda: batches_done(app, group_id) == 3, 30, "every batch to report")
     # ...until that is undone: complete, and nothing left to send the callback
     client.delete(app.backend.get_key_for_group(group_id, ".t"))
     # Then the healer sends one batch again, whose report sends the callback
-    outcome = wait(app, sent, timeout=60)
+    outcome = sent.wait(timeout=60)
     assert_every_index_once(outcome, values)
-    assert healed(client, job.job_id) == 1
+    assert healed(client, sent.job_id) == 1
 
 
 @system
 def test_a_callback_dropped_after_the_chord_sent_it_runs_the_job_again(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
     queue, callbacks = new_queue(), new_queue()
     values = list(range(6))
     client = app.backend.client
     # Given a job whose callback goes to a queue no worker consumes yet
-    job = rigged_job(app, values, 2, queue, callback_queue=callbacks)
-    sent = job.send(app)
-    workers_started.append(worker(app, queue, tmp_path, "headers", env=QUICK, concurrency=2))
+    sent = send(app, rigged_job(app, values, 2, queue, callback_queue=callbacks))
+    start_worker(app, queue, "headers", env=QUICK, concurrency=2)
     wait_until(lambda: client.llen(callbacks) == 1, 30, "the chord to send its callback")
     # When Redis drops the callback (and the parts it carries)
     client.delete(callbacks)
-    workers_started.append(worker(app, callbacks, tmp_path, "callbacks", env=QUICK, concurrency=1))
+    start_worker(app, callbacks, "callbacks", env=QUICK, concurrency=1)
     # Then the job runs again on a fresh chord and completes, every index once
-    outcome = wait(app, sent, timeout=90)
+    outcome = sent.wait(timeout=90)
     assert_every_index_once(outcome, values)
-    assert healed(client, job.job_id) == 3
+    assert healed(client, sent.job_id) == 3
 
 
 @system
 def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finished_by_the_healer(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
     from workers.control import PURGE_LIMIT, PURGE_LUA
     from workers.fanin import CANCELLED
@@ -386,8 +378,7 @@ def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finis
     queue = new_queue()
     values = list(range(8))
     client = app.backend.client
-    job = rigged_job(app, values, 1, queue, seconds=0.5)
-    sent = job.send(app)
+    sent = send(app, rigged_job(app, values, 1, queue, seconds=0.5))
     group_id = sent.group_id
     # Given a cancel that took the queued batches off the queue and died before reporting them
     # (its purge started PURGE_GRACE_S ago)
@@ -399,9 +390,9 @@ def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finis
     )  # fmt: skip
     assert len(taken) == len(values)
     # When a worker runs (there is nothing left in the queue for it)
-    workers_started.append(worker(app, queue, tmp_path, "purge", env=QUICK, concurrency=1))
+    start_worker(app, queue, "purge", env=QUICK, concurrency=1)
     # Then its healer reports them, and the job ends cancelled, every item accounted for once
-    outcome = wait(app, sent, timeout=60)
+    outcome = sent.wait(timeout=60)
     assert outcome["total"] == len(values) and outcome["failed"] == len(values)
     assert [e["index"] for e in outcome["errors"]] == list(range(len(values)))
     assert {e["error"] for e in outcome["errors"]} == {CANCELLED}
@@ -412,15 +403,14 @@ def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finis
 @system
 @pytest.mark.timeout(480)
 def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
-    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+    app: Celery, tmp_path: Path, start_worker: Callable[..., LocalWorker]
 ) -> None:
     """Rounds of concurrent jobs; in each, a worker or a pool process is killed and a message dropped."""
     rng = random.Random(17)
     queue = new_queue()
     client = app.backend.client
     env = {**QUICK, "FANOUT_VISIBILITY_TIMEOUT": "8"}
-    live = [worker(app, queue, tmp_path, f"soak{i}", env=env, concurrency=2) for i in range(2)]
-    workers_started.extend(live)
+    live = [start_worker(app, queue, f"soak{i}", env=env, concurrency=2) for i in range(2)]
     incomplete, resent, twice = 0, 0, 0
     for round_number in range(3):
         jobs = []
@@ -428,8 +418,10 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
             values = rng.sample(range(1_000_000), rng.randrange(40, 120))
             marks = tmp_path / f"marks-{round_number}-{k}"
             marks.mkdir()
-            plan = rigged_job(app, values, rng.choice([1, 5, 10]), queue, seconds=0.02, marks=marks)
-            jobs.append((plan.send(app), values, marks))
+            sent = send(
+                app, rigged_job(app, values, rng.choice([1, 5, 10]), queue, seconds=0.02, marks=marks)
+            )
+            jobs.append((sent, values, marks))
         time.sleep(0.5)
         # A message dropped, as kombu's BRPOP window or a failover drops one...
         group_id = jobs[rng.randrange(len(jobs))][0].group_id
@@ -444,8 +436,7 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
         victim = live[round_number % 2]
         if round_number % 2 == 0 and victim.process is not None:
             kill_all(victim)
-            replacement = worker(app, queue, tmp_path, f"soak-r{round_number}", env=env, concurrency=2)
-            workers_started.append(replacement)
+            replacement = start_worker(app, queue, f"soak-r{round_number}", env=env, concurrency=2)
             live[round_number % 2] = replacement
         else:
             children = subprocess.run(
@@ -459,13 +450,13 @@ def test_soak_concurrent_jobs_with_kills_and_drops_all_complete(
         round_started = time.monotonic()
         for sent, values, marks in jobs:
             try:
-                outcome = wait(app, sent, timeout=180)
+                outcome = sent.wait(timeout=180)
             except InfrastructureError:
                 incomplete += 1
                 continue
             assert_every_index_once(outcome, values)
             resent += healed(client, sent.job_id)
-            twice += sum(1 for count in runs_by_value(marks).values() if count > 1)
+            twice += sum(1 for count in runs_of(marks).values() if count > 1)
         print(f"soak round {round_number}: {time.monotonic() - round_started:.1f} s")
     assert incomplete == 0
     print(f"soak: 18 jobs complete, {resent} batches sent again by the healer, {twice} items ran twice")

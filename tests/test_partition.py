@@ -24,19 +24,20 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from orchestrator.follow import callback_meta, wait
+from orchestrator.follow import callback_meta
 from orchestrator.local import LocalWorker
 from tests.faultkit import (
     QUICK,
     app_for,
     assert_every_index_once,
+    busy,
     free_port,
     kill_all,
     new_queue,
     rigged_job,
+    send,
     wait_until,
 )
-from tests.test_faults import active_ids
 
 pytestmark = [pytest.mark.system, pytest.mark.netns]
 
@@ -148,8 +149,8 @@ def test_a_partitioned_worker_host_loses_nothing_and_counts_nothing_twice(
             workers[host] = local.start(timeout=60)
         values = list(range(16))
         job = rigged_job(app, values, 1, queue, seconds=2)
-        sent = job.send(app)
-        cut_off = active_ids(app, workers["a"])
+        sent = send(app, job)
+        cut_off = busy(app, workers["a"])
         ip("-n", hosts.worker_ns["a"], "link", "set", hosts.links["a"], "down")  # the cable is cut
         a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
 
@@ -168,7 +169,7 @@ def test_a_partitioned_worker_host_loses_nothing_and_counts_nothing_twice(
         # The link heals while the run goes on: the cut lasts about the visibility timeout,
         # however loaded the machine, so TCP's retransmission back-off stays short.
         ip("-n", hosts.worker_ns["a"], "link", "set", hosts.links["a"], "up")
-        outcome = wait(app, sent, timeout=90)
+        outcome = sent.wait(timeout=90)
         assert_every_index_once(outcome, values)
         # Every late report reached Redis (the chord script answered it, and only then does
         # the task end): counted once, whether before or after host b's copy.

@@ -18,10 +18,9 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as kombu_virtual
 
 from orchestrator import publish
-from orchestrator.canvas import build_double
 from orchestrator.local import LocalWorker
-from orchestrator.publish import CHANNEL_HELPERS, channel_mismatch, publish_chord
-from orchestrator.run import wait
+from orchestrator.publish import CHANNEL_HELPERS, channel_mismatch
+from tests.faultkit import double_job, send
 
 
 class Framing:
@@ -91,9 +90,9 @@ def fallback_log(
 
 
 def run_two_jobs(app: Celery) -> None:
+    """Send two doubling jobs (their chords published by ``publish_chord``) and check each outcome."""
     for n in (30, 7):
-        job = build_double(list(range(n)), 4)
-        outcome = wait(app, job, publish_chord(app, job.signature), timeout=60)
+        outcome = send(app, double_job(list(range(n)), 4)).wait(timeout=60)
         assert outcome["results"] == [2 * i for i in range(n)]
         assert (outcome["succeeded"], outcome["failed"]) == (n, 0)
 

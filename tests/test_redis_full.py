@@ -26,7 +26,7 @@ from orchestrator.local import LocalWorker
 from orchestrator.plan import JobSpec, Plan
 from orchestrator.room import footprint, full_redis_message
 from tests.conftest import fanout_command
-from tests.faultkit import QUICK, RedisServer, Rigged, app_for, kill_all, new_queue, rigged_job, worker
+from tests.faultkit import QUICK, Built, RedisServer, app_for, kill_all, new_queue, rigged_job, send, worker
 from workers.memory import RedisMemory, is_full
 
 #: The test Redis's limit.
@@ -53,7 +53,7 @@ def full_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def padded_job(url: str, queue: str) -> tuple[Celery, Rigged]:
+def padded_job(url: str, queue: str) -> tuple[Celery, Built]:
     app = app_for(url)
     job = rigged_job(
         app, list(range(ITEMS)), BATCH, queue, task="fanout.test.padded", kwargs={"size": RESULT_B}
@@ -80,7 +80,7 @@ def test_a_full_redis_mid_job_keeps_workers_alive_names_maxmemory_and_the_job_co
             assert local.process is not None
             os.killpg(local.process.pid, signal.SIGSTOP)
         try:
-            group_id = job.send(app).group_id
+            group_id = send(app, job).group_id
         finally:
             for local in started:
                 assert local.process is not None

@@ -22,7 +22,7 @@ from celery import Celery
 
 from orchestrator.follow import callback_meta
 from orchestrator.local import LocalWorker
-from tests.faultkit import RedisServer, kill_all, new_queue, rigged_job, worker
+from tests.faultkit import RedisServer, kill_all, new_queue, rigged_job, send, worker
 from workers.app import celery_config
 from workers.settings import Settings
 
@@ -78,10 +78,11 @@ def test_soft_limit_before_the_first_item_puts_the_batch_back_and_it_runs_once_r
         job = rigged_job(app, values, 3, queue, limits=LIMITS)
         # The batch starts 3 s after it is sent: the worker holds it (unacked) meanwhile,
         # and the backend is down by then, so the batch's first Redis read waits.
+        assert job.signature is not None
         header = job.signature.tasks
         for sig in getattr(header, "tasks", header):
             sig.set(countdown=3)
-        job.send(app)
+        send(app, job)
         unacked = redis.Redis.from_url(broker.url)
         deadline = time.monotonic() + 20
         while not unacked.hlen("unacked") and time.monotonic() < deadline:
@@ -119,7 +120,7 @@ def test_soft_limit_while_a_finished_batch_reports_is_held_and_the_part_arrives(
         # The item takes 1 s: the batch is done within its soft limit (2 s), and then
         # waits for the backend, down since the item started.
         job = rigged_job(app, values, 1, queue, seconds=1.0, marks=marks, limits=LIMITS)
-        job.send(app)
+        send(app, job)
         deadline = time.monotonic() + 20
         while not any(marks.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.02)

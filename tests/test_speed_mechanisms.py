@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +25,7 @@ from orchestrator.jobs import Job, load_record
 from orchestrator.local import LocalWorker
 from orchestrator.publish import _argsrepr, bulk_supported, header_of, publish_chord
 from orchestrator.send import publish
-from tests.faultkit import close_app
+from tests.faultkit import RedisServer, close_app, wait_until
 from workers import tasks as _tasks  # noqa: F401 - the client knows the built-in tasks (and their limits)
 from workers.app import celery_config
 from workers.errors import InfrastructureError
@@ -259,7 +257,7 @@ def test_a_header_the_bulk_path_does_not_cover_goes_through_apply_async(
     assert [m["headers"]["argsrepr"] for m in sent] == ["(0, [0, 1, 2, 3])", "(4, [4, 5, 6, 7])"]
     # And the client keeps no subscription to a header result
     ids = [m["headers"]["id"] for m in sent]
-    wait_for(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
+    wait_until(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
 
 
 @system
@@ -273,7 +271,7 @@ def test_the_bulk_path_sends_what_it_covers_and_subscribes_to_no_header_result(
     sent = _queued(client)
     assert [m["headers"]["argsrepr"] for m in sent] == ["(0, <4 items>)", "(4, <4 items>)"]
     ids = [m["headers"]["id"] for m in sent]
-    wait_for(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
+    wait_until(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
 
 
 @system
@@ -282,31 +280,14 @@ def test_submit_subscribes_the_client_to_no_header_result(quiet_app: tuple[Celer
     # Given the tutorial pattern, which does subscribe: the check below can see a subscription
     control = probe_chord(probe, 4, 2).apply_async()
     ids = [child.id for child in control.parent.results]
-    wait_for(lambda: subscribers(client, probe, ids) == len(ids), 5, "apply_async's subscriptions")
+    wait_until(lambda: subscribers(client, probe, ids) == len(ids), 5, "apply_async's subscriptions")
     client.delete("fanout")
     # When fanout submits a job
     publish(probe, builtin.double(list(range(12))), 3)
     # Then none of its header tasks has a subscriber
     ids = [m["headers"]["id"] for m in _queued(client)]
     assert len(ids) == 4
-    wait_for(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def own_url(tmp_path: Any) -> Iterator[str]:
-    """A Redis of the test's own."""
-    from tests.faultkit import RedisServer
-
-    server = RedisServer(tmp_path / "redis", persistent=False).start()
-    yield server.url
-    server.stop()
+    wait_until(lambda: subscribers(client, probe, ids) == 0, 5, "no subscription to the header results")
 
 
 def cramp(url: str, headroom: int = 600_000) -> None:
@@ -318,58 +299,75 @@ def cramp(url: str, headroom: int = 600_000) -> None:
     client.close()
 
 
-@system
-def test_a_header_published_in_part_is_an_error_not_a_silent_wait(
-    own_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tests.faultkit import app_for
+@pytest.fixture
+def sent_part_way(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Celery, redis.Redis, Any, str]]:
+    """A doubling job whose header (sent by the bulk path) Redis took only part of: the client
+    app, a client of that Redis, the job, and the message of the InfrastructureError its send raised.
 
-    # The room check refuses this job before sending (tests/test_redis_full.py); here the
-    # header must fail part-way, as it does when Redis fills up from elsewhere meanwhile.
+    The room check refuses such a job before sending (tests/test_redis_full.py covers that,
+    from the CLI too); here the header must fail part-way, as it does when Redis fills up
+    from elsewhere between the check and the send, so the check is left out.
+    """
+    from tests.faultkit import app_for, double_job, send
+
     monkeypatch.setattr("orchestrator.send.require_room", lambda app, job, batches: None)
-
-    probe = app_for(own_url)
-    client = redis.Redis.from_url(own_url)
+    probe = app_for(own_redis.url)
+    client = redis.Redis.from_url(own_redis.url)
     try:
-        # Room for the job's inputs (about 210 KB compressed, kept for `fanout retry`), not its header
-        cramp(own_url, headroom=1_000_000)
-        # Given a header larger than Redis will take: 1,000 messages of about 2 KB
-        plan = builtin.double(list(range(100_000)))
-        # When it is submitted, the pipeline fails part-way: an infrastructure error naming Redis's
-        with pytest.raises(InfrastructureError, match=r"failed part-way: .*maxmemory"):
-            publish(probe, plan, 100)
-        # Then some of the header went out and the rest did not, and no job was recorded as
-        # sent: nothing waits for a chord that cannot complete
-        queued = int(client.llen("fanout"))
-        assert 0 < queued < plan.batches(100)
-        assert load_record(probe, plan.job_id) is None
+        # Room for the job's inputs (about 210 KB compressed, kept for `fanout retry`), not its
+        # header: 1,000 messages of about 2 KB
+        cramp(own_redis.url, headroom=1_000_000)
+        job = double_job(list(range(100_000)), 100)
+        with pytest.raises(InfrastructureError) as info:
+            send(probe, job)
+        message = str(info.value)
+        del info  # its traceback holds the send's frames: they go before this Redis does
+        yield probe, client, job, message
     finally:
         client.close()
         close_app(probe)
 
 
 @system
-def test_the_cli_reports_a_header_published_in_part_with_exit_3(own_url: str, tmp_path: Any) -> None:
-    import subprocess
+def test_a_header_published_in_part_is_a_one_line_error_not_a_silent_wait(
+    sent_part_way: tuple[Celery, redis.Redis, Any, str],
+) -> None:
+    probe, client, job, message = sent_part_way
+    # The error is one line that says so, names Redis's maxmemory and what became of the part sent
+    assert message.splitlines() == [message]
+    assert message.startswith(f"sending job {job.job_id} failed part-way: ")
+    assert "maxmemory" in message and "The batches already sent are cancelled" in message
+    # Some of the header went out and the rest did not, and no job was recorded as sent:
+    # nothing waits for a chord that cannot complete
+    queued = int(client.llen("fanout"))
+    assert 0 < queued < job.batches
+    assert load_record(probe, job.job_id) is None
 
-    from tests.conftest import fanout_command
-    from tests.faultkit import app_for, worker
 
-    probe = app_for(own_url)
-    # A worker on the queue, so the CLI sends (it takes far longer to drain a message than
-    # the pipeline takes to fill Redis).
-    local = worker(probe, "fanout", tmp_path, "slow", env={"FANOUT_REDIS_URL": own_url}, concurrency=1)
-    cramp(own_url)
-    try:
-        proc = subprocess.run(
-            fanout_command("double", "--range", "40000", "--batch-size", "100"),
-            env={**os.environ, "FANOUT_REDIS_URL": own_url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        local.stop(timeout=10)
-        close_app(probe)
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.returncode == 3 and "maxmemory" in proc.stderr
+@system
+def test_the_batches_of_a_header_published_in_part_run_no_item(
+    sent_part_way: tuple[Celery, redis.Redis, Any, str],
+    own_redis: RedisServer,
+    start_worker: Callable[..., LocalWorker],
+) -> None:
+    from orchestrator.follow import join_key
+    from tests.faultkit import counted
+    from workers import keys
+    from workers.fanin import CANCELLED
+
+    probe, client, _, _ = sent_part_way
+    queued = int(client.llen("fanout"))
+    [group_id] = {json.loads(raw)["headers"]["group"] for raw in client.lrange("fanout", 0, -1)}
+    # The job sent part-way is stopped, cancelled...
+    assert client.get(keys.stop(group_id)) == CANCELLED.encode()
+    # ...so once Redis has room again, a worker takes every batch of it and runs none of their items
+    client.config_set("maxmemory", 0)
+    start_worker(probe, "fanout", "drain", env={"FANOUT_REDIS_URL": own_redis.url})
+    wait_until(lambda: counted(probe, group_id) == queued, 60, "the worker to take every batch sent")
+    # (each batch's part, as the chord keeps it: [1, task id, state, part])
+    parts = [probe.backend.decode(raw)[3] for raw in client.zrange(join_key(probe, group_id), 0, -1)]
+    assert len(parts) == queued
+    assert all(part["results"] == [None] * 100 for part in parts), "an item of a batch sent part-way ran"
+    assert {error["error"] for part in parts for error in part["errors"]} == {CANCELLED}
