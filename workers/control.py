@@ -148,7 +148,8 @@ PURGE_LIMIT = 5_000
 RUN_ITEMS = 100_000
 
 # One step of a purge: takes the messages of one chord group off the tail of a kombu
-# Redis queue (a list of JSON envelopes whose `headers.group` names the group; the
+# Redis queue (a list of JSON envelopes whose `headers.group` names the group and
+# `headers.group_index` the batch: the chord's callback, which has none, stays; the
 # workers pop its tail, the oldest), at most ARGV[2] of them, and in the same atomic
 # step: marks their batches done for the healer (they are never sent again), keeps them
 # in a purge list of their own until they are reported, and lowers the chord's count by
@@ -169,11 +170,10 @@ local kept, taken = {}, {}
 for _, raw in ipairs(all) do
   local ok, message = pcall(cjson.decode, raw)
   if ok and type(message) == 'table' and type(message.headers) == 'table'
-      and message.headers.group == group then
+      and message.headers.group == group
+      and type(message.headers.group_index) == 'number' then
     local index = message.headers.group_index
-    if type(index) ~= 'number' then
-      taken[#taken + 1] = raw
-    elseif redis.call('GETBIT', done, index) == 0 then
+    if redis.call('GETBIT', done, index) == 0 then
       taken[#taken + 1] = raw
       redis.call('SETBIT', done, index, 1)
     end
@@ -203,7 +203,7 @@ return {n, taken}
 
 
 def purge(
-    app: Any, queue: str, group_id: str, reason: str, steps: int | None = None, limit: int = PURGE_LIMIT
+    app: Any, queue: str, group_id: str, reason: str, steps: int | None = None, limit: int | None = None
 ) -> int:
     """Take the job's batches still queued off ``queue``; report them to the chord as failed with ``reason``.
 
@@ -211,7 +211,7 @@ def purge(
     worker must receive, look at and drop (about a millisecond each, more for a
     job sent by reference), so a job of 10,000 one-item batches takes seconds to
     end, and one of 200,000 minutes.  The queue is read in steps of at most
-    ``limit`` messages (:data:`PURGE_LUA`, each atomic and short, so Redis never
+    ``limit`` (:data:`PURGE_LIMIT`) messages (:data:`PURGE_LUA`, each atomic and short, so Redis never
     stops answering for long), at most ``steps`` of them (None: until every
     message queued when the purge began has been looked at), each reported
     before the next is taken.  The batches a step takes are reported to the
@@ -223,6 +223,7 @@ def purge(
     reports them (:func:`finish_purge`, idempotent).  This reads kombu's Redis
     message format (a JSON envelope, base64 body).  Returns the batches taken.
     """
+    limit = limit or PURGE_LIMIT
     taken_in_all, looked_at, step = 0, 0, 0
     queued: int | None = None
     while steps is None or step < steps:
