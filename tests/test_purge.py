@@ -16,8 +16,9 @@ from orchestrator.discovery import list_workers
 from orchestrator.jobs import Job
 from orchestrator.local import LocalWorker
 from orchestrator.run import submit, wait
+from orchestrator.status import job_status
 from tests import userjobs
-from tests.faultkit import counted, wait_until
+from tests.faultkit import QUICK, counted, new_queue, rigged_job, wait_until, worker
 from workers import control, keys, results
 
 pytestmark = pytest.mark.system
@@ -99,3 +100,21 @@ def test_a_failure_budget_stop_takes_the_jobs_queued_batches_off_the_queue(
     not_run = [e for e in outcome["errors"] if e["error"] == outcome["stopped"]]
     assert len(not_run) > 1000  # taken off the queue, since no worker took them
     assert outcome["succeeded"] + outcome["failed"] == len(values) == outcome["total"]
+
+
+def test_status_keeps_the_count_once_the_chord_has_joined_and_the_fan_in_has_yet_to_run(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    # Given a job whose batches are all done, and whose callback waits on a queue no worker takes
+    queue, callbacks = new_queue(), new_queue()
+    client = app.backend.client
+    plan = rigged_job(app, list(range(40)), 2, queue, callback_queue=callbacks)
+    group_id = submit(app, plan, 600)
+    workers_started.append(worker(app, queue, tmp_path, "headers", env=QUICK, concurrency=2))
+    wait_until(lambda: client.llen(callbacks) == 1, 60, "the chord to send its callback")
+    # When its status is read, the chord's join gone with the callback
+    status = job_status(app, plan.job_id)
+    # Then it shows every batch done, not none
+    assert status.state == "running" and status.batches_done == plan.batches == 20
+    assert counted(app, group_id) == plan.batches
+    client.delete(callbacks)
