@@ -93,7 +93,7 @@ def job_status(job: Job) -> Status:
         return Status(
             job,
             "running",
-            batches_done(app, job.group_id),
+            _batches_done(app, job.group_id),
             None,
             None,
             raw.decode() if raw else None,
@@ -107,6 +107,17 @@ def job_status(job: Job) -> Status:
     finished = _timestamp(done_at) if done_at else None
     outcome: OutcomeDoc = meta["result"]
     return Status(job, state, job.batches, outcome, finished, outcome.get("stopped"))
+
+
+def _batches_done(app: Celery, group_id: str) -> int:
+    """How many of a running job's batches the chord has counted.
+
+    The chord's join (one ZCARD) until the chord has them all; the join is gone
+    once it has sent its callback (a cancelled job's fan-in, while it runs, as any
+    other's), and then the done bitmap says every batch is in (one BITCOUNT).
+    """
+    done = batches_done(app, group_id)
+    return done or int(connections.backend(app).bitcount(keys.done(group_id)))
 
 
 def _timestamp(value: Any) -> float | None:

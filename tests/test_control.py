@@ -39,24 +39,22 @@ def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subpro
 
 
 @pytest.mark.parametrize("batch_size", ["auto", 1])
-def test_cancel_stops_10000_queued_slow_items_within_2_s_plus_the_longest_item(
+def test_cancel_of_10000_queued_slow_items_ends_the_job_and_empties_the_queue(
     worker: LocalWorker, redis_client: redis.Redis, batch_size: fanout.BatchSize
 ) -> None:
     # With one item per batch, 10,000 queued messages: taken off the queue, not drained by the workers.
+    # How long it takes is a benchmark's to say (`python -m bench.cancel`), not a test's.
     longest = 0.05
     job = fanout.submit(userjobs.sleepy, [longest] * 10_000, batch_size=batch_size)
     wait_until(lambda: job.progress().batches_done >= 1, 60, "the first batch")
-    cancelled_at = time.monotonic()
     job.cancel()
     outcome = job.wait(timeout=60)
-    ended = time.monotonic() - cancelled_at
     assert outcome.data.get("stopped") == "cancelled"
     done = [i for i, r in enumerate(outcome.results) if r is not None]
     assert all(outcome.results[i] == longest for i in done)
     assert {f.error for f in outcome.errors} == {"cancelled"}
     assert len(done) + len(outcome.errors) == 10_000
     assert 0 < len(done) < 10_000
-    assert ended < 2.0 + longest, f"the job took {ended:.2f} s to end after the cancel"
     wait_until(lambda: queue_is_empty(redis_client), 10, "the queue to empty")
     assert job.progress().stopped == "cancelled"
 

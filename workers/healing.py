@@ -67,6 +67,9 @@ LEASE_S = 10.0
 MAX_JOBS = 1000
 #: A cancel's purge not reported this long after it took its batches is reported by the healer.
 PURGE_GRACE_S = 30.0
+#: The most queued messages the healer looks at, each cycle, to take a stopped job's batches off
+#: the queue (one purge step: a cancel whose process died part-way, or a failure budget's stop).
+PURGE_STEP = 1_000
 #: Stands for a job's chord callback where batch indexes are listed (it has no index).
 CALLBACK = -1
 #: A job is scanned again no sooner than this many times the last scan's duration (a scan blocks Redis).
@@ -323,6 +326,8 @@ class Healer:
         self.given_up: set[str] = set()  # jobs marked unhealable
         self.recipes: dict[str, Recipe | None] = {}  # job id -> how to heal it, read once
         self._broker: Any = None
+        #: Stopped jobs the healer is taking off the queue: (messages queued at its first step, looked at).
+        self.purging: dict[str, tuple[int, int]] = {}
 
     @property
     def client(self) -> Any:
@@ -350,10 +355,14 @@ class Healer:
             for job in jobs:
                 pipe.get(keys.done(job.group_id))
                 pipe.hgetall(keys.purges(job.group_id))
+                pipe.get(keys.stop(job.group_id))
             replies = pipe.execute()
-        bitmaps, purges = replies[0::2], replies[1::2]
+        bitmaps, purges, stops = replies[0::3], replies[1::3], replies[2::3]
         for job, started in zip(jobs, purges, strict=True):
             self._finish_purges(job, started)
+        for job, bitmap, stop in zip(jobs, bitmaps, stops, strict=True):
+            if stop and missing_batches(bitmap, job.batches):
+                self._purge(job, _text(stop))
         due: dict[str, list[tuple[Recipe, list[int]]]] = {}
         for job, bitmap, started in zip(jobs, bitmaps, purges, strict=True):
             missing = missing_batches(bitmap, job.batches)
@@ -432,6 +441,25 @@ class Healer:
                 "them; reported now as %r",
                 job.job_id, count, time.time() - float(at), reason,
             )  # fmt: skip
+
+    def _purge(self, job: Recipe, reason: str) -> None:
+        """Take a stopped job's queued batches off its queue, a step (PURGE_STEP messages) a cycle.
+
+        A cancel purges the queue itself; this finishes the purge of a cancel whose
+        process died part-way, and purges for a failure budget, which a header task
+        sets from inside a batch (where a purge of any size would hold up the batch's
+        own report).  One pass over the queue as it was at the first step, then no more.
+        """
+        from workers.control import purge_step
+
+        queued, looked_at = self.purging.get(job.job_id, (-1, 0))
+        if 0 <= queued <= looked_at:
+            return  # looked at the whole queue once: what is left drains through the workers
+        length, taken = purge_step(self.app, job.queue, job.group_id, reason, PURGE_STEP)
+        queued = length if queued < 0 else queued
+        self.purging[job.job_id] = (queued, looked_at + min(length, PURGE_STEP))
+        if taken:
+            logger.warning("job %s stopped (%s): took %d queued batches off", job.job_id, reason, taken)
 
     def _callback_lost(self, job: Recipe) -> list[int]:
         """The batches to send again when every batch is done but the callback is nowhere.
@@ -524,6 +552,7 @@ class Healer:
                 self.kept.pop(job_id, None)
                 self.recipes.pop(job_id, None)
                 self.given_up.discard(job_id)
+                self.purging.pop(job_id, None)
         return jobs
 
     def _broker_client(self) -> Any:

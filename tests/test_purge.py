@@ -1,0 +1,120 @@
+"""A stopped job's queued batches leave the queue at any size: a cancel past one purge step, a
+job sent by reference, and a failure budget's stop; with real workers on a real Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from orchestrator.canvas import build
+from orchestrator.discovery import list_workers
+from orchestrator.jobs import Job
+from orchestrator.local import LocalWorker
+from orchestrator.run import submit, wait
+from orchestrator.status import job_status
+from tests import userjobs
+from tests.faultkit import QUICK, counted, new_queue, rigged_job, wait_until, worker
+from workers import control, keys, results
+
+pytestmark = pytest.mark.system
+
+
+def queued_of(client: redis.Redis, queue: str, group_id: str) -> int:
+    """How many header batches of chord group ``group_id`` wait in ``queue`` (not its callback)."""
+    headers = (json.loads(raw)["headers"] for raw in client.lrange(queue, 0, -1))
+    return sum(h.get("group") == group_id and h.get("group_index") is not None for h in headers)
+
+
+def test_a_cancel_past_one_purge_step_takes_every_queued_batch_keeps_the_count_and_ends_the_job(
+    app: Celery,
+    worker: LocalWorker,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a job sent by reference whose queue is many purge steps long (the step shrunk to 500)
+    monkeypatch.setattr(control, "PURGE_LIMIT", 500)
+    n = 6000
+    plan = build(userjobs.sleepy.name, [0.02] * n, 1, by_reference=True, results_root=str(tmp_path))
+    job = Job(plan, submit(app, plan, 600), app)
+    wait_until(lambda: job.progress().batches_done >= 20, 60, "the first batches")
+    assert queued_of(redis_client, "fanout", job.group_id) > 10 * control.PURGE_LIMIT
+    before = job.progress().batches_done
+    listed: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # the worker stays listed all along (its main thread is never held up)
+        while not stop.wait(0.5):
+            listed.append(len(list_workers(app)))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        # When it is cancelled
+        job.cancel()
+        # Then none of its batches is left in the queue, and the count it had is kept
+        assert queued_of(redis_client, "fanout", job.group_id) == 0
+        assert job.progress().batches_done >= before
+        outcome = job.wait(timeout=90)
+    finally:
+        stop.set()
+        watcher.join(5)
+    # ...and the job ends cancelled, every item once: done with its result, or cancelled
+    assert outcome.data.get("stopped") == "cancelled" and outcome.by_reference
+    whole = results.materialize(outcome.data)
+    failed = {e["index"] for e in whole["errors"]}
+    assert {e["error"] for e in whole["errors"]} == {"cancelled"}
+    assert all((whole["results"][i] is None) == (i in failed) for i in range(n))
+    assert before <= n - len(failed) < n
+    assert listed and min(listed) >= 1, f"the worker was not listed at some point: {listed}"
+    assert job.progress().state == "SUCCESS"
+
+
+def test_a_failure_budget_stop_takes_the_jobs_queued_batches_off_the_queue(
+    app: Celery, worker: LocalWorker
+) -> None:
+    # Given a job of 3,003 one-item batches whose first three fail, with a budget of 2 failures
+    client = app.backend.client
+    values = [1, 3, 5] + [2] * 3000
+    plan = build(userjobs.odd_fails.name, values, 1, kwargs={"seconds": 0.01})
+    group_id = submit(app, plan, 600, max_failures=2)
+    # When the workers take no more messages once they have the first few, and the third
+    # failure stops the job
+    app.control.cancel_consumer("fanout", reply=True, timeout=5)
+    try:
+        wait_until(lambda: client.exists(keys.stop(group_id)), 30, "the failure budget to stop the job")
+        # Then the queued batches are taken off the queue all the same (by the workers' healer)
+        # and every batch is counted
+        wait_until(lambda: queued_of(client, "fanout", group_id) == 0, 30, "the queued batches to go")
+        wait_until(lambda: counted(app, group_id) == plan.batches, 30, "every batch to be counted")
+    finally:
+        app.control.add_consumer("fanout", reply=True, timeout=5)
+    # ...and the job ends once its callback can run, every item accounted for once
+    outcome = wait(app, plan, group_id, timeout=60)
+    assert outcome["stopped"].startswith("failure budget exceeded: 3 of 3003 items failed")
+    not_run = [e for e in outcome["errors"] if e["error"] == outcome["stopped"]]
+    assert len(not_run) > 1000  # taken off the queue, since no worker took them
+    assert outcome["succeeded"] + outcome["failed"] == len(values) == outcome["total"]
+
+
+def test_status_keeps_the_count_once_the_chord_has_joined_and_the_fan_in_has_yet_to_run(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
+    # Given a job whose batches are all done, and whose callback waits on a queue no worker takes
+    queue, callbacks = new_queue(), new_queue()
+    client = app.backend.client
+    plan = rigged_job(app, list(range(40)), 2, queue, callback_queue=callbacks)
+    group_id = submit(app, plan, 600)
+    workers_started.append(worker(app, queue, tmp_path, "headers", env=QUICK, concurrency=2))
+    wait_until(lambda: client.llen(callbacks) == 1, 60, "the chord to send its callback")
+    # When its status is read, the chord's join gone with the callback
+    status = job_status(app, plan.job_id)
+    # Then it shows every batch done, not none
+    assert status.state == "running" and status.batches_done == plan.batches == 20
+    assert counted(app, group_id) == plan.batches
+    client.delete(callbacks)
