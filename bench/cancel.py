@@ -36,13 +36,16 @@ def nap(seconds: float) -> float:
 
 def run_once(n: int, by_reference: bool, root: str) -> dict[str, Any]:
     """Send ``n`` one-item batches, cancel with ``fanout cancel`` once some are done; time it."""
-    from orchestrator.canvas import build
-    from orchestrator.run import batches_done, submit
+    from dataclasses import replace
+
+    from orchestrator.follow import batches_done
+    from orchestrator.plan import prepare
+    from orchestrator.send import publish, spec_of
     from workers import results
     from workers.app import app
 
-    plan = build(nap.name, [0.05] * n, 1, by_reference=by_reference, results_root=root)
-    group_id = submit(app, plan, 3600)
+    plan = prepare(replace(spec_of(nap), results_root=root), [0.05] * n, by_reference=by_reference)
+    group_id = publish(app, plan, 1).group_id
     deadline = time.monotonic() + 120
     while batches_done(app, group_id) < 10:
         if time.monotonic() > deadline:
@@ -82,7 +85,7 @@ def main(runs: int, sizes: str, out: Path) -> None:
     from orchestrator.discovery import list_workers
     from orchestrator.local import LocalWorker
     from workers.app import app
-    from workers.control import PURGE_LIMIT
+    from workers.purge import PURGE_LIMIT
 
     if list_workers(app):
         raise SystemExit("bench: workers already listen on this Redis database; use another FANOUT_REDIS_URL")

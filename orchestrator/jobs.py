@@ -21,9 +21,9 @@ from orchestrator.plan import BatchSize, JobSpec
 from orchestrator.status import Status, job_status
 from workers import connections, fanin, keys, results
 from workers.batches import unpack
-from workers.control import purge
 from workers.errors import InputError, ResultsTooLarge, UnknownJob
 from workers.fanin import CANCELLED
+from workers.purge import purge
 from workers.settings import get_settings
 
 #: How long :meth:`Job.wait` and :func:`fanout.map` wait unless told, seconds.

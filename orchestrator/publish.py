@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import Celery, chord, group
+from celery import Celery, chord
 from celery.canvas import Signature
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as json_dumps
@@ -104,19 +104,24 @@ def task_limits(app: Celery, name: str) -> tuple[Any, Any]:
 
 
 def _apply_async(app: Celery, signature: Signature, before: Callable[[str], None] | None = None) -> str:
-    """Celery's own path, for a header the bulk path does not cover."""
+    """Celery's own path, for a header the bulk path does not cover, under the group id
+    ``before`` was told."""
     group_id = str(uuid.uuid4())
     if before is not None:
         before(group_id)
-    header = group(list(signature.tasks), app=app)
-    header.options["task_id"] = group_id  # chord.run takes the header group's id from here
-    result = chord(header, signature.body, app=app).apply_async()
+    # chord.apply_async makes the header group from the list of its tasks, with the chord's
+    # own task_id as the group's id; the callback keeps its own (the job's id), passed apart.
+    chorded = chord(list(signature.tasks), signature.body, app=app)
+    chorded.options["task_id"] = group_id
+    result = chorded.apply_async(task_id=signature.body.options.get("task_id"))
+    if str(result.parent.id) != group_id:  # another Celery: the budget and inputs are not its
+        raise RuntimeError(f"Celery sent the chord as group {result.parent.id}, not {group_id}")
     consumer = getattr(app.backend, "result_consumer", None)
     if consumer is not None:
         # As before: the header results go to the callback, not to the client.
         for child in result.parent.results:
             consumer.cancel_for(child.id)
-    return str(result.parent.id)
+    return group_id
 
 
 def publish_chord(

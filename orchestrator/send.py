@@ -16,7 +16,6 @@ writes the job's record.  Both return the :class:`~orchestrator.jobs.Job`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -234,14 +233,16 @@ def publish(
         group_id = publish_chord(app, signature, before=before)
     except BaseException as exc:
         # Interrupted (Ctrl-C) or failed half-way: what was sent must not run for nobody.
+        sent = "The batches already sent are cancelled (nothing waits for them)"
         if before.group_id is not None:
-            with contextlib.suppress(redis.RedisError):  # a Redis refusing writes refuses this too
+            try:
                 connections.backend(app).set(keys.stop(before.group_id), CANCELLED, ex=expires)
+            except redis.RedisError as refused:  # a Redis refusing writes may refuse this too
+                sent = f"The batches already sent could not be cancelled ({refused}): they run, for nobody"
         if isinstance(exc, redis.RedisError | OSError | OperationalError):
             raise InfrastructureError(
-                f"sending job {plan.job_id} failed part-way: {exc}. The batches already sent are "
-                "cancelled (nothing waits for them). Check Redis (is it out of memory? see its "
-                "maxmemory), then send the job again."
+                f"sending job {plan.job_id} failed part-way: {exc}. {sent}. Check Redis (is it out "
+                "of memory? see its maxmemory), then send the job again."
             ) from None
         raise
     job = Job(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery import Celery
 from celery.states import READY_STATES
 
 from orchestrator.follow import batches_done, callback_meta

@@ -371,9 +371,9 @@ def test_a_callback_dropped_after_the_chord_sent_it_runs_the_job_again(
 def test_a_cancel_that_dies_before_reporting_what_it_took_off_the_queue_is_finished_by_the_healer(
     app: Celery, start_worker: Callable[..., LocalWorker]
 ) -> None:
-    from workers.control import PURGE_LIMIT, PURGE_LUA
     from workers.fanin import CANCELLED
     from workers.healing import PURGE_GRACE_S
+    from workers.purge import PURGE_LIMIT, PURGE_LUA
 
     queue = new_queue()
     values = list(range(8))

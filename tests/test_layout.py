@@ -3,10 +3,12 @@ with it, one error hierarchy."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import fanout
 import workers.errors
@@ -87,3 +89,56 @@ def _run(code: str) -> str:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     return done.stdout.strip()
+
+
+def _imports(anywhere: bool) -> dict[str, set[str]]:
+    """The package's modules and the package modules each imports: at its top level (not under
+    ``if TYPE_CHECKING``), or with ``anywhere`` inside its functions too."""
+    root = Path(__file__).resolve().parent.parent
+    files = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in ("workers", "orchestrator", "fanout")
+        for path in (root / package).rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        nodes = ast.walk(tree) if anywhere else iter(tree.body)
+        found: set[str] = set()
+        for node in nodes:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[name] = {module for module in found if module in files and module != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every set of modules that import each other, directly or not."""
+    reach = {name: set(graph[name]) for name in graph}
+    changed = True
+    while changed:
+        changed = False
+        for name in reach:
+            more = set().union(*(reach[m] for m in reach[name])) - reach[name]
+            if more:
+                reach[name] |= more
+                changed = True
+    groups = {frozenset({name} | {m for m in reach[name] if name in reach[m]}) for name in graph}
+    return sorted(sorted(group) for group in groups if len(group) > 1)
+
+
+def test_no_two_modules_import_each_other_at_their_top_level() -> None:
+    # `workers` re-exports its app for `celery -A workers`; that is the one pair allowed.
+    assert _cycles(_imports(anywhere=False)) == [["workers", "workers.app"]]
+
+
+def test_stopping_a_job_imports_nothing_of_the_header_task_that_reads_its_stop() -> None:
+    # workers/core.py runs the header task and reads the stop through workers/control.py;
+    # the purge, which needs the task's definitions, is workers/purge.py.
+    graph = _imports(anywhere=True)
+    assert "workers.control" in graph["workers.core"]
+    assert "workers.core" not in graph["workers.control"]
+    modules = {name for name in graph if name.startswith("workers.")}
+    assert _cycles({name: graph[name] & modules for name in modules}) == []

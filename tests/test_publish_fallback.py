@@ -131,3 +131,20 @@ def test_a_helper_that_answers_in_another_shape_sends_chords_through_apply_async
     run_two_jobs(app)
     [warning] = [r.getMessage() for r in fallback_log.records]
     assert "_lookup() gave None" in warning
+
+
+@pytest.mark.system
+def test_a_chord_sent_through_apply_async_keeps_the_group_its_failure_budget_was_set_for(
+    app: Celery, worker: LocalWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fanout
+    from tests import userjobs
+
+    # Given a header the bulk path does not cover (Celery's own apply_async sends it)
+    monkeypatch.setattr(publish, "bulk_supported", lambda app, header: False)
+    # When a job whose three odd items fail is sent with a budget of one failure
+    job = fanout.submit(userjobs.odd_fails, [1, 3, 5] + [2] * 20, batch_size=1, max_failures=1)
+    # Then the header went out under the group its budget was written for, and the budget stops it
+    outcome = job.wait(timeout=60)
+    assert str(outcome.data.get("stopped", "")).startswith("failure budget exceeded"), outcome.data
+    assert outcome.failed >= 3 and outcome.total == 23

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
 
-from orchestrator.canvas import build
 from orchestrator.discovery import list_workers
-from orchestrator.jobs import Job
 from orchestrator.local import LocalWorker
-from orchestrator.run import submit, wait
-from orchestrator.status import job_status
+from orchestrator.plan import prepare
+from orchestrator.send import spec_of
 from tests import userjobs
-from tests.faultkit import QUICK, counted, new_queue, rigged_job, wait_until, worker
-from workers import control, keys, results
+from tests.faultkit import QUICK, Built, counted, new_queue, rigged_job, send, wait_until, worker
+from workers import keys, purge, results
 
 pytestmark = pytest.mark.system
 
@@ -38,12 +37,12 @@ def test_a_cancel_past_one_purge_step_takes_every_queued_batch_keeps_the_count_a
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a job sent by reference whose queue is many purge steps long (the step shrunk to 500)
-    monkeypatch.setattr(control, "PURGE_LIMIT", 500)
+    monkeypatch.setattr(purge, "PURGE_LIMIT", 500)
     n = 6000
-    plan = build(userjobs.sleepy.name, [0.02] * n, 1, by_reference=True, results_root=str(tmp_path))
-    job = Job(plan, submit(app, plan, 600), app)
+    spec = replace(spec_of(userjobs.sleepy), results_root=str(tmp_path))
+    job = send(app, Built(prepare(spec, [0.02] * n, by_reference=True), 1)).job
     wait_until(lambda: job.progress().batches_done >= 20, 60, "the first batches")
-    assert queued_of(redis_client, "fanout", job.group_id) > 10 * control.PURGE_LIMIT
+    assert queued_of(redis_client, "fanout", job.group_id) > 10 * purge.PURGE_LIMIT
     before = job.progress().batches_done
     listed: list[int] = []
     stop = threading.Event()
@@ -81,8 +80,8 @@ def test_a_failure_budget_stop_takes_the_jobs_queued_batches_off_the_queue(
     # Given a job of 3,003 one-item batches whose first three fail, with a budget of 2 failures
     client = app.backend.client
     values = [1, 3, 5] + [2] * 3000
-    plan = build(userjobs.odd_fails.name, values, 1, kwargs={"seconds": 0.01})
-    group_id = submit(app, plan, 600, max_failures=2)
+    sent = send(app, Built(prepare(spec_of(userjobs.odd_fails, kwargs={"seconds": 0.01}), values), 1), 2)
+    group_id = sent.group_id
     # When the workers take no more messages once they have the first few, and the third
     # failure stops the job
     app.control.cancel_consumer("fanout", reply=True, timeout=5)
@@ -91,11 +90,11 @@ def test_a_failure_budget_stop_takes_the_jobs_queued_batches_off_the_queue(
         # Then the queued batches are taken off the queue all the same (by the workers' healer)
         # and every batch is counted
         wait_until(lambda: queued_of(client, "fanout", group_id) == 0, 30, "the queued batches to go")
-        wait_until(lambda: counted(app, group_id) == plan.batches, 30, "every batch to be counted")
+        wait_until(lambda: counted(app, group_id) == len(values), 30, "every batch to be counted")
     finally:
         app.control.add_consumer("fanout", reply=True, timeout=5)
     # ...and the job ends once its callback can run, every item accounted for once
-    outcome = wait(app, plan, group_id, timeout=60)
+    outcome = sent.wait(timeout=60)
     assert outcome["stopped"].startswith("failure budget exceeded: 3 of 3003 items failed")
     not_run = [e for e in outcome["errors"] if e["error"] == outcome["stopped"]]
     assert len(not_run) > 1000  # taken off the queue, since no worker took them
@@ -108,13 +107,13 @@ def test_status_keeps_the_count_once_the_chord_has_joined_and_the_fan_in_has_yet
     # Given a job whose batches are all done, and whose callback waits on a queue no worker takes
     queue, callbacks = new_queue(), new_queue()
     client = app.backend.client
-    plan = rigged_job(app, list(range(40)), 2, queue, callback_queue=callbacks)
-    group_id = submit(app, plan, 600)
+    sent = send(app, rigged_job(app, list(range(40)), 2, queue, callback_queue=callbacks))
+    group_id = sent.group_id
     workers_started.append(worker(app, queue, tmp_path, "headers", env=QUICK, concurrency=2))
     wait_until(lambda: client.llen(callbacks) == 1, 60, "the chord to send its callback")
     # When its status is read, the chord's join gone with the callback
-    status = job_status(app, plan.job_id)
+    status = sent.job.status()
     # Then it shows every batch done, not none
-    assert status.state == "running" and status.batches_done == plan.batches == 20
-    assert counted(app, group_id) == plan.batches
+    assert status.state == "running" and status.batches_done == sent.job.batches == 20
+    assert counted(app, group_id) == sent.job.batches
     client.delete(callbacks)

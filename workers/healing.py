@@ -431,8 +431,8 @@ class Healer:
         for purge_id, at in started.items():
             if time.time() - float(at) < PURGE_GRACE_S:
                 continue
-            from workers.control import finish_purge
             from workers.fanin import CANCELLED
+            from workers.purge import finish_purge
 
             reason = _text(self.client.get(keys.stop(job.group_id)) or CANCELLED.encode())
             count = finish_purge(self.app, job.group_id, _text(purge_id), reason)
@@ -450,7 +450,7 @@ class Healer:
         sets from inside a batch (where a purge of any size would hold up the batch's
         own report).  One pass over the queue as it was at the first step, then no more.
         """
-        from workers.control import purge_step
+        from workers.purge import purge_step
 
         queued, looked_at = self.purging.get(job.job_id, (-1, 0))
         if 0 <= queued <= looked_at:
