@@ -9,6 +9,12 @@ the whole command.  Each case is a queue size; ``by reference`` cases keep their
 inputs and parts in a results location (one input file a batch), as a job of
 200,000 items or more does.  The outcome is checked (every item done or cancelled,
 once) before a figure counts.
+
+``--items N`` adds the case of the issue that asked for this: a doubling job of N
+items by reference (``fanout double --range N``, 10,000 to a batch) cancelled a
+second after it was sent, most of it still queued; its fan-in then holds millions of
+items not run.  The figure is the whole ``fanout cancel`` command again, and its
+outcome must be ``cancelled`` with every item counted once.
 """
 
 from __future__ import annotations
@@ -70,9 +76,44 @@ def run_once(n: int, by_reference: bool, root: str) -> dict[str, Any]:
     return {"wall_s": wall, "queued": queued, "cancelled": len(failed)}
 
 
+def run_items(n: int) -> dict[str, Any]:
+    """A doubling job of ``n`` items by reference, cancelled a second after it is sent; time it."""
+    from orchestrator import builtin
+    from orchestrator.jobs import Job
+    from orchestrator.send import publish
+    from workers import results
+    from workers.app import app
+
+    job = publish(app, builtin.double(range(n)), 10_000)
+    time.sleep(1.0)
+    began = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "cancel", job.job_id, "--timeout", "600"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"bench: fanout cancel exited {done.returncode}: {done.stderr}")
+    outcome = Job.attach(job.job_id, app).wait(60).data
+    cancelled = results.failed_for(outcome, "cancelled")
+    assert outcome.get("stopped") == "cancelled" and outcome["total"] == n, "not cancelled"
+    assert cancelled == outcome["failed"] and outcome["succeeded"] + cancelled == n, "wrong counts"
+    return {
+        "wall_s": wall,
+        "queued": cancelled // 10_000,
+        "cancelled": cancelled,
+        "printed": done.stdout.strip(),
+    }
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per case.")
 @click.option("--sizes", default="10000,50000", show_default=True, help="Batches per job, comma-separated")
+@click.option(
+    "--items", type=click.IntRange(min=0), default=0, help="Also cancel a doubling job of this many items."
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -80,7 +121,7 @@ def run_once(n: int, by_reference: bool, root: str) -> dict[str, Any]:
     show_default=True,
     help="Where cancel.json goes.",
 )
-def main(runs: int, sizes: str, out: Path) -> None:
+def main(runs: int, sizes: str, items: int, out: Path) -> None:
     """Time ``fanout cancel`` (see the module's docstring)."""
     from orchestrator.discovery import list_workers
     from orchestrator.local import LocalWorker
@@ -99,6 +140,8 @@ def main(runs: int, sizes: str, out: Path) -> None:
             for by_reference in (False, True):
                 name = f"{n} batches{' by reference' if by_reference else ''}"
                 rows[name] = [run_once(n, by_reference, root) for _ in range(runs)]
+        if items:
+            rows[f"doubling {items:,} items by reference"] = [run_items(items) for _ in range(runs)]
     (out / "cancel.json").write_text(
         json.dumps({"runs": runs, "purge_limit": PURGE_LIMIT, "cases": rows}, indent=2) + "\n"
     )

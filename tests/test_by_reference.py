@@ -369,15 +369,21 @@ def test_cancel_of_a_job_kept_by_reference_reports_its_queued_batches_by_referen
     assert len(done) + len(outcome.errors) == 2000
     wait_until(lambda: redis_client.llen(get_settings().queue) == 0, 10, "the queue to empty")
     # The purge took most batches off the queue (the worker never received them) and wrote
-    # each as a part file in the results location, as a worker writes a batch it ran: one
-    # file per batch, its items cancelled, which is where the outcome read them from.
-    files = {path.name.split("-")[0]: path for path in (by_ref_here / job.id / "parts").iterdir()}
-    assert sorted(files) == [f"{start:012d}" for start in range(0, 2000, 10)]
+    # them as part files in the results location, as a worker writes a batch it ran: one file
+    # per run of consecutive batches, every item of it cancelled, as one line however many
+    # items; which is where the outcome read them from.
     received = log_of(worker)
     purged = [index for index in range(200) if batch_task_id(job.id, index) not in received]
     assert len(purged) > 150, f"the purge took {len(purged)} of 200 batches off the queue"
+    parts = [json.loads(path.read_text()) for path in (by_ref_here / job.id / "parts").iterdir()]
+    runs = [part for part in parts if any("count" in e for e in part["errors"])]
+    assert runs, "no part file of a purge"
+    covered = set()
+    for part in runs:
+        [run] = part["errors"]
+        first, count = part["start"], len(part["results"])
+        assert run == {"index": first, "count": count, "input": None, "error": "cancelled"}, run
+        covered |= set(range(first // 10, (first + count) // 10))
+    assert set(purged) <= covered
     failed = {f.index for f in outcome.errors}
-    for index in purged:
-        part = json.loads(files[f"{10 * index:012d}"].read_text())
-        assert [e["error"] for e in part["errors"]] == ["cancelled"] * 10, part
-        assert set(range(10 * index, 10 * index + 10)) <= failed
+    assert all(set(range(10 * index, 10 * index + 10)) <= failed for index in purged)

@@ -3,6 +3,7 @@ job sent by reference, and a failure budget's stop; with real workers on a real 
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from dataclasses import replace
@@ -17,7 +18,7 @@ from orchestrator.local import LocalWorker
 from orchestrator.plan import prepare
 from orchestrator.send import spec_of
 from tests import userjobs
-from tests.faultkit import QUICK, Built, counted, new_queue, rigged_job, send, wait_until, worker
+from tests.faultkit import QUICK, Built, counted, double_job, new_queue, rigged_job, send, wait_until, worker
 from workers import keys, purge, results
 
 pytestmark = pytest.mark.system
@@ -117,3 +118,29 @@ def test_status_keeps_the_count_once_the_chord_has_joined_and_the_fan_in_has_yet
     assert status.state == "running" and status.batches_done == sent.job.batches == 20
     assert counted(app, group_id) == sent.job.batches
     client.delete(callbacks)
+
+
+def test_a_cancel_leaving_millions_of_items_not_run_ends_cancelled_with_every_item_counted(
+    app: Celery, worker: LocalWorker
+) -> None:
+    # Given a job sent by reference of 3,000,000 items in 300 batches, none of them taken yet
+    client = app.backend.client
+    app.control.cancel_consumer("fanout", reply=True, timeout=5)
+    try:
+        sent = send(app, double_job(range(3_000_000), 10_000))
+        assert queued_of(client, "fanout", sent.group_id) == 300
+        # When it is cancelled: every batch is taken off the queue and reported at once
+        sent.job.cancel()
+        assert queued_of(client, "fanout", sent.group_id) == 0
+    finally:
+        app.control.add_consumer("fanout", reply=True, timeout=5)
+    # Then its fan-in (a line per run of cancelled batches, not one per item) ends within its
+    # time limit: the job is CANCELLED, every item counted once, as cancelled
+    outcome = sent.job.wait(timeout=90)
+    assert outcome.data["stopped"] == "cancelled" and outcome.by_reference
+    assert (outcome.total, outcome.succeeded, outcome.failed) == (3_000_000, 0, 3_000_000)
+    assert results.failed_for(outcome.data, "cancelled") == 3_000_000
+    assert sent.job.status().shown_state == "CANCELLED"
+    # ...and a reader still sees one failure per item, in order
+    head = list(itertools.islice(results.outcome_errors(outcome.data), 3))
+    assert head == [{"index": i, "input": None, "error": "cancelled"} for i in range(3)]

@@ -20,6 +20,9 @@ class ItemFailure(TypedDict):
     index: int
     input: Any
     error: str
+    #: A run of ``count`` items from ``index`` on, every one failed for ``error`` (a purge's,
+    #: in a job sent by reference: workers/results.py ``failure_run``); readers see one per item.
+    count: NotRequired[int]
 
 
 class Part(TypedDict):

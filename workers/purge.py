@@ -17,7 +17,6 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from celery.app.task import Context
@@ -25,8 +24,8 @@ from celery.app.task import Context
 from workers import connections, keys
 from workers.batches import batch_items
 from workers.core import lookup
-from workers.fanin import Part, fail_batch
-from workers.results import write_part
+from workers.fanin import ItemFailure, Part, fail_batch
+from workers.results import failure_run, write_part
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +36,6 @@ PURGE_LIMIT = 2_000
 #: A purge reports the batches it took as parts of at most about this many items each,
 #: one part (one file, for a job sent by reference) per run of consecutive batches.
 RUN_ITEMS = 100_000
-#: Threads a purge reads the batches it took with (their items: a file each, by reference).
-READERS = 8
 
 # One step of a purge: takes the messages of one chord group off the tail of a kombu
 # Redis queue (a list of JSON envelopes whose `headers.group` names the group and
@@ -170,34 +167,38 @@ def finish_purge(app: Any, group_id: str, purge_id: str, reason: str) -> int:
 
 
 def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: list[bytes]) -> None:
-    """Report purged messages ``taken`` to their chord as one part, under the purge's id (once)."""
+    """Report purged messages ``taken`` to their chord as one part, under the purge's id (once).
+
+    A batch of a job sent by reference is reported without reading its items
+    (a file each): a run of consecutive batches is one :func:`~workers.results.failure_run`.
+    """
     batches: list[_Purged] = []
     parts: list[Any] = []
     chord: Any = None
-    # A job sent by reference keeps each batch's items in a file of its own (a GET each,
-    # on an object store): read several at once.  The threads end before this returns
-    # (in a worker's main process, the healer's, no fork of a pool process meets them).
-    with ThreadPoolExecutor(max_workers=READERS) as pool:
-        read = list(pool.map(_batch_or_error, taken))
-    for found in read:
-        if isinstance(found, Exception):
+    for raw in taken:
+        try:
+            batch, chord = _purged(raw, reason)
+        except (KeyError, ValueError, TypeError, IndexError, OSError) as exc:
             # Counted in the chord already: an empty part keeps the count right, and the
             # merge reports its items as lost rather than waiting for them.
             logger.error(
-                "a purged batch of group %s has another shape (%s): its items are lost", group_id, found
+                "a purged batch of group %s has another shape (%s): its items are lost", group_id, exc
             )
             parts.append({"start": 0, "results": [], "errors": [], "transient": 0})
             continue
-        index, chord, start, items, label, where = found
-        batches.append(_Purged(start, index, fail_batch(start, items, reason, label)["errors"], where))
+        batches.append(batch)
     for run in _runs(sorted(batches, key=lambda batch: (batch.start, batch.number))):
+        start, count, where = run[0].start, sum(batch.size for batch in run), run[0].where
         part: Part = {
-            "start": run[0].start,
-            "results": [None] * sum(len(batch.errors) for batch in run),
-            "errors": [error for batch in run for error in batch.errors],
+            "start": start,
+            "results": [None] * count,
+            "errors": (
+                [error for batch in run for error in batch.errors]
+                if where is None
+                else [failure_run(start, count, reason)]
+            ),
             "transient": 0,
         }
-        where = run[0].where
         # A job sent by reference: the part goes to its results location, as a header's would
         # (one file a run, so the callback opens one file where it would have opened hundreds).
         parts.append(write_part(where, part) if where else part)
@@ -213,11 +214,13 @@ def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: li
 
 
 class _Purged(NamedTuple):
-    """A batch a purge took: where its items start, its index, their errors, its results location."""
+    """A batch a purge took: where its items start, its index, how many items, their errors
+    (listed; none for a job sent by reference), its results location."""
 
     start: int
     number: int  # the batch's index in its group
-    errors: list[Any]
+    size: int  # items
+    errors: list[ItemFailure]
     where: str | None
 
 
@@ -229,32 +232,30 @@ def _runs(batches: list[_Purged]) -> list[list[_Purged]]:
     for batch in batches:
         if runs and batch.start == end and batch.where == runs[-1][0].where and size < RUN_ITEMS:
             runs[-1].append(batch)
-            size += len(batch.errors)
+            size += batch.size
         else:
             runs.append([batch])
-            size = len(batch.errors)
-        end = batch.start + len(batch.errors)
+            size = batch.size
+        end = batch.start + batch.size
     return runs
 
 
-def _batch_or_error(raw: bytes) -> tuple[int, Any, int, list[Any], Any, str | None] | Exception:
-    try:
-        return _batch_of(raw)
-    except (KeyError, ValueError, TypeError, IndexError, OSError) as exc:
-        return exc
-
-
-def _batch_of(raw: bytes) -> tuple[int, Any, int, list[Any], Any, str | None]:
-    """The group index, chord, start, items, item label and results location (if by reference)
-    of a queued header message."""
+def _purged(raw: bytes, reason: str) -> tuple[_Purged, Any]:
+    """A queued header message as a purged batch whose items failed for ``reason``, and its chord."""
     envelope = json.loads(raw)
     headers = envelope["headers"]
     body = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     args, _, embed = json.loads(body)
-    start, items = int(args[0]), batch_items(args[1])  # a list, or (by reference) its bounds or file
+    start, number = int(args[0]), int(headers.get("group_index") or 0)
     where = str(args[3]) if len(args) > 3 and args[3] else None
+    if where is not None:  # by reference: the items' count is in the message (their bounds, or the file's)
+        ref = args[1]
+        count = int(ref["range"][1]) - int(ref["range"][0]) if "range" in ref else int(ref["count"])
+        return _Purged(start, number, count, [], where), embed["chord"]
+    items = batch_items(args[1])
     definition = lookup(str(headers["task"]))
     label = definition.label if definition else (lambda item: item)
-    return int(headers.get("group_index") or 0), embed["chord"], start, items, label, where
+    errors = fail_batch(start, items, reason, label)["errors"]
+    return _Purged(start, number, len(items), errors, where), embed["chord"]

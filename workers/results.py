@@ -97,6 +97,44 @@ def read_json(url: str) -> Any:
     return json.loads(retrying_io(url, lambda: storage.read_bytes(url)))
 
 
+def failure_run(start: int, count: int, reason: str) -> ItemFailure:
+    """Items ``start`` .. ``start + count - 1``, every one failed for ``reason``, as one entry.
+
+    How a purge reports the batches of a stopped job sent by reference: one line
+    however many items, where one per item would make the fan-in of a job of
+    millions of items cancelled run past its time limit.  Readers see one
+    failure per item (:func:`iter_errors`), with no input (the inputs stay in
+    their files: ``fanout retry`` reads them there).
+    """
+    return {"index": start, "input": None, "error": reason, "count": count}
+
+
+def _failed(entry: ItemFailure) -> int:
+    """How many items an error entry stands for: one, or a :func:`failure_run`'s count."""
+    return entry.get("count", 1)
+
+
+def _clipped(entry: ItemFailure, low: int, high: int) -> ItemFailure | None:
+    """The part of ``entry`` within indexes ``low`` .. ``high - 1``, or None if none is."""
+    first, count = int(entry["index"]), _failed(entry)
+    lo, hi = max(first, low), min(first + count, high)
+    if lo >= hi:
+        return None
+    if "count" not in entry:
+        return entry
+    return failure_run(lo, hi - lo, str(entry["error"]))
+
+
+def _items(entry: ItemFailure) -> Iterator[ItemFailure]:
+    """One failure per item of an error entry."""
+    if "count" not in entry:
+        yield entry
+        return
+    first, reason = int(entry["index"]), entry["error"]
+    for index in range(first, first + _failed(entry)):
+        yield {"index": index, "input": None, "error": reason}
+
+
 def write_part(where: str, part: Part) -> PartRef:
     """Write ``part`` under job directory ``where`` and return its reference.
 
@@ -109,7 +147,7 @@ def write_part(where: str, part: Part) -> PartRef:
         "start": part["start"],
         "count": len(part["results"]),
         "url": url,
-        "failed": len(part["errors"]),
+        "failed": sum(_failed(e) for e in part["errors"]),
     }
     if len(part["errors"]) <= INLINE_ERRORS:
         ref["errors"] = part["errors"]
@@ -243,10 +281,11 @@ def merge_refs(refs: Iterable[PartRef | None], total: int, job_id: str, task: st
                 expected = start
             parts.append([start, count, ref["url"], expected])
             if ref["failed"]:
-                for failure in _part_errors(ref):
-                    if expected <= failure["index"] < end:
+                for entry in _part_errors(ref):
+                    failure = _clipped(entry, expected, end)
+                    if failure is not None:
                         fh.write(_dumps(failure) + b"\n")
-                        failed += 1
+                        failed += _failed(failure)
             expected = end
         lost(total)
 
@@ -345,7 +384,13 @@ def load_manifest(where: str) -> dict[str, Any]:
 
 
 def iter_errors(where: str) -> Iterator[ItemFailure]:
-    """The errors of an outcome kept by reference, in index order, read line by line."""
+    """The errors of an outcome kept by reference, one per item in index order, read line by line."""
+    for entry in _error_lines(where):
+        yield from _items(entry)
+
+
+def _error_lines(where: str) -> Iterator[ItemFailure]:
+    """The lines of an outcome's ``errors.jsonl``: a failure, or a :func:`failure_run`."""
     url = storage.join(where, ERRORS)
     if storage.is_local(url):
         with open(url, "rb") as fh:
@@ -356,6 +401,15 @@ def iter_errors(where: str) -> Iterator[ItemFailure]:
     with fs.open(path, "rb") as fh:
         for line in fh:
             yield json.loads(line)
+
+
+def failed_for(outcome: OutcomeDoc, reason: str | None) -> int:
+    """How many of the outcome's items failed for ``reason`` (a run of them counted at once)."""
+    if reason is None:
+        return 0
+    where = outcome.get("ref")
+    entries = _error_lines(where) if where else iter(outcome["errors"])
+    return sum(_failed(entry) for entry in entries if entry["error"] == reason)
 
 
 #: A run of consecutive items: the first one's index, their results (None where one

@@ -22,7 +22,7 @@ from orchestrator.send import check_redis, send
 from workers.app import app
 from workers.errors import FanoutError
 from workers.fanin import OutcomeDoc
-from workers.results import outcome_errors
+from workers.results import failed_for
 from workers.settings import get_settings
 
 #: How long Ctrl-C waits for the cancelled job's counts before leaving, seconds.
@@ -106,7 +106,7 @@ def interrupted(job: Job) -> int:
 
 def counts(outcome: OutcomeDoc) -> str:
     """``N done, M cancelled, K failed``: the cancelled failed for the reason the job stopped."""
-    cancelled = sum(1 for e in outcome_errors(outcome) if e["error"] == outcome.get("stopped"))
+    cancelled = failed_for(outcome, outcome.get("stopped"))
     return f"{outcome['succeeded']} done, {cancelled} cancelled, {outcome['failed'] - cancelled} failed"
 
 
