@@ -11,10 +11,11 @@ inputs and parts in a results location (one input file a batch), as a job of
 once) before a figure counts.
 
 ``--items N`` adds the case of the issue that asked for this: a doubling job of N
-items by reference (``fanout double --range N``, 10,000 to a batch) cancelled a
-second after it was sent, most of it still queued; its fan-in then holds millions of
-items not run.  The figure is the whole ``fanout cancel`` command again, and its
-outcome must be ``cancelled`` with every item counted once.
+items by reference (``fanout double --range N``, ``--items-batch`` to a batch), sent with
+the worker's consumer off and cancelled a second after it is on again, most of it still
+queued; its fan-in then holds millions of items not run.  The figure is the whole
+``fanout cancel`` command again, and its outcome must be ``cancelled`` with every item
+counted once.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run_once(n: int, by_reference: bool, root: str) -> dict[str, Any]:
     return {"wall_s": wall, "queued": queued, "cancelled": len(failed)}
 
 
-def run_items(n: int) -> dict[str, Any]:
+def run_items(n: int, batch: int) -> dict[str, Any]:
     """A doubling job of ``n`` items by reference, cancelled a second after it is sent; time it."""
     from orchestrator import builtin
     from orchestrator.jobs import Job
@@ -84,7 +85,14 @@ def run_items(n: int) -> dict[str, Any]:
     from workers import results
     from workers.app import app
 
-    job = publish(app, builtin.double(range(n)), 10_000)
+    queue = app.conf.task_default_queue
+    # Sent with the worker's consumer off (a send of 200,000 messages takes a while, and the
+    # worker would run most of them meanwhile); on again a second before the cancel.
+    app.control.cancel_consumer(queue, reply=True, timeout=5)
+    try:
+        job = publish(app, builtin.double(range(n)), batch)
+    finally:
+        app.control.add_consumer(queue, reply=True, timeout=5)
     time.sleep(1.0)
     began = time.perf_counter()
     done = subprocess.run(
@@ -102,7 +110,7 @@ def run_items(n: int) -> dict[str, Any]:
     assert cancelled == outcome["failed"] and outcome["succeeded"] + cancelled == n, "wrong counts"
     return {
         "wall_s": wall,
-        "queued": cancelled // 10_000,
+        "queued": cancelled // batch,
         "cancelled": cancelled,
         "printed": done.stdout.strip(),
     }
@@ -115,13 +123,16 @@ def run_items(n: int) -> dict[str, Any]:
     "--items", type=click.IntRange(min=0), default=0, help="Also cancel a doubling job of this many items."
 )
 @click.option(
+    "--items-batch", type=click.IntRange(min=1), default=10_000, show_default=True, help="Its batch size."
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
     help="Where cancel.json goes.",
 )
-def main(runs: int, sizes: str, items: int, out: Path) -> None:
+def main(runs: int, sizes: str, items: int, items_batch: int, out: Path) -> None:
     """Time ``fanout cancel`` (see the module's docstring)."""
     from orchestrator.discovery import list_workers
     from orchestrator.local import LocalWorker
@@ -141,7 +152,8 @@ def main(runs: int, sizes: str, items: int, out: Path) -> None:
                 name = f"{n} batches{' by reference' if by_reference else ''}"
                 rows[name] = [run_once(n, by_reference, root) for _ in range(runs)]
         if items:
-            rows[f"doubling {items:,} items by reference"] = [run_items(items) for _ in range(runs)]
+            name = f"doubling {items:,} items by reference, {items_batch:,} a batch"
+            rows[name] = [run_items(items, items_batch) for _ in range(runs)]
     (out / "cancel.json").write_text(
         json.dumps({"runs": runs, "purge_limit": PURGE_LIMIT, "cases": rows}, indent=2) + "\n"
     )
