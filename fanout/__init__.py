@@ -29,6 +29,7 @@ from workers.errors import (
     RunTimeout,
     TransientError,
     UnknownJob,
+    WaitInsideTask,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "RunTimeout",
     "TransientError",
     "UnknownJob",
+    "WaitInsideTask",
     "map",
     "submit",
     "task",

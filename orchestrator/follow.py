@@ -5,6 +5,11 @@ Following a job is one loop, :func:`follow`: every poll is O(1) Redis commands
 nothing moves and no worker is left, and it rides out a Redis restart.  Both
 :func:`wait` (the whole outcome) and :func:`parts_as_completed` (results as
 batches finish) are built on it.
+
+No task may wait (:func:`refuse_inside_task`): a wait inside a task holds a
+pool process while its job's batches queue for one, so it could only end at
+the soft time limit.  Celery refuses ``result.get()`` inside a task the same
+way, and with the same flag.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
+from celery.result import assert_will_not_block
 from celery.states import READY_STATES
 
 from orchestrator.discovery import list_workers
 from orchestrator.room import stall_cause
 from workers import connections, keys
-from workers.errors import InfrastructureError, RunTimeout
+from workers.errors import InfrastructureError, RunTimeout, WaitInsideTask
 from workers.fanin import OutcomeDoc, Part, flatten
 
 if TYPE_CHECKING:  # orchestrator.jobs builds on this module
@@ -66,6 +72,25 @@ def callback_meta(app: Celery, job_id: str) -> dict[str, Any] | None:
     return meta
 
 
+def refuse_inside_task(what: str) -> None:
+    """Raise WaitInsideTask if this process runs tasks from a pool that a wait would block.
+
+    Celery's own check, ``celery.result.assert_will_not_block``: its flag is set in
+    every prefork pool process (and for the solo and threads pools), lifted by
+    ``celery.result.allow_join_result()``, and unset in green pools and clients.
+    """
+    try:
+        assert_will_not_block()
+    except RuntimeError:
+        raise WaitInsideTask(
+            f"refused: {what} inside a task, where the wait would need the worker pool "
+            "processes that this task holds (the job's batches queue behind it), so it could "
+            "only end at the soft time limit. Instead, send the job with fanout.submit(...) and "
+            "return its job.id, then fanout.Job.attach(job_id).wait() where the outer job is "
+            "waited for; or fold the results on a worker with reduce=."
+        ) from None
+
+
 def follow(app: Celery, job: Job, timeout: float) -> Generator[int, None, OutcomeDoc]:
     """Poll ``job`` until its callback is done; yield the count of finished batches at each poll.
 
@@ -78,7 +103,9 @@ def follow(app: Celery, job: Job, timeout: float) -> Generator[int, None, Outcom
     the stall clock; once Redis is back it
     checks that the job's state survived (it does not without persistence),
     and says so instead of waiting for a run that can no longer complete.
+    Inside a task it raises WaitInsideTask at once (:func:`refuse_inside_task`).
     """
+    refuse_inside_task(f"waiting for job {job.job_id}")
     start = time.monotonic()
     deadline = start + timeout
     last_done, last_change = -1, start

@@ -28,7 +28,7 @@ from celery.canvas import Signature
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from orchestrator import canvas
+from orchestrator import canvas, follow
 from orchestrator.discovery import require_workers
 from orchestrator.jobs import DEFAULT_TIMEOUT, Job, Outcome
 from orchestrator.plan import (
@@ -96,7 +96,10 @@ def map(
     Blocks for at most ``timeout`` seconds (``RunTimeout`` after that: the job
     goes on, and ``Job.attach(id)`` finds it again).  A KeyboardInterrupt while
     it waits cancels the job, then goes on up.  See :func:`submit`.
+    Inside a task it raises WaitInsideTask before anything is sent: use
+    :func:`submit` there, and return the job's id.
     """
+    follow.refuse_inside_task("fanout.map")
     job = submit(
         task,
         items,

@@ -66,6 +66,14 @@ class BadTask(FanoutError, TypeError):
     """A function or option that cannot be made a fanout task."""
 
 
+class WaitInsideTask(FanoutError, RuntimeError):
+    """A blocking wait (``fanout.map``, ``Job.wait``, ``Job.results``, ``Job.as_completed``) called
+    inside a task: it would need the worker pool processes that the calling task holds.
+
+    A RuntimeError, as Celery's own refusal of ``result.get()`` inside a task is.
+    """
+
+
 class UnknownJob(FanoutError):
     """No job with that id is in Redis: never sent there, or expired."""
 
