@@ -7,6 +7,7 @@ user's workers would.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import fanout
@@ -99,3 +100,23 @@ def needs_file(path: str) -> str:
     """Reads the file at ``path``: fails until it exists (a failure that a retry can mend)."""
     with open(path) as fh:
         return fh.read().strip()
+
+
+@fanout.task
+def map_inside(value: int) -> list[Any]:
+    """Waits on a fan-out of its own: refused (``fanout.WaitInsideTask``), so the item fails at once."""
+    return list(fanout.map(triple, [value]).results)
+
+
+@fanout.task
+def wait_inside(value: int) -> list[Any]:
+    """Sends a fan-out of its own (allowed), then waits on it (refused), so the item fails at once."""
+    return list(fanout.submit(triple, [value]).results())
+
+
+@fanout.task
+def submit_folder(folder: str) -> str:
+    """The outer level of a two-level fan-out: sends a job over the folder's files (read by
+    ``needs_file``) and returns its id, for the caller to attach and wait for."""
+    files = sorted(str(path) for path in Path(folder).iterdir() if path.is_file())
+    return fanout.submit(needs_file, files).id
