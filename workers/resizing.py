@@ -14,8 +14,8 @@ re-encoded, so the format, quality and metadata rules below hold for it too.
 
 The EXIF orientation is applied exactly once: by the reader (Pillow's TIFF
 reader turns the picture as it loads) or else here.  The ICC colour profile is
-kept; all other metadata (EXIF, XMP, text chunks) is dropped.  Alpha is flattened onto
-``background`` when the output format (JPEG) has none.  JPEG sources are
+kept; all other metadata (EXIF, XMP, text chunks) is dropped.  Alpha is
+flattened onto ``background`` when the output format (JPEG) has none.  JPEG sources are
 decoded at a reduced scale (``draft``) when the box is much smaller, and
 Pillow's decompression-bomb limit stays on.
 
@@ -347,8 +347,8 @@ def _turned(size: tuple[int, int], orientation: int) -> tuple[int, int]:
 def _draft(im: Image.Image, box: tuple[int, int], options: ResizeOptions, orientation: int) -> None:
     """Let a JPEG decode at the smallest DCT scale still enough for ``box``; a no-op for other formats.
 
-    JPEG's reader declares the size as stored and leaves ``orientation`` to us,
-    so that is the size turned by it.
+    JPEG's reader declares the stored size and leaves ``orientation`` for
+    :func:`render` to apply: the size shown is the stored one turned by it.
     """
     stored = im.size
     shown = _turned(stored, orientation)
