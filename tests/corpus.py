@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from orchestrator.samples import make_photo
 
@@ -83,6 +83,91 @@ def unusual(directory: Path) -> dict[str, Path]:
             directory / f"orient-{orientation}.jpg", (400, 200), seed=orientation, orientation=orientation
         )
     return paths
+
+
+# --------------------------------------------------------------------------- orientation, by decoder
+
+#: How every oriented source shows: the shape of Pillow's own ``g4_orientation_*.tif``.
+SHOWN_SIZE = (590, 88)
+#: The dark block each oriented source shows in its top-left corner, on white.
+MARKER_BOX = (0, 0, SHOWN_SIZE[0] // 3, SHOWN_SIZE[1] // 2)
+#: What undoes each orientation: the source stores ``shown.transpose(_STORED[o])``, so
+#: that applying the orientation once (``ImageOps.exif_transpose``) shows the picture.
+_STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,  # shown by ROTATE_270
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,  # shown by ROTATE_90
+}
+#: Each decoder that reads an orientation, and whether it applies it itself as it loads:
+#: Pillow's TIFF reader does, through libtiff (Group 4, LZW) or its own decoder (raw).
+ORIENTING_DECODERS = {
+    "tiff-group4": True,
+    "tiff-lzw": True,
+    "tiff-raw": True,
+    "jpeg": False,
+    "png-exif": False,
+    "png-xmp": False,
+    "webp": False,
+    "avif": False,
+}
+
+
+@dataclass(frozen=True)
+class OrientedCase:
+    """A source that shows :data:`SHOWN_SIZE` with the marker top-left once ``orientation`` is applied."""
+
+    name: str
+    path: Path
+    decoder: str
+    orientation: int
+
+
+def _shown(mode: str) -> Image.Image:
+    im = Image.new(mode, SHOWN_SIZE, "white")
+    ImageDraw.Draw(im).rectangle(MARKER_BOX, fill="black")
+    return im
+
+
+def _xmp(orientation: int) -> str:
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>'
+    )
+
+
+def oriented(directory: Path) -> list[OrientedCase]:
+    """Every decoder of :data:`ORIENTING_DECODERS` in all eight orientations, a few KB each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for decoder in ORIENTING_DECODERS:
+        shown = _shown("1" if decoder in ("tiff-group4", "tiff-raw") else "RGB")
+        for orientation in range(1, 9):
+            stored = shown.transpose(_STORED[orientation]) if orientation in _STORED else shown
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            name = f"{decoder}-{orientation}"
+            fmt, _, codec = decoder.partition("-")
+            path = directory / f"{name}.{fmt}"
+            if fmt == "tiff":
+                stored.save(
+                    path,
+                    "TIFF",
+                    compression={"lzw": "tiff_lzw"}.get(codec, codec),
+                    tiffinfo={0x0112: orientation},
+                )
+            elif codec == "xmp":
+                info = PngImagePlugin.PngInfo()
+                info.add_itxt("XML:com.adobe.xmp", _xmp(orientation))
+                stored.save(path, "PNG", pnginfo=info)
+            else:
+                stored.save(path, fmt.upper(), exif=exif)  # AVIF stores it as irot/imir boxes
+            cases.append(OrientedCase(name, path, decoder, orientation))
+    return cases
 
 
 # --------------------------------------------------------------------------- formats x modes x codecs
@@ -331,6 +416,14 @@ def formats(directory: Path, write: bool = True) -> list[FormatCase]:
             add(f"tiff-{mode.replace(';', '')}-{compression}", ".tif", src[mode], "TIFF", out,
                 compression=compression)  # fmt: skip
     add("tiff-pages", ".tif", src["RGB"], "TIFF", "RGB", save_all=True, append_images=_frames(src["RGB"])[1:])
+    # TIFF with an orientation that turns it a quarter: Pillow's reader applies it as it
+    # loads, through libtiff (Group 4, LZW) and through its own decoder (raw) alike, and
+    # opens it at the size it shows (48 x 32): it must not be turned again.
+    for orientation in (5, 6, 7, 8):
+        for mode, out, compression in (("1", "L", "group4"), ("1", "L", "raw"), ("RGB", "RGB", "tiff_lzw")):
+            stored = src[mode].transpose(_STORED[orientation])
+            add(f"tiff-{mode}-{compression}-orientation-{orientation}", ".tif", stored, "TIFF", out,
+                compression=compression, tiffinfo={0x0112: orientation})  # fmt: skip
 
     # WebP: lossy, lossless, alpha, animation; greyscale is stored as RGB.
     each("WEBP", ".webp", {"RGB": "RGB", "RGBA": "RGBA", "L": "RGB"})

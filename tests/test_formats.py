@@ -1,6 +1,6 @@
 """Every format Pillow reads and writes, in each mode it stores, with each codec option: resized.
 
-The corpus is generated (:func:`tests.corpus.formats`, 139 files of 48 x 32
+The corpus is generated (:func:`tests.corpus.formats`, 151 files of 48 x 32
 pixels).  One ``fanout resize --format keep`` job sends all of it through a real
 worker; each case then checks its own output's format, mode and size.  The
 cases that stay errors, and why, are listed in docs/formats.md.
@@ -21,7 +21,14 @@ from PIL import Image
 
 from orchestrator.local import LocalWorker
 from tests.conftest import TEST_REDIS_URL, fanout_command
-from tests.corpus import FormatCase, formats
+from tests.corpus import (
+    ORIENTING_DECODERS,
+    SHOWN_SIZE,
+    FormatCase,
+    OrientedCase,
+    formats,
+    oriented,
+)
 from workers import resizing
 from workers.errors import ImageError, TransientError
 from workers.resizing import WRITES, ResizeOptions, kept_suffix, output_size, resize_to, save_params
@@ -103,6 +110,47 @@ def test_every_image_of_the_corpus_converts_to_each_output_format(
             if (im.format, im.size) != (choice.upper(), size) or im.mode not in modes:
                 wrong.append(f"{case.name}: {im.format} {im.mode} {im.size}")
     assert not wrong
+
+
+# --- the orientation, applied exactly once whichever decoder reads it (no broker) --
+
+
+@pytest.fixture(scope="module")
+def oriented_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, OrientedCase]:
+    return {case.name: case for case in oriented(tmp_path_factory.mktemp("oriented"))}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("decoder", list(ORIENTING_DECODERS))
+def test_the_orientation_is_applied_exactly_once_whichever_decoder_reads_it(
+    oriented_cases: dict[str, OrientedCase], tmp_path: Path, decoder: str, orientation: int
+) -> None:
+    """Each source shows 590 x 88 with a dark block top-left, as ``exif_transpose`` would show it.
+
+    Pillow's TIFF reader turns the picture itself as it loads; a second turn made
+    Group 4 orientations 5-8 come out 10 x 64, a picture 590 wide squeezed into 10.
+    """
+    case = oriented_cases[f"{decoder}-{orientation}"]
+    for mode, box, dark, light in [
+        # fit: the whole picture at 64 x 10, the block over x < 21, y < 5.
+        ("fit", (64, 64), [(1, 1), (17, 3)], [(25, 2), (62, 1), (1, 8), (62, 8)]),
+        # fill from the top-left: 134 x 20 cut to 20 x 20, the block over its top half.
+        ("fill", (20, 20), [(1, 1), (18, 7)], [(1, 18), (18, 18)]),
+    ]:
+        destination = tmp_path / f"{mode}.png"
+        options = ResizeOptions(mode=mode, anchor="top-left", format="png", tile=False)
+        record = resize_to(str(case.path), str(destination), box, options)
+        with Image.open(destination) as im:
+            grey = im.convert("L")
+        assert grey.size == (record["width"], record["height"]) == output_size(SHOWN_SIZE, box, mode, False)
+        assert [xy for xy in dark if _level(grey, xy) > 64] == [], f"{mode}: not dark"
+        assert [xy for xy in light if _level(grey, xy) < 192] == [], f"{mode}: not white"
+
+
+def _level(grey: Image.Image, xy: tuple[int, int]) -> int:
+    value = grey.getpixel(xy)
+    assert isinstance(value, int)
+    return value
 
 
 # --- the corpus through a real worker, as one job --------------------------------

@@ -12,9 +12,10 @@ kept at its own size (fit), cropped to the box's aspect ratio at its own scale
 (fill), or has only its larger-than-box sides reduced (exact).  It is still
 re-encoded, so the format, quality and metadata rules below hold for it too.
 
-The EXIF orientation is applied; the ICC colour profile is kept; all other
-metadata (EXIF, XMP, text chunks) is dropped.  Alpha is flattened onto
-``background`` when the output format (JPEG) has none.  JPEG sources are
+The EXIF orientation is applied exactly once: by the reader (Pillow's TIFF
+reader turns the picture as it loads) or else here.  The ICC colour profile is
+kept; all other metadata (EXIF, XMP, text chunks) is dropped.  Alpha is
+flattened onto ``background`` when the output format (JPEG) has none.  JPEG sources are
 decoded at a reduced scale (``draft``) when the box is much smaller, and
 Pillow's decompression-bomb limit stays on.
 
@@ -338,27 +339,48 @@ def save_params(
     return params
 
 
-def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Image.Image:
-    """The resized image: EXIF orientation applied, then fit, fill or exact into ``box``.
+def _turned(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``size`` as shown once ``orientation`` (an EXIF value) is applied."""
+    return (size[1], size[0]) if orientation in _TRANSPOSED else size
 
-    ``im`` is freshly opened (not yet loaded), so a JPEG can still be decoded at
-    a reduced scale.
+
+def _draft(im: Image.Image, box: tuple[int, int], options: ResizeOptions, orientation: int) -> None:
+    """Let a JPEG decode at the smallest DCT scale still enough for ``box``; a no-op for other formats.
+
+    JPEG's reader declares the stored size and leaves ``orientation`` for
+    :func:`render` to apply: the size shown is the stored one turned by it.
     """
-    orientation = im.getexif().get(0x0112, 1)
-    stored_w, stored_h = im.size
-    if stored_w < 1 or stored_h < 1:
-        raise ValueError(f"it declares {stored_w}x{stored_h} pixels")
-    shown = (stored_h, stored_w) if orientation in _TRANSPOSED else (stored_w, stored_h)
+    stored = im.size
+    shown = _turned(stored, orientation)
     target = output_size(shown, box, options.mode, options.upscale)
     # The scale each displayed axis needs; fit and fill keep the aspect, exact does not.
     sx, sy = target[0] / shown[0], target[1] / shown[1]
     if options.mode == "fill":
         sx = sy = max(sx, sy)
-    need = (math.ceil(shown[0] * sx * _DRAFT_GAP), math.ceil(shown[1] * sy * _DRAFT_GAP))
-    if orientation in _TRANSPOSED:
-        need = (need[1], need[0])
-    if need[0] < stored_w and need[1] < stored_h:
-        im.draft(None, need)  # JPEG only: DCT scaling to no less than ``need``; a no-op elsewhere
+    need = _turned(
+        (math.ceil(shown[0] * sx * _DRAFT_GAP), math.ceil(shown[1] * sy * _DRAFT_GAP)), orientation
+    )
+    if need[0] < stored[0] and need[1] < stored[1]:
+        im.draft(None, need)  # DCT scaling to no less than ``need``
+
+
+def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Image.Image:
+    """The resized image: EXIF orientation applied exactly once, then fit, fill or exact into ``box``.
+
+    ``im`` is freshly opened (not yet loaded), so a JPEG can still be decoded at
+    a reduced scale.
+    """
+    declared = im.size
+    if declared[0] < 1 or declared[1] < 1:
+        raise ValueError(f"it declares {declared[0]}x{declared[1]} pixels")
+    _draft(im, box, options, im.getexif().get(0x0112, 1))
+    im.load()
+    # The orientation the reader left to us.  Pillow's TIFF reader (libtiff or its own
+    # decoder) applies the tag as it loads and then deletes it (TiffImagePlugin.load_end:
+    # ``ImageOps.exif_transpose(self, in_place=True)``), having declared the turned size
+    # when opened (``_setup``); every other reader keeps the tag and the stored size.
+    pending = im.getexif().get(0x0112, 1)
+    target = output_size(_turned(declared, pending), box, options.mode, options.upscale)
     im = _working_mode(ImageOps.exif_transpose(im))
     if options.mode == "fill":
         return ImageOps.fit(im, target, Image.Resampling.LANCZOS, centering=ANCHORS[options.anchor])
