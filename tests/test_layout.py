@@ -142,3 +142,18 @@ def test_stopping_a_job_imports_nothing_of_the_header_task_that_reads_its_stop()
     assert "workers.core" not in graph["workers.control"]
     modules = {name for name in graph if name.startswith("workers.")}
     assert _cycles({name: graph[name] & modules for name in modules}) == []
+
+
+def test_the_wheel_lists_every_package_of_the_source_tree() -> None:
+    # setuptools builds only the packages pyproject.toml lists: a subpackage left out is missing
+    # from the wheel, and so from the image (`fanout` fails there with ModuleNotFoundError).
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for package in ("fanout", "workers", "orchestrator")
+        for init in (root / package).rglob("__init__.py")
+    }
+    assert found == listed
