@@ -49,8 +49,10 @@ def test_a_cancel_past_one_purge_step_takes_every_queued_batch_keeps_the_count_a
     stop = threading.Event()
 
     def watch() -> None:  # the worker stays listed all along (its main thread is never held up)
-        while not stop.wait(0.5):
+        while True:
             listed.append(len(list_workers(app)))
+            if stop.wait(0.5):
+                return
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
