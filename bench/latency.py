@@ -126,12 +126,27 @@ def run_case(
     }
 
 
+def script_names() -> dict[str, str]:
+    """``EVALSHA 1a2b3c4d`` -> ``EVALSHA CHORD_PART_RETURN_LUA``: the Lua scripts the worker may run."""
+    import hashlib
+    import importlib
+
+    names = {}
+    for module in ("celery.backends.redis", "workers.healing", "workers.purge"):
+        for name, value in vars(importlib.import_module(module)).items():
+            if name.endswith("_LUA") and isinstance(value, str):
+                sha = hashlib.sha1(value.encode()).hexdigest()[:8]
+                names[f"EVALSHA {sha}"] = names[f"EVAL {sha}"] = f"EVAL(SHA) {name}"
+    return names
+
+
 def per_task(found: list[dict[str, Any]]) -> dict[str, float]:
     """Commands by name and round trips per task (batches + the fan-in), over all runs."""
     tasks = sum(row["batches"] + 1 for row in found)
+    scripts = script_names()
     total: Counter[str] = Counter()
     for row in found:
-        total.update(row["commands"])
+        total.update({scripts.get(name, name): count for name, count in row["commands"].items()})
     doc = {name: count / tasks for name, count in sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))}
     doc["all commands"] = sum(total.values()) / tasks
     doc["round trips"] = sum(row["round_trips"] for row in found) / tasks
