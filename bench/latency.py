@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from bench.delayproxy import DelayProxy
+from bench.delayproxy import DelayProxy, Traffic
 from bench.suite import fanout_cli
 
 
@@ -94,9 +94,12 @@ def _check_resized(doc: dict[str, Any], n: int, out: Path) -> None:
 
 
 def run_case(
-    proxy: DelayProxy, env: dict[str, str], case: dict[str, Any], delay: float, timeout: float
+    proxy: DelayProxy | None, env: dict[str, str], case: dict[str, Any], delay: float, timeout: float
 ) -> dict[str, Any]:
-    """Run one row's command once with the proxy at ``delay``; check it; return its figures and traffic."""
+    """Run one row's command once with the proxy at ``delay``; check it; return its figures and traffic.
+
+    With no proxy (the worker straight on Redis) there is no traffic to count.
+    """
     from orchestrator.jobs import Job
     from workers.app import app
 
@@ -104,10 +107,11 @@ def run_case(
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
     args = [*case["args"], *(["--out", str(out)] if out is not None else [])]
-    proxy.delay = delay
-    proxy.take()
+    if proxy is not None:
+        proxy.delay = delay
+        proxy.take()
     doc, wall, _ = fanout_cli(env, args, timeout)
-    traffic = proxy.take()
+    traffic = proxy.take() if proxy is not None else Traffic()
     if out is None:
         _check_doubled(doc, case["n"])
     else:
@@ -163,6 +167,7 @@ _COUNT = click.IntRange(min=1)
 @click.option("--batched", type=_COUNT, default=1_000_000, show_default=True, help="Items, auto batch.")
 @click.option("--photos", type=_COUNT, default=300, show_default=True, help="Photos to resize.")
 @click.option("--timeout", type=_COUNT, default=600, show_default=True, help="Per command, s.")
+@click.option("--direct/--no-direct", default=True, show_default=True, help="Also run with no proxy.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -170,7 +175,9 @@ _COUNT = click.IntRange(min=1)
     show_default=True,
     help="Where latency.json, the worker's log and the generated photos go.",
 )
-def main(runs: int, rtt_ms: float, per_item: int, batched: int, photos: int, timeout: int, out: Path) -> None:
+def main(
+    runs: int, rtt_ms: float, per_item: int, batched: int, photos: int, timeout: int, direct: bool, out: Path
+) -> None:
     """Whole commands with the worker behind a delaying proxy, 0 ms against --rtt-ms (see the module)."""
     from orchestrator.discovery import list_workers
     from orchestrator.local import LocalWorker
@@ -203,7 +210,8 @@ def main(runs: int, rtt_ms: float, per_item: int, batched: int, photos: int, tim
          "dest": out / "latency-out"},
     ]  # fmt: skip
     client_env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    rows: dict[str, dict[str, list[dict[str, Any]]]] = {case["name"]: {"0": [], "slow": []} for case in cases}
+    Rows = dict[str, dict[str, list[dict[str, Any]]]]
+    rows: Rows = {case["name"]: {"0": [], "slow": [], "direct": []} for case in cases}
     with DelayProxy((target.hostname or "127.0.0.1", target.port or 6379)) as proxy:
         link = calibrate(proxy, db, rtt_ms)
         split = ("FANOUT_BROKER_URL", "FANOUT_RESULT_BACKEND")
@@ -222,6 +230,12 @@ def main(runs: int, rtt_ms: float, per_item: int, batched: int, photos: int, tim
                     order = [("0", 0.0), ("slow", link["one_way_delay_ms"] / 1e3)]
                     for key, delay in order if run % 2 == 0 else order[::-1]:
                         rows[case["name"]][key].append(run_case(proxy, client_env, case, delay, timeout))
+    if direct:  # the same rows with the worker straight on Redis: what the proxy itself costs
+        with LocalWorker(app, 2, "bench-latency-direct", client_env, str(out / "worker-latency.log")):
+            run_case(None, client_env, warm_up, 0.0, timeout)
+            for _ in range(runs):
+                for case in cases:
+                    rows[case["name"]]["direct"].append(run_case(None, client_env, case, 0.0, timeout))
     document = {
         "runs": runs,
         "rtt_ms": rtt_ms,
@@ -254,15 +268,17 @@ def print_tables(document: dict[str, Any]) -> None:
         f"Median of {document['runs']} (min-max), whole commands.\n"
     )
     print(
-        f"| command | tasks | 0 ms, s | {rtt:g} ms, s | ratio (throughput) "
+        f"| command | tasks | no proxy, s | 0 ms, s | {rtt:g} ms, s | ratio (throughput) "
         f"| round trips / task, 0 ms | {rtt:g} ms |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, case in document["cases"].items():
         zero = [r["wall_s"] for r in case["0"]]
+        bare = [r["wall_s"] for r in case["direct"]]
+        no_proxy = f"{statistics.median(bare):.2f} ({min(bare):.2f}-{max(bare):.2f})" if bare else ""
         slow = [r["wall_s"] for r in case["slow"]]
         print(
-            f"| {name} | {case['0'][0]['batches'] + 1:,} "
+            f"| {name} | {case['0'][0]['batches'] + 1:,} | {no_proxy} "
             f"| {statistics.median(zero):.2f} ({min(zero):.2f}-{max(zero):.2f}) "
             f"| {statistics.median(slow):.2f} ({min(slow):.2f}-{max(slow):.2f}) | {case['ratio']:.2f}x "
             f"| {case['per_task_0']['round trips']:.1f} | {case['per_task_slow']['round trips']:.1f} |"
