@@ -16,6 +16,8 @@ Rows (each at 0 ms and at ``--rtt-ms``, alternating, median of ``--runs``):
 At 0 ms the same proxy passes bytes straight through, so its own cost is on both
 sides of the ratio (0 ms time / slow time, as throughput).  The one-way delay is
 calibrated first so that PING through the proxy takes ``--rtt-ms`` longer than at 0.
+``--direct`` (on by default) runs the rows once more with the worker straight on
+Redis, to show what the proxy itself costs.
 
 The proxy also counts the worker's Redis commands by name and its round trips
 (turnarounds: a request sent after a reply on the same connection), per task of
