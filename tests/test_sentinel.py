@@ -148,6 +148,19 @@ ITEMS = 100_000
 #: kombu 5.7 acknowledging a message on a channel whose connection is already closed (the
 #: worker's main process exits); seen in about 1 run in 6 of the failover test.
 KOMBU_ACK_CRASH = "Unrecoverable error: AttributeError(\"'NoneType' object has no attribute 'hostname'\")"
+
+
+def xfail_if_kombu_crashed(workers: list[LocalWorker], then: str) -> None:
+    """xfail if a worker died, each of kombu's ack on a closed Sentinel channel (KOMBU_ACK_CRASH):
+    the known crash docs/failures.md describes, seen about once in six failovers."""
+    crashed = [w for w in workers if w.process is not None and w.process.poll() is not None]
+    if crashed and all(KOMBU_ACK_CRASH in Path(w.log_path or "").read_text() for w in crashed):
+        pytest.xfail(
+            f"{len(crashed)} of {len(workers)} workers died of kombu's ack on a closed Sentinel "
+            f"channel ({KOMBU_ACK_CRASH}) {then}: see docs/failures.md"
+        )
+
+
 IMAGES = 500
 
 
@@ -211,6 +224,8 @@ def test_the_master_killed_mid_job_both_jobs_complete_after_the_failover(tmp_pat
 
             (map_out, map_err), (resize_out, resize_err) = (c.communicate(timeout=360) for c in clients)
             done_s = time.monotonic() - killed
+            if any(c.returncode for c in clients):
+                xfail_if_kombu_crashed(workers, "and the jobs could not complete")
 
             assert clients[0].returncode == 0, map_err[-3000:]
             assert json.loads(map_out) == {"results": [2 * i for i in range(ITEMS)], "errors": 0}
@@ -242,12 +257,7 @@ def test_the_master_killed_mid_job_both_jobs_complete_after_the_failover(tmp_pat
             while not back() and time.monotonic() < deadline:
                 time.sleep(0.2)
             if not back():
-                crashed = [w for w in workers if w.process is not None and w.process.poll() is not None]
-                if crashed and all(KOMBU_ACK_CRASH in Path(w.log_path or "").read_text() for w in crashed):
-                    pytest.xfail(
-                        "a worker died of kombu's ack on a closed Sentinel channel "
-                        f"({KOMBU_ACK_CRASH}): see docs/failures.md"
-                    )
+                xfail_if_kombu_crashed(workers, "and did not come back")
                 raise AssertionError(
                     f"a worker did not come back within 30 s: {[w.hostname for w in workers]}"
                 )
