@@ -59,9 +59,20 @@ def run_once(n: int, by_reference: bool, root: str) -> dict[str, Any]:
             raise SystemExit("bench: the job did not start within 120 s")
         time.sleep(0.05)
     queued = int(app.backend.client.llen("fanout"))
+    wall, _ = timed_cancel(plan.job_id)
+    meta = app.backend.get_task_meta(plan.job_id)
+    outcome = results.materialize(meta["result"])
+    failed = {e["index"] for e in outcome["errors"]}
+    assert {e["error"] for e in outcome["errors"]} == {"cancelled"}, "an item failed otherwise"
+    assert all((outcome["results"][i] is None) == (i in failed) for i in range(n)), "wrong outcome"
+    return {"wall_s": wall, "queued": queued, "cancelled": len(failed)}
+
+
+def timed_cancel(job_id: str) -> tuple[float, str]:
+    """``fanout cancel JOB_ID`` as a user runs it (a fresh process): its wall time and what it printed."""
     began = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "cancel", plan.job_id, "--timeout", "600"],
+        [sys.executable, "-m", "orchestrator", "cancel", job_id, "--timeout", "600"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -69,12 +80,7 @@ def run_once(n: int, by_reference: bool, root: str) -> dict[str, Any]:
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise SystemExit(f"bench: fanout cancel exited {done.returncode}: {done.stderr}")
-    meta = app.backend.get_task_meta(plan.job_id)
-    outcome = results.materialize(meta["result"])
-    failed = {e["index"] for e in outcome["errors"]}
-    assert {e["error"] for e in outcome["errors"]} == {"cancelled"}, "an item failed otherwise"
-    assert all((outcome["results"][i] is None) == (i in failed) for i in range(n)), "wrong outcome"
-    return {"wall_s": wall, "queued": queued, "cancelled": len(failed)}
+    return wall, done.stdout.strip()
 
 
 def run_items(n: int, batch: int) -> dict[str, Any]:
@@ -94,16 +100,7 @@ def run_items(n: int, batch: int) -> dict[str, Any]:
     finally:
         app.control.add_consumer(queue, reply=True, timeout=5)
     time.sleep(1.0)
-    began = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "cancel", job.job_id, "--timeout", "600"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    wall = time.perf_counter() - began
-    if done.returncode != 0:
-        raise SystemExit(f"bench: fanout cancel exited {done.returncode}: {done.stderr}")
+    wall, printed = timed_cancel(job.job_id)
     outcome = Job.attach(job.job_id, app).wait(60).data
     cancelled = results.failed_for(outcome, "cancelled")
     assert outcome.get("stopped") == "cancelled" and outcome["total"] == n, "not cancelled"
@@ -112,7 +109,7 @@ def run_items(n: int, batch: int) -> dict[str, Any]:
         "wall_s": wall,
         "queued": cancelled // batch,
         "cancelled": cancelled,
-        "printed": done.stdout.strip(),
+        "printed": printed,
     }
 
 
