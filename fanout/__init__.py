@@ -10,6 +10,7 @@
     outcome = fanout.map(score, records)       # blocks; results in input order
     outcome.results, outcome.errors            # errors by index, with the reason
     job = fanout.submit(score, records)        # returns at once
+    @fanout.task(fold=fanout.Fold(add, initial=Counter))  # outcome.reduced: the folded value
     for index, value in job.as_completed(): ...
 
 Workers import the modules that define tasks: ``FANOUT_IMPORTS=myjobs fanout worker``.
@@ -31,6 +32,7 @@ from workers.errors import (
     UnknownJob,
     WaitInsideTask,
 )
+from workers.folding import Fold
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -39,6 +41,7 @@ __all__ = [
     "Failure",
     "FanoutError",
     "FanoutTask",
+    "Fold",
     "InfrastructureError",
     "InputError",
     "ItemError",

@@ -22,7 +22,9 @@ its work; the policy is declared once on the decorator and applied here:
   is failed instead of run forever (:mod:`workers.attempts`).
 
 The same decorator makes a *reduce* function: ``reduce(results, errors, **kwargs)``,
-run once on a worker by the chord callback, ``fanout.collect``.
+run once on a worker by the chord callback, ``fanout.collect``.  A task declared with
+``fold=Fold(...)`` folds instead (:mod:`workers.folding`): each batch reports one
+partial and its failures, and the callback merges the partials one at a time.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from workers.batches import batch_items
 from workers.control import JobControl
 from workers.errors import BadTask, ItemError, JobStopped, NotJSON
 from workers.fanin import Part, describe, fail_batch
+from workers.folding import Fold, fold_part
 from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -106,6 +109,7 @@ class FanoutTask(Generic[P, R]):
         retry_on: tuple[type[BaseException], ...],
         backoff: float,
         label: Callable[[Any], Any] | None,
+        fold: Fold[Any] | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
@@ -115,6 +119,8 @@ class FanoutTask(Generic[P, R]):
         self.retry_on = retry_on
         self.backoff = backoff
         self.label: Callable[[Any], Any] = label or (lambda item: item)
+        #: How this task's results are folded, batch by batch, instead of returned one by one.
+        self.fold = fold
         functools.update_wrapper(self, fn)
         self.celery_task = _register(self)
 
@@ -150,7 +156,7 @@ class FanoutTask(Generic[P, R]):
             except Exception:
                 logger.warning("%s: item %r raised", self.name, self.label(item), exc_info=True)
                 raise
-            problem = json_problem(result)
+            problem = json_problem(result) if self.fold is None else None  # a fold's results stay here
             if problem is not None:
                 raise NotJSON(str(self.label(item)), f"result: {problem}")
             return result
@@ -257,6 +263,8 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})
         softlimit.hold("reporting a finished batch")  # released when the task ends
+        if definition.fold is not None:  # the batch's partial and failures travel, not its results
+            part = fold_part(definition.fold, part, json_problem)
         if where is None:
             return part
         from workers.results import write_part
@@ -293,6 +301,7 @@ def task(
     retry_on: tuple[type[BaseException], ...] = (),
     backoff: float = 1.0,
     label: Callable[[Any], Any] | None = None,
+    fold: Fold[Any] | None = None,
 ) -> Callable[[Callable[P, R]], FanoutTask[P, R]]: ...
 
 
@@ -307,6 +316,7 @@ def task(
     retry_on: tuple[type[BaseException], ...] = (),
     backoff: float = 1.0,
     label: Callable[[Any], Any] | None = None,
+    fold: Fold[Any] | None = None,
 ) -> FanoutTask[P, R] | Callable[[Callable[P, R]], FanoutTask[P, R]]:
     """Make ``fn(item, **kwargs)`` a fanout task; as ``@task`` or ``@task(...)``.
 
@@ -318,6 +328,8 @@ def task(
     ``retries``, ``retry_on``, ``backoff``: an item raising one of ``retry_on`` is run
     again up to ``retries`` times, after ``backoff``, then twice that, and so on.
     ``label``: how an item is named in its error (default: the item itself).
+    ``fold``: a :class:`~workers.folding.Fold`; every job of the task then folds its
+    results into one value (``outcome.reduced``) instead of returning them.
     """
     if batch_size is not None and batch_size < 1:
         raise BadTask(f"batch_size must be at least 1, got {batch_size}")
@@ -329,6 +341,8 @@ def task(
         isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
     ):
         raise BadTask("retry_on must be a tuple of exception classes")
+    if fold is not None and not isinstance(fold, Fold):
+        raise BadTask(f"fold must be a fanout.Fold, got {type(fold).__name__}")
 
     def decorate(func: Callable[P, R]) -> FanoutTask[P, R]:
         if not callable(func):
@@ -342,6 +356,7 @@ def task(
             retry_on,
             backoff,
             label,
+            fold,
         )
 
     return decorate(fn) if fn is not None else decorate
