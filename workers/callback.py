@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers import connections, folding, keys, results, storage
+from workers import connections, folding, keys, results, running, storage
 from workers.app import app
 from workers.core import lookup
 from workers.fanin import ItemFailure, OutcomeDoc, describe, merge, merge_retry
@@ -40,7 +40,10 @@ def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> OutcomeDoc:
     job_id = str(job["job_id"])
     where = job.get("where")
     if job.get("fold"):
-        outcome = fold_outcome(str(job["fold"]), parts, job_id, str(job["task"]), int(job["total"]), where)
+        group = self.request.group
+        outcome = fold_outcome(
+            str(job["fold"]), parts, job_id, str(job["task"]), int(job["total"]), where, group
+        )
     elif where:  # sent by reference: the parts are files, the joins carry where they are
         outcome = results.merge_refs(parts, int(job["total"]), job_id, str(job["task"]), str(where))
     else:
@@ -92,7 +95,7 @@ def reduce_outcome(name: str, outcome: OutcomeDoc, kwargs: dict[str, Any]) -> di
 
 
 def fold_outcome(
-    name: str, parts: list[Any], job_id: str, task: str, total: int, where: str | None
+    name: str, parts: list[Any], job_id: str, task: str, size: int, where: str | None, group: str | None
 ) -> OutcomeDoc:
     """The outcome of a job of the fanout task ``name``, which folds: its partials merged in input order.
 
@@ -101,15 +104,18 @@ def fold_outcome(
     """
     definition = lookup(name)
     fold = definition.fold if definition is not None else None
+    # By reference, the header tasks merged most partials as they arrived: the latest running total.
+    total = running.snapshot(connections.backend(app), str(group)) if where and group and fold else None
 
     def merged(write: Callable[[ItemFailure], None]) -> folding.Folded:
         return folding.merge_folded(
             parts,
-            total,
+            size,
             fold,
             lambda ref: results.read_part(str(ref["url"])),
             write,
             stop_on=(SoftTimeLimitExceeded,),
+            running=total,
         )
 
     errors: list[ItemFailure] = []
@@ -122,7 +128,9 @@ def fold_outcome(
     elif done.error is not None:
         logger.warning("fold %s of job %s: %s", name, job_id, done.error)
         done.error = f"{name}: {done.error}"
-    outcome = folding.outcome_of(job_id, task, total, done, errors)
+    outcome = folding.outcome_of(job_id, task, size, done, errors)
+    if group:
+        running.forget(connections.backend(app), str(group))
     if where:
         outcome["ref"] = where
         manifest = {key: value for key, value in outcome.items() if key != "reduced"}

@@ -238,6 +238,17 @@ class FanoutTask(Generic[P, R]):
         return value
 
 
+def _offer(task: Task, fold: Fold[Any], where: str, ref: dict[str, Any]) -> None:
+    """Offer a folded part to its job's running total; the lock of a round outlives the task's hard limit."""
+    from workers import running
+
+    hard = (task.request.timelimit or (None, None))[0] or task.time_limit or app.conf.task_time_limit
+    client = connections.backend(task.app)
+    running.offer(
+        client, str(task.request.group), where, fold, ref, float(hard) + 10, get_settings().result_expires
+    )
+
+
 def _register(definition: FanoutTask[Any, Any]) -> Any:
     """Register ``definition``'s header task on the one app, under its name."""
 
@@ -269,7 +280,10 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
             return part
         from workers.results import write_part
 
-        return write_part(where, part)
+        ref = write_part(where, part)
+        if definition.fold is not None and self.request.group:  # merged as it arrives (workers/running.py)
+            _offer(self, definition.fold, where, dict(ref))
+        return ref
 
     header.__name__ = header.__qualname__ = definition.name.rsplit(".", 1)[-1]
     header.__module__ = definition.fn.__module__

@@ -136,6 +136,7 @@ def merge_folded(
     read: Callable[[Any], Part],
     write_failure: Callable[[ItemFailure], None],
     stop_on: tuple[type[BaseException], ...] = (),
+    running: dict[str, Any] | None = None,
 ) -> Folded:
     """Merge the partials of ``parts`` (parts, or references that ``read`` opens) in input order.
 
@@ -147,6 +148,10 @@ def merge_folded(
     partial is read (``read``) and held at a time.  Once a step or a merge has
     failed (or an exception in ``stop_on``, a time limit, has stopped it), the
     rest is no longer merged, but the failures are still all reported.
+
+    ``running`` is a running total the header tasks merged as the partials
+    arrived (workers/running.py): its value is the start, and the batches it
+    covers are not merged again (their failures are read from the part it took).
     """
     chosen: list[Any] = []
     for given in sorted(flatten(parts), key=lambda p: p["start"]):
@@ -155,6 +160,15 @@ def merge_folded(
         chosen.append(given)
     value = fold.start() if fold is not None else None
     error = None if fold is not None else "no fold"
+    covered: dict[int, Any] = {}
+    if running is not None and fold is not None:
+        covered = {int(c[0]): {"start": c[0], "count": c[1], "url": c[2]} for c in running["covered"]}
+        error = running["error"]
+        if error is None:
+            try:
+                value = fold.combine(value, running["value"])
+            except Exception as exc:  # noqa: BLE001 - reported as the job's reduce_error
+                error = f"the fold's merge raised on the running total: {describe(exc)}"
     failed = merged = expected = 0
 
     def lost(until: int) -> None:
@@ -169,7 +183,12 @@ def merge_folded(
             continue  # its items (some or all) were counted in an earlier part: its partial cannot be split
         lost(start)
         part: Any = None
-        if error is None and fold is not None:
+        taken = covered.get(start)
+        if taken is not None:  # in the running total already: its failures are those of the part it took
+            merged += 1
+            if taken["url"] != ref.get("url"):
+                ref = part = read(taken)
+        elif error is None and fold is not None:
             try:
                 # A reference carries no partial (and its failures only when they are few): its file has them.
                 part = read(ref) if _needs_read(ref) else ref
