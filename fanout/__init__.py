@@ -10,8 +10,10 @@
     outcome = fanout.map(score, records)       # blocks; results in input order
     outcome.results, outcome.errors            # errors by index, with the reason
     job = fanout.submit(score, records)        # returns at once
-    @fanout.task(fold=fanout.Fold(add, initial=Counter))  # outcome.reduced: the folded value
     for index, value in job.as_completed(): ...
+
+    @fanout.task(fold=fanout.Fold(tally, initial=Counter))   # folded as it goes:
+    def words(line: str) -> list[str]: ...                    # fanout.map(words, lines).reduced
 
 Workers import the modules that define tasks: ``FANOUT_IMPORTS=myjobs fanout worker``.
 """
