@@ -155,3 +155,21 @@ def test_rounds_merge_a_pending_batch_once_and_the_callback_only_what_they_did_n
     done = merge_folded(refs, 40, fold, lambda r: results.read_part(r["url"]), failures.append, running=total)
     assert (done.value, done.error, failures) == (sum(range(40)), None, [])
     running.forget(redis_client, group)
+
+
+def test_fanout_map_of_a_folding_task_prints_the_folded_value(
+    cli_env: dict[str, str], worker: LocalWorker, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from tests.conftest import fanout_command
+
+    source = tmp_path / "lines.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in ["the cat", None, "The hat"]) + "\n")
+    proc = subprocess.run(
+        fanout_command("map", "examples.wordcount:words", "--input", str(source), "--no-progress"),
+        env=cli_env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # one line failed
+    assert json.loads(proc.stdout) == {"the": 2, "cat": 1, "hat": 1}
+    assert "1" in proc.stderr and "AttributeError" in proc.stderr
