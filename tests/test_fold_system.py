@@ -90,12 +90,15 @@ def test_a_merge_that_raises_completes_the_outcome_with_a_reduce_error(worker: L
     )
 
 
-def test_a_fold_sums_failures_out_by_index_and_takes_no_reduce(worker: LocalWorker) -> None:
+def test_a_fold_leaves_failures_out_by_index_takes_no_reduce_and_no_retry(worker: LocalWorker) -> None:
     items: list[object] = list(range(1, 200))
     items[12] = 12.5
-    outcome = fanout.map(userjobs.unlucky, [i for i in items if i != 13], batch_size=16, timeout=120)
+    job = fanout.submit(userjobs.unlucky, [i for i in items if i != 13], batch_size=16)
+    outcome = job.wait(120)
     expected = sum(i for i in items if isinstance(i, int) and i != 13)
     assert (outcome.reduced, [f.index for f in outcome.errors]) == (expected, [12])
+    with pytest.raises(fanout.InputError, match="cannot be retried"):  # its value would need merging
+        job.retry_failed()
     with pytest.raises(fanout.InputError, match="it takes no reduce"):
         fanout.submit(userjobs.unlucky, [1], reduce=userjobs.total)
 
