@@ -12,6 +12,11 @@ natural text has: a few words very often, most rarely), and line ``i`` is pool
 line ``(i * STRIDE) % POOL``.  So the local count is exact without running N lines
 through a Counter here: each pool line's words times how often it occurs.  The
 generator makes each line as it is asked for, so the client holds none of them.
+
+``python -m bench.wordfold merge-cost P B`` times, in this process, what a callback
+merging every partial itself would spend: P partials of B-line batches (20 distinct
+ones, cycled), written as part files and merged one at a time, as
+``workers.folding.merge_folded`` does with no running total.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 #: Distinct lines, and the distinct words they are made of.
 POOL = 1 << 16
@@ -74,7 +80,45 @@ def expected(n: int, table: list[str] | None = None) -> Counter[str]:
     return counts
 
 
+def merge_cost(partials: int, batch: int) -> dict[str, Any]:
+    """Seconds to merge ``partials`` partials of ``batch`` lines each from their files, and per partial."""
+    import tempfile
+
+    from examples.wordcount import words
+    from workers import results
+    from workers.core import json_problem
+    from workers.fanin import run_batch
+    from workers.folding import fold_part, merge_folded
+
+    table = pool()
+    distinct = [
+        fold_part(
+            words.fold, run_batch(words, 0, list(lines(batch * (k + 1), table))[batch * k :]), json_problem
+        )
+        for k in range(20)
+    ]
+    with tempfile.TemporaryDirectory(prefix="fanout-foldcost-") as where:
+        refs = [
+            dict(results.write_part(where, {**distinct[i % 20], "start": i * batch})) for i in range(partials)
+        ]
+        started = time.perf_counter()
+        merge_folded(
+            refs, partials * batch, words.fold, lambda r: results.read_part(r["url"]), lambda f: None
+        )
+        seconds = time.perf_counter() - started
+    return {
+        "partials": partials,
+        "batch": batch,
+        "words_per_partial": round(sum(len(p["partial"]) for p in distinct) / 20),
+        "seconds": round(seconds, 2),
+        "ms_per_partial": round(seconds / partials * 1000, 2),
+    }
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "merge-cost":
+        print(json.dumps(merge_cost(int(argv[1]), int(argv[2]))))
+        return 0
     import fanout
     from examples.wordcount import words
 
