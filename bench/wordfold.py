@@ -90,11 +90,10 @@ def merge_cost(partials: int, batch: int) -> dict[str, Any]:
     from workers.fanin import run_batch
     from workers.folding import fold_part, merge_folded
 
-    table = pool()
+    table, fold = pool(), words.fold
+    assert fold is not None
     distinct = [
-        fold_part(
-            words.fold, run_batch(words, 0, list(lines(batch * (k + 1), table))[batch * k :]), json_problem
-        )
+        fold_part(fold, run_batch(words, 0, list(lines(batch * (k + 1), table))[batch * k :]), json_problem)
         for k in range(20)
     ]
     with tempfile.TemporaryDirectory(prefix="fanout-foldcost-") as where:
