@@ -8,6 +8,7 @@ folding tasks); the fault tests start workers of their own that know
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -176,3 +177,40 @@ def test_fanout_map_of_a_folding_task_prints_the_folded_value(
     assert proc.returncode == 1, proc.stderr  # one line failed
     assert json.loads(proc.stdout) == {"the": 2, "cat": 1, "hat": 1}
     assert "1" in proc.stderr and "AttributeError" in proc.stderr
+
+
+def test_a_cancelled_fold_counts_each_finished_item_once_and_the_rest_as_cancelled(
+    by_reference: Path, worker: LocalWorker
+) -> None:
+    job = fanout.submit(userjobs.slow_one, [0.02] * 2000, batch_size=10)
+    deadline = time.monotonic() + 60
+    while job.progress().batches_done < 20 and time.monotonic() < deadline:  # rounds have run
+        time.sleep(0.05)
+    job.cancel()  # queued batches are taken off the queue: their parts have no partial
+    outcome = job.wait(timeout=60)
+    assert outcome.by_reference and outcome.data.get("stopped") == "cancelled"
+    assert outcome.reduce_error is None
+    assert 0 < outcome.succeeded < 2000 and outcome.succeeded + outcome.failed == 2000
+    assert outcome.reduced == outcome.succeeded  # every finished item once, no cancelled one
+    assert {f.error for f in outcome.errors} == {"cancelled"}
+    assert sorted({f.index for f in outcome.errors}) == [f.index for f in outcome.errors]
+
+
+def test_a_pool_process_killed_mid_batch_has_its_batch_folded_once(
+    app: Celery, tmp_path: Path, start_worker: Callable[..., LocalWorker], marks: Path
+) -> None:
+    from tests.faultkit import QUICK
+    from tests.faulty import KILL_ONCE
+
+    queue = new_queue()
+    start_worker(app, queue, "oom", env=QUICK)
+    values: list[object] = list(range(40))
+    values[25] = [KILL_ONCE, 25, "item25"]  # SIGKILLs its pool process the first time, as the OOM killer
+    job = rigged_job(
+        app, values, 2, queue, marks=marks, task="fanout.test.rigged_fold", fold=True,
+        kwargs={"seconds": 0.0, "marks": str(marks)}, results_root=tmp_path / "r",
+    )  # fmt: skip
+    outcome = send(app, job).wait(90)
+    assert (marks / "['once',25,'item25']").exists(), "the item never killed its process"
+    assert outcome.get("reduce_error") is None and outcome["failed"] == 0
+    assert outcome["reduced"] == sum(2 * v for v in range(40))

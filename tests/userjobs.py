@@ -145,3 +145,10 @@ def unlucky(value: int) -> int:
 def unmergeable(value: int) -> int:
     """Folded within each batch, but its merge raises."""
     return value
+
+
+@fanout.task(fold=fanout.Fold(_unlucky_sum, initial=0))
+def slow_one(seconds: float) -> int:
+    """1 after ``seconds``, folded into a sum: the value is how many items succeeded."""
+    time.sleep(seconds)
+    return 1
