@@ -15,7 +15,8 @@ import fanout
 from workers.core import json_problem
 from workers.errors import BadTask
 from workers.fanin import ItemFailure, Part, run_batch
-from workers.folding import LOST, Fold, fold_part, merge_folded
+from workers.folding import Fold, fold_part, merge_folded
+from workers.results import LOST
 
 
 def add(total: Counter[str], words: Any) -> Counter[str]:

@@ -10,9 +10,10 @@ names one; for a task with a fold, it merges the batches' partials instead
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -94,6 +95,22 @@ def reduce_outcome(name: str, outcome: OutcomeDoc, kwargs: dict[str, Any]) -> di
         return {"reduce_error": f"{name}: {describe(exc)}"}
 
 
+def _writing_errors(
+    url: str, fill: Callable[[Callable[[ItemFailure], None]], folding.Folded]
+) -> folding.Folded:
+    """``fill(write)``, ``write`` putting each failure as a line of ``url`` (written atomically)."""
+    done: list[folding.Folded] = []
+
+    def body(fh: IO[bytes]) -> None:
+        def write(failure: ItemFailure) -> None:
+            fh.write(json.dumps(failure, separators=(",", ":")).encode() + b"\n")
+
+        done.append(fill(write))
+
+    storage.write_atomic(url, body)
+    return done[0]
+
+
 def fold_outcome(
     name: str, parts: list[Any], job_id: str, task: str, size: int, where: str | None, group: str | None
 ) -> OutcomeDoc:
@@ -120,7 +137,7 @@ def fold_outcome(
 
     errors: list[ItemFailure] = []
     if where:
-        done: folding.Folded = folding.write_errors(storage.join(where, results.ERRORS), merged)
+        done: folding.Folded = _writing_errors(storage.join(where, results.ERRORS), merged)
     else:
         done = merged(errors.append)
     if fold is None:
@@ -129,7 +146,7 @@ def fold_outcome(
         logger.warning("fold %s of job %s: %s", name, job_id, done.error)
         done.error = f"{name}: {done.error}"
     outcome = folding.outcome_of(job_id, task, size, done, errors)
-    if group:
+    if where and group:
         running.forget(connections.backend(app), str(group))
     if where:
         outcome["ref"] = where

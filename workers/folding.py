@@ -35,14 +35,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from workers import storage
 from workers.errors import BadTask
 from workers.fanin import ItemFailure, OutcomeDoc, Part, describe, flatten
+from workers.results import LOST
 
 A = TypeVar("A")
-LOST = "lost: no worker reported this item"
 
 
 @dataclass(frozen=True)
@@ -250,19 +249,3 @@ def outcome_of(job_id: str, task: str, total: int, folded: Folded, errors: list[
     else:
         outcome["reduced"] = folded.value
     return outcome
-
-
-def write_errors(url: str, fill: Callable[[Callable[[ItemFailure], None]], Any]) -> Any:
-    """Run ``fill(write)`` with ``write`` putting each failure as a line of ``url`` (atomically)."""
-    import json
-
-    kept: list[Any] = []
-
-    def body(fh: IO[bytes]) -> None:
-        def write(failure: ItemFailure) -> None:
-            fh.write(json.dumps(failure, separators=(",", ":")).encode() + b"\n")
-
-        kept.append(fill(write))
-
-    storage.write_atomic(url, body)
-    return kept[0]

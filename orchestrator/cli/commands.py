@@ -429,8 +429,7 @@ def map_command(
     ran = run_job(plan, run, task.name)
     if ran.outcome is None:
         ctx.exit(ran.code)
-    # A reduce's value, or a fold's (a task declared with fold=), is the output.
-    writer = render.write_reduced if reducer is not None or task.fold is not None else render.write_jsonl
+    writer = render.write_reduced if reducer is not None else render.write_jsonl
     ctx.exit(show(ran.outcome, ran.elapsed, run.as_json, writer))
 
 
