@@ -176,5 +176,6 @@ def snapshot(client: Any, group_id: str) -> dict[str, Any] | None:
 
 
 def forget(client: Any, group_id: str) -> None:
-    """The job's running-total keys, once its callback has merged (its files go with the job's)."""
-    client.delete(keys.fold_pending(group_id), keys.fold_total(group_id))
+    """The job's pending list, once its callback has merged.  The total's key stays until it
+    expires (with the job's results): a callback delivered again reads the same total."""
+    client.delete(keys.fold_pending(group_id))
