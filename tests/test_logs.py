@@ -202,6 +202,24 @@ def test_a_worker_logs_each_batch_of_a_known_job_with_its_fields(
 
 
 @pytest.mark.system
+def test_an_item_that_fails_every_retry_logs_each_retry_and_its_traceback_once(
+    app: Celery, start_worker: Callable[..., LocalWorker]
+) -> None:
+    queue = new_queue()
+    local = start_worker(app, queue, "retries", env={"FANOUT_IMPORTS": "tests.userjobs"})
+    built = rigged_job(app, ["a", "b"], 2, queue, task="tests.userjobs.always_flaky", kwargs={})
+    assert send(app, built).wait(60)["failed"] == 2
+    named = f"job={built.plan.job_id} task=tests.userjobs.always_flaky items=[0, 2) count=2"
+    wait_until(lambda: f"{named} seconds=" in log_of(local), 10, "the batch's line")
+    text = log_of(local)
+    for index, key in enumerate("ab"):
+        assert f"{named} index={index}: item {index} ('{key}') failed ({key} never works); attempt 2" in text
+        assert f"{named} index={index}: item {index} ('{key}') raised on its last attempt\nTraceback" in text
+        assert text.count(f"Flaky: {key} never works\n") == 1  # the first attempt's: no traceback
+    assert text.count("Traceback (most recent call last)") == 2
+
+
+@pytest.mark.system
 def test_json_logs_parse_line_by_line_and_carry_the_job_fields(
     app: Celery, workers_started: list[LocalWorker], tmp_path: Path
 ) -> None:

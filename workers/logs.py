@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-#: The values FANOUT_LOG_FORMAT takes.
-FORMATS = ("human", "json")
+from celery.utils.log import get_multiprocessing_logger
+
+from workers.settings import get_settings
 
 #: The record attribute that holds a line's batch fields.
 ATTRIBUTE = "fanout"
@@ -239,10 +240,6 @@ def apply(target: logging.Logger | None, log_format: str) -> None:
 
 def configure(logger: logging.Logger | None = None, **_: Any) -> None:
     """``after_setup_logger`` / ``after_setup_task_logger``: apply FANOUT_LOG_FORMAT to what Celery set up."""
-    from celery.utils.log import get_multiprocessing_logger
-
-    from workers.settings import get_settings
-
     log_format = get_settings().log_format
     apply(logger, log_format)
     if logger is logging.getLogger():

@@ -12,9 +12,10 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from workers.errors import ConfigError
-from workers.logs import FORMATS as LOG_FORMATS
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+#: The values FANOUT_LOG_FORMAT takes (workers/logs.py), the default first.
+LOG_FORMATS = ("human", "json")
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket", "sentinel")
 #: ``ssl_cert_reqs`` as redis-py spells it, from every spelling Celery and kombu accept.
 _CERT_REQS = {
