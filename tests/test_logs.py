@@ -22,8 +22,10 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.local import LocalWorker
-from tests.faultkit import log_of, new_queue, rigged_job, send, wait_until
+from tests.faultkit import QUICK, log_of, new_queue, rigged_job, send, wait_until
+from tests.faulty import HANG
 from workers import logs
+from workers.attempts import MAX_KILLS
 from workers.errors import ConfigError, InfrastructureError
 from workers.settings import Settings
 
@@ -268,3 +270,23 @@ def test_a_worker_with_a_bad_log_format_stops_at_start_naming_it(app: Celery, tm
     with pytest.raises(InfrastructureError, match="exited with code"):
         local.start(timeout=60)
     assert "FANOUT_LOG_FORMAT='yaml': expected one of human, json" in log.read_text()
+
+
+@pytest.mark.system
+def test_a_batch_requeued_at_its_hard_time_limit_and_its_poison_item_are_logged_with_the_job(
+    app: Celery, start_worker: Callable[..., LocalWorker], marks: Path
+) -> None:
+    # The requeue is logged by the worker's main process, the poison item by the pool process
+    # that reruns the batch: both name the job and the batch [2, 4).
+    queue = new_queue()
+    env = {**QUICK, "FANOUT_VISIBILITY_TIMEOUT": "600", "FANOUT_TASK_TIME_LIMIT": "2"}
+    local = start_worker(app, queue, "hang", env=env)
+    built = rigged_job(app, [0, 1, [HANG, 2], 3], 2, queue, marks=marks, limits=(2, 1))
+    assert send(app, built).wait(timeout=60)["errors"][0]["index"] == 2
+    named = f"job={built.plan.job_id} task=fanout.test.rigged_batch items=[2, 4) count=2"
+    wait_until(lambda: f"{named} seconds=" in log_of(local), 10, "the batch's line")
+    text = log_of(local)
+    # The first run and MAX_KILLS counted reruns hit the limit (Celery's soft limit line first).
+    assert text.count(f"{named}: Soft time limit (1s) exceeded") == MAX_KILLS + 1, text
+    assert text.count(f"{named}: hard time limit (2s) exceeded") == MAX_KILLS + 1
+    assert f"{named}: item 2 (['hang', 2]) killed its worker process each of the {MAX_KILLS} times" in text

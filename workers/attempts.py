@@ -167,7 +167,8 @@ class HeaderRequest(Request):  # type: ignore[misc]
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or worker_state.should_terminate:
-            super().on_timeout(soft, timeout)
+            with logs.naming(logs.of_request(self)):  # Celery's "Soft time limit ... exceeded" line
+                super().on_timeout(soft, timeout)
             return
         worker_state.task_ready(self)
         logger.error(
