@@ -8,7 +8,9 @@ items and returns a :class:`~workers.fanin.Part`.  Every job differs only in
 its work; the policy is declared once on the decorator and applied here:
 
 * each item runs once, its exception becomes that item's error (type and
-  message; the traceback goes to the worker log), never the batch's;
+  message; the traceback goes to the worker log, once, with the item's index),
+  never the batch's; every line about a batch names its job, items and count,
+  and a line when it finishes gives its seconds (:mod:`workers.logs`);
 * a result that is not JSON becomes that item's error, naming its type;
 * exceptions in ``retry_on`` retry that item in place, ``retries`` times at
   most, with exponential backoff; the last attempt's error is the one reported;
