@@ -7,7 +7,8 @@ the batch's fields (``record.fanout``): the job id, the task, the batch's
 index range ``[start, end)`` and its item count; :func:`finished` adds its
 seconds and its done and failed items.  A line logged elsewhere about a batch
 (the main process requeueing one at its hard time limit) passes the same
-fields as ``extra`` (:func:`extra`).  Nothing here touches Redis: the job id
+fields as ``extra`` (:func:`extra`), or names the batch for a call into Celery
+(:func:`naming`: its "Soft time limit exceeded" line).  Nothing here touches Redis: the job id
 comes from the chord callback every header message carries.
 
 How the fields are shown is ``FANOUT_LOG_FORMAT``, applied once to the handlers
