@@ -8,7 +8,9 @@ items and returns a :class:`~workers.fanin.Part`.  Every job differs only in
 its work; the policy is declared once on the decorator and applied here:
 
 * each item runs once, its exception becomes that item's error (type and
-  message; the traceback goes to the worker log), never the batch's;
+  message; the traceback goes to the worker log, once, with the item's index),
+  never the batch's; every line about a batch names its job, items and count,
+  and a line when it finishes gives its seconds (:mod:`workers.logs`);
 * a result that is not JSON becomes that item's error, naming its type;
 * exceptions in ``retry_on`` retry that item in place, ``retries`` times at
   most, with exponential backoff; the last attempt's error is the one reported;
@@ -42,7 +44,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from workers import connections, softlimit
+from workers import connections, logs, softlimit
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.batches import batch_items
@@ -134,27 +136,42 @@ class FanoutTask(Generic[P, R]):
     def soft_time_limit(self) -> int | None:
         return soft_limit(self.time_limit) if self.time_limit else None
 
-    def run_item(self, item: Any, kwargs: dict[str, Any]) -> Any:
-        """One item, with this task's retries; its result checked to be JSON."""
+    def run_item(self, item: Any, kwargs: dict[str, Any], index: int | None = None) -> Any:
+        """One item (input ``index``), with this task's retries; its result checked to be JSON.
+
+        A failure's traceback is logged here, once, with the item's index (the batch's
+        lines name the job: :mod:`workers.logs`); the part carries only its reason.
+        """
         attempt = 0
         while True:
             try:
                 result = self.fn(item, **kwargs)
             except self.retry_on as exc:
                 if attempt >= self.retries:
+                    logger.warning(
+                        "item %s (%r) raised on its last attempt",
+                        index, self.label(item), exc_info=True, extra=logs.about_item(index),
+                    )  # fmt: skip
                     raise
                 pause = min(self.backoff * 2**attempt, MAX_BACKOFF_S)
                 attempt += 1
                 logger.warning(
-                    "%s: item %r failed (%s); attempt %d of %d in %.1f s",
-                    self.name, self.label(item), exc, attempt + 1, self.retries + 1, pause,
+                    "item %s (%r) failed (%s); attempt %d of %d in %.1f s",
+                    index, self.label(item), exc, attempt + 1, self.retries + 1, pause,
+                    extra=logs.about_item(index),
                 )  # fmt: skip
                 time.sleep(pause)
                 continue
             except (ItemError, SoftTimeLimitExceeded):
                 raise
             except Exception:
-                logger.warning("%s: item %r raised", self.name, self.label(item), exc_info=True)
+                logger.warning(
+                    "item %s (%r) raised",
+                    index,
+                    self.label(item),
+                    exc_info=True,
+                    extra=logs.about_item(index),
+                )
                 raise
             problem = json_problem(result) if self.fold is None else None  # a fold's results stay here
             if problem is not None:
@@ -183,10 +200,10 @@ class FanoutTask(Generic[P, R]):
                 f"not started: the batch reached its soft time limit ({soft} s) first",
             )
 
-        def work(item: Any) -> Any:
+        def work(numbered: tuple[int, Any]) -> Any:
             if control is not None:
                 control.check()
-            return self.run_item(item, kwargs)
+            return self.run_item(numbered[1], kwargs, numbered[0])
 
         log = RedisAttemptLog(client, str(task.request.id), expires)
         try:
@@ -198,9 +215,9 @@ class FanoutTask(Generic[P, R]):
             part = run_counted(
                 work,
                 start,
-                items,
+                list(enumerate(items, start)),  # each item with its index, for its log lines
                 log,
-                self.label,
+                lambda numbered: self.label(numbered[1]),
                 stop_on=(SoftTimeLimitExceeded, JobStopped),
                 stopped=stopped,
             )
@@ -211,9 +228,9 @@ class FanoutTask(Generic[P, R]):
             # Redis took the whole soft limit to answer (a restart): the batch goes back to the
             # queue and runs once it answers, as if it had never been taken.
             logger.warning(
-                "%s: soft time limit (%s s) reached before the first item of batch %s (Redis slow to "
+                "soft time limit (%s s) reached before the first item of batch %s (Redis slow to "
                 "answer?): putting the batch back on the queue",
-                self.name, soft, task.request.id,
+                soft, task.request.id,
             )  # fmt: skip
             raise Reject("soft time limit before the first item", requeue=True) from None
         # The items are done: from here to the chord's join, the soft limit has nothing
@@ -261,14 +278,13 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
     ) -> Any:
         # ``where``: the job's directory in the results location, for a job sent by
         # reference; the part goes there and a reference to it through the chord.
+        batch = logs.begin(self.request.chord, definition.name, start, items)  # names the job in its lines
         try:
             listed = batch_items(items)
         except Exception as exc:  # a header must return, or the chord fails
             if not isinstance(items, dict) or "count" not in items:
                 raise
-            logger.warning(
-                "%s: cannot read the items at %s", definition.name, items.get("url"), exc_info=True
-            )
+            logger.warning("cannot read the items at %s", items.get("url"), exc_info=True)
             reason = f"could not read this batch's items from {items.get('url')}: {describe(exc)}"
             part = fail_batch(start, [None] * int(items["count"]), reason)
         else:
@@ -277,12 +293,14 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
         if definition.fold is not None:  # the batch's partial and failures travel, not its results
             part = fold_part(definition.fold, part, json_problem)
         if where is None:
+            logs.finished(batch, part)
             return part
         from workers.results import write_part
 
         ref = write_part(where, part)
         if definition.fold is not None and self.request.group:  # merged as it arrives (workers/running.py)
             _offer(self, definition.fold, where, dict(ref))
+        logs.finished(batch, part)
         return ref
 
     header.__name__ = header.__qualname__ = definition.name.rsplit(".", 1)[-1]
