@@ -2,8 +2,8 @@
 
 Each item is one line of text.  ``words`` splits a line into its words; the
 task's fold, ``tally``, adds them to a ``Counter``: each batch of lines folds
-into one partial count on its worker, and the chord callback merges the
-partials one at a time (it never holds more than the running total and one
+into one partial count on its worker, and the partials are merged as they
+arrive, one at a time (no process holds more than the running total and one
 partial, however many lines there are).  Start workers that know the task,
 then run it::
 

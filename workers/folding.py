@@ -11,11 +11,12 @@ runs every job the same way as any other, except what travels back:
   *partial* (``step(partial, result)``, starting from ``initial``) and reports
   the partial and the batch's failures, not the per-item results
   (:func:`fold_part`);
-* the chord callback merges the partials one at a time, in order of their
-  first index, into one value (``merge(total, partial)``): it holds the running
-  total and one partial, never every partial at once (:func:`merge_folded`).
-  For a job sent by reference the partials are files, read one at a time; the
-  chord's join carries only their references;
+* the partials are merged one at a time into one value (``merge(total, partial)``),
+  holding the running total and one partial, never every partial at once: for a
+  job sent by reference, by the header tasks as the partials arrive
+  (:mod:`workers.running`: each partial is a file, the chord's join carries only
+  its reference), and the chord callback merges what they have not
+  (:func:`merge_folded`); otherwise by the callback, from the chord's join;
 * each index counts once: a batch reported twice (redelivered after its
   worker died) is merged once, by its first index, as :func:`workers.fanin.merge`
   and :func:`workers.results.merge_refs` count it; an index no part covers is
@@ -24,9 +25,10 @@ runs every job the same way as any other, except what travels back:
   index), with ``reduce_error`` naming the batch or the merge and the reason,
   and no value, as a failed ``reduce`` does.
 
-``merge`` must be associative and ``initial`` its identity (``merge(initial, p) == p``),
-as for Dask's ``Bag.fold(binop, combine, initial)``: the partials are merged in input
-order, but which items make up each partial depends on the batch size.
+``merge`` must be associative and commutative (partials merge in the order they
+arrive, as Spark's ``reduce`` asks) and ``initial`` its identity
+(``merge(initial, p) == p``), as for Dask's ``Bag.fold(binop, combine, initial)``;
+which items make up each partial depends on the batch size.
 Nothing here knows about Celery.
 """
 
