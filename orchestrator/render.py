@@ -171,6 +171,8 @@ def progress_bar(
 ) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr, fed with (batches done, batches in all).
 
+    ``batch_size`` 0: the batches have sizes of their own (a streamed job).
+
     Once every batch is done the fan-in is a phase of its own: the count stays
     full, the description says the callback is merging, and the clock runs on.
     """
@@ -202,8 +204,10 @@ def progress_bar(
         def update(done: int, batches: int) -> None:
             if done >= batches:
                 bar.update(task, completed=total_items, description=f"{label}: fan-in, merging the results")
-            else:
+            elif batch_size:
                 bar.update(task, completed=min(total_items, done * batch_size))
+            else:  # batches of their own sizes (a streamed job): about in proportion
+                bar.update(task, completed=total_items * done // max(1, batches))
 
         yield update
         bar.update(task, completed=total_items, description=f"{label}: done")

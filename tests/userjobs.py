@@ -120,3 +120,12 @@ def submit_folder(folder: str) -> str:
     ``needs_file``) and returns its id, for the caller to attach and wait for."""
     files = sorted(str(path) for path in Path(folder).iterdir() if path.is_file())
     return fanout.submit(needs_file, files).id
+
+
+@fanout.task
+def mark(item: list[Any]) -> int:
+    """Leaves a file named ``item[1]`` in the directory ``item[0]``: the proof that the item ran."""
+    folder = Path(item[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(item[1])).touch()
+    return int(item[1])

@@ -249,10 +249,9 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
         except Exception as exc:  # a header must return, or the chord fails
             if not isinstance(items, dict) or "count" not in items:
                 raise
-            logger.warning(
-                "%s: cannot read the items at %s", definition.name, items.get("url"), exc_info=True
-            )
-            reason = f"could not read this batch's items from {items.get('url')}: {describe(exc)}"
+            source = items.get("url") or items.get("chunks")
+            logger.warning("%s: cannot read the items at %s", definition.name, source, exc_info=True)
+            reason = f"could not read this batch's items from {source}: {describe(exc)}"
             part = fail_batch(start, [None] * int(items["count"]), reason)
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})

@@ -6,6 +6,7 @@ Exit codes: 0 every item succeeded; 1 the run completed but some items failed;
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -39,13 +40,13 @@ from orchestrator.inputs import (
     parse_size,
     plan_images,
     plan_outputs,
-    read_json_lines,
 )
 from orchestrator.jobs import DEFAULT_TIMEOUT
 from orchestrator.local import available_cores, worker_command
 from orchestrator.plan import prepare
 from orchestrator.send import check_redis, spec_of
 from orchestrator.send import retry as retry_job
+from orchestrator.stream import JsonLines
 from workers import storage
 from workers.app import app
 from workers.report import MANIFEST, images
@@ -261,7 +262,7 @@ def status(
     outcome, elapsed = current.outcome, current.elapsed_s
     if outcome is None and wait_:
         with render.progress_bar(
-            show_progress(progress), f"job {job.task}", job.total, job.batch_size
+            show_progress(progress), f"job {job.task}", job.total, job.shown_batch_size
         ) as update:
             outcome = job.wait(timeout, update).data
         elapsed = job.status().elapsed_s
@@ -420,10 +421,13 @@ def map_command(
     task = load_task(function, "MODULE:FUNCTION")
     reducer = load_task(reduce_spec, "--reduce") if reduce_spec else None
     kwargs = parse_json_object(kwargs_json, "--kwargs") if kwargs_json else None
-    items = read_json_lines(input_file)
-    if not items:
+    # Read as it is sent: a few lines are a job like any other, many are streamed
+    # (checked and spooled to the results location, never held: orchestrator/stream.py).
+    lines = iter(input_file)
+    first = next(lines, None)
+    if first is None:
         raise click.UsageError("--input holds no items")
-    plan = prepare(spec_of(task, kwargs=kwargs, reduce=reducer), items)
+    plan = prepare(spec_of(task, kwargs=kwargs, reduce=reducer), JsonLines(itertools.chain((first,), lines)))
     if stream and not run.no_wait:
         ctx.exit(stream_job(plan, run, reducer is not None))
     ran = run_job(plan, run, task.name)
