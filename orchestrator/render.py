@@ -141,10 +141,24 @@ def write_jsonl_line(index: int, result: Any, error: str | None, out: IO[str]) -
     out.write(json.dumps(line, separators=(",", ":")) + "\n")
 
 
+#: A ``fanout map`` line of an item that succeeded, from its index and its result in JSON.
+_RESULT_LINE = '{{"index":{},"result":{}}}\n'.format
+#: The result in JSON, as ``json.dumps(..., separators=(",", ":"))`` writes it (a str goes
+#: straight to the C encoder).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def write_jsonl(outcome: OutcomeDoc, out: IO[str]) -> None:
-    """Every item in input order, a JSON line each."""
-    for index, value, failure in results.rows(outcome):
-        write_jsonl_line(index, value, failure["error"] if failure else None, out)
+    """Every item in input order, a JSON line each: a chunk (a part) in one write."""
+    for first, values, failures in results.chunks(outcome):
+        if failures:
+            for offset, value in enumerate(values):
+                failure = failures.get(first + offset)
+                write_jsonl_line(first + offset, value, failure["error"] if failure else None, out)
+            continue
+        # No failure among them: every line built without a dict or a json.dumps of its own
+        # (2 us a line, the most of a big job's client time).
+        out.write("".join(map(_RESULT_LINE, range(first, first + len(values)), map(_encode, values))))
 
 
 def write_reduced(outcome: OutcomeDoc, out: IO[str]) -> None:

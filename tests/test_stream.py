@@ -7,16 +7,19 @@ need no Redis.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 
 import fanout
+from orchestrator import render
 from orchestrator.plan import JobSpec, prepare
 from orchestrator.stream import MAX_AUTO_ITEMS, START_ITEMS, JsonLines, Sizer, check_lines, spool
 from tests import userjobs
@@ -30,8 +33,9 @@ from workers.settings import get_settings
 
 
 def test_check_lines_accepts_json_lines_and_names_the_first_bad_one() -> None:
-    check_lines(['1\n', '"a"\n', '{"x": [1, 2]}\n', " 3 \n"], 1)  # spaces around a value: still one value
-    for bad, reason in (("[1\n", "line 12 is not JSON"), ("1, 2\n", "line 12 is not JSON"), ("\n", "line 12 is empty")):
+    check_lines(["1\n", '"a"\n', '{"x": [1, 2]}\n', " 3 \n"], 1)  # spaces around a value: still one value
+    refused = (("[1\n", "line 12 is not JSON"), ("1, 2\n", "line 12 is not JSON"), ("\n", "line 12 is empty"))
+    for bad, reason in refused:
         with pytest.raises(InputError, match=reason):
             check_lines(["1\n", bad, "2\n"], 11)
 
@@ -40,6 +44,19 @@ def test_lines_that_only_make_json_together_are_refused() -> None:
     # Each line alone is not one value, though the joined chunk would parse as a list of three.
     with pytest.raises(InputError, match="line 1 is not JSON"):
         check_lines(["[[1\n", "]]\n", "5],[6\n"], 1)
+
+
+def test_map_output_written_a_chunk_at_a_time_is_the_same_as_line_by_line() -> None:
+    values = [1, "a", None, {"x": [1.5, "\u00e9"]}, float("nan"), [True]]
+    cases: list[list[dict[str, Any]]] = [[], [{"index": 2, "input": 7, "error": "TypeError: no"}]]
+    for errors in cases:
+        outcome: Any = {"job_id": "j", "task": "t", "total": 6, "results": values, "errors": errors}
+        fast, slow = io.StringIO(), io.StringIO()
+        render.write_jsonl(outcome, fast)
+        failed = {int(e["index"]): str(e["error"]) for e in errors}
+        for index, value in enumerate(values):
+            render.write_jsonl_line(index, value, failed.get(index), slow)
+        assert fast.getvalue() == slow.getvalue()
 
 
 def test_spool_writes_chunks_that_batches_slice_across(tmp_path: Path) -> None:
@@ -122,7 +139,7 @@ def streamed_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 
 
 def starts_of(client: redis.Redis, job_id: str) -> list[int]:
-    raw = client.get(keys.starts(job_id)) or b""
+    raw = bytes(client.get(keys.starts(job_id)) or b"")  # type: ignore[arg-type]
     return [int.from_bytes(raw[i : i + 8], "big") for i in range(0, len(raw), 8)]
 
 

@@ -54,9 +54,10 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: The most items one batch of a user's task holds, unless its decorator says otherwise:
-#: small enough that a batch of items taking a tenth of a second each ends well within
-#: the default soft time limit (20 s), large enough to hide the per-task overhead (~1 ms).
+#: The most items one batch of an ordinary job holds under "auto" when the task's decorator
+#: sets no ``batch_size``: small enough that a batch of items taking a tenth of a second each
+#: ends well within the default soft time limit (20 s).  A streamed job's "auto" batches are
+#: sized by time instead (orchestrator/stream.py), up to the decorator's ``batch_size`` if set.
 DEFAULT_BATCH_SIZE = 100
 #: The longest pause between two attempts of one item, seconds.
 MAX_BACKOFF_S = 30.0
@@ -100,7 +101,7 @@ class FanoutTask(Generic[P, R]):
         self,
         fn: Callable[P, R],
         name: str,
-        batch_size: int,
+        batch_size: int | None,
         time_limit: int | None,
         retries: int,
         retry_on: tuple[type[BaseException], ...],
@@ -310,7 +311,8 @@ def task(
     """Make ``fn(item, **kwargs)`` a fanout task; as ``@task`` or ``@task(...)``.
 
     ``name``: what workers know it by (default ``module.function``).
-    ``batch_size``: the most items one batch holds (auto batching stays below it).
+    ``batch_size``: the most items one batch holds, a cap "auto" stays below (default: none;
+    "auto" sizes batches by how long items take, see orchestrator/stream.py).
     ``time_limit``: seconds one batch may run before its process is killed (default:
     ``FANOUT_TASK_TIME_LIMIT``); the soft limit, which stops the batch at its
     current item, comes 10 s earlier.
@@ -335,7 +337,7 @@ def task(
         return FanoutTask(
             func,
             name or default_name(func),
-            batch_size or DEFAULT_BATCH_SIZE,
+            batch_size,
             time_limit,
             retries,
             retry_on,

@@ -177,12 +177,19 @@ def chunk_url(where: str, number: int) -> str:
     return storage.join(where, f"{INPUTS}/chunk-{number:09d}.json")
 
 
+#: The input chunk this process read last (its URL and items): small batches of one chunk,
+#: taken one after another, read it once.  A chunk never changes once written.
+_last_chunk: tuple[str, list[Any]] = ("", [])
+
+
 def read_slice(where: str, start: int, stop: int, chunk: int) -> list[Any]:
     """Items ``start`` .. ``stop - 1`` of a streamed job, read from the chunks that hold them."""
+    global _last_chunk
     items: list[Any] = []
     for number in range(start // chunk, (stop - 1) // chunk + 1):
-        first = number * chunk
-        held = read_json(chunk_url(where, number))
+        first, url = number * chunk, chunk_url(where, number)
+        held = _last_chunk[1] if _last_chunk[0] == url else read_json(url)
+        _last_chunk = (url, held)
         items.extend(held[max(start, first) - first : min(stop, first + len(held)) - first])
     return items
 

@@ -423,7 +423,8 @@ def map_command(
     kwargs = parse_json_object(kwargs_json, "--kwargs") if kwargs_json else None
     # Read as it is sent: a few lines are a job like any other, many are streamed
     # (checked and spooled to the results location, never held: orchestrator/stream.py).
-    lines = iter(input_file)
+    # Read in blocks of lines (faster than a line at a time through the file's iterator).
+    lines = (line for block in iter(lambda: input_file.readlines(1 << 16), []) for line in block)
     first = next(lines, None)
     if first is None:
         raise click.UsageError("--input holds no items")
