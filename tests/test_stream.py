@@ -212,3 +212,51 @@ def test_a_streamed_job_whose_batches_redis_dropped_is_healed_from_its_chunks(
     outcome = job.wait(120)
     assert outcome.results == values and outcome.failed == 0
     assert healed(redis_client, job.id) == 2
+
+
+def sizes_of(client: redis.Redis, job: fanout.Job) -> list[int]:
+    """The sizes of a streamed job's batches, in order, as keys.starts records them."""
+    starts = starts_of(client, job.id)
+    return [b - a for a, b in zip(starts, [*starts[1:], job.total], strict=True)]
+
+
+@pytest.mark.system
+def test_auto_batches_grow_with_cheap_items_and_stay_small_with_slow_ones(
+    streamed_here: Path, worker: object, redis_client: redis.Redis
+) -> None:
+    # Cheap items (a multiplication): from one item, to thousands once the first batches are timed
+    cheap = fanout.submit(userjobs.triple, iter(range(200_000)))
+    assert cheap.wait(120).failed == 0
+    sizes = sizes_of(redis_client, cheap)
+    assert sizes[0] == 1 and max(sizes) >= 5_000 and sum(sizes) == 200_000
+    # Slow items (0.25 s each): a batch of about a second holds a handful
+    slow = fanout.submit(userjobs.sleepy, iter([0.25] * 120))
+    assert slow.wait(120).results == [0.25] * 120
+    sizes = sizes_of(redis_client, slow)
+    assert sizes[0] == 1 and max(sizes) <= 12 and len(sizes) >= 15
+    # A cap the task sets holds
+    capped = fanout.submit(userjobs.double, iter(range(30_000)))
+    assert capped.wait(120).failed == 0 and max(sizes_of(redis_client, capped)) <= 10_000
+
+
+@pytest.mark.system
+def test_a_chord_whose_parts_are_all_in_before_its_size_is_set_is_completed_by_the_client(
+    streamed_here: Path, worker: object, app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import stream
+    from orchestrator.follow import batches_done
+    from tests.faultkit import wait_until
+
+    closed: list[bool] = []
+    close = stream.close_chord
+
+    def late(app: Celery, group_id: str, size: int, callback: dict[str, object]) -> bool:
+        # Every part reports before the chord knows its size: none of them can complete it.
+        wait_until(lambda: batches_done(app, group_id) == size, 60, "every batch to report")
+        closed.append(close(app, group_id, size, callback))
+        return closed[-1]
+
+    monkeypatch.setattr(stream, "close_chord", late)
+    job = fanout.submit(userjobs.triple, iter(range(500)), batch_size=50)
+    assert closed == [True]
+    assert job.wait(60).results == [3 * i for i in range(500)]
