@@ -45,6 +45,7 @@ def digest(item: str) -> str:
 @dataclass
 class Row:
     n: int
+    target_s: float
     wall_s: float
     items_per_s: float
     client_peak_mb: float
@@ -89,7 +90,9 @@ def _batches(client: Any) -> tuple[int, list[int], int]:
     return len(starts), sizes[:10], max(sizes)
 
 
-def measure(n: int, work: Path, timeout: float, report: Any, profile: Path | None) -> Row:
+def measure(
+    n: int, work: Path, timeout: float, report: Any, profile: Path | None, target_s: float | None = None
+) -> Row:
     code = Path.cwd()
     work.mkdir(parents=True, exist_ok=True)
     source = work / "input.jsonl"
@@ -110,6 +113,9 @@ def measure(n: int, work: Path, timeout: float, report: Any, profile: Path | Non
                        "--no-progress", "--timeout", str(timeout)]  # fmt: skip
             if profile is not None:
                 command[1:3] = ["-m", "cProfile", "-o", str(profile), "-m", "orchestrator"]
+            if target_s is not None:  # another batch time than orchestrator.stream.TARGET_S
+                command[1:3] = ["-c", f"import orchestrator.stream as s; s.TARGET_S = {target_s}; "
+                                "from orchestrator.cli import main; main()"]  # fmt: skip
             started = time.perf_counter()
             with source.open("rb") as stdin, out.open("wb") as fh, (work / "client.err").open("wb") as err:
                 proc = subprocess.Popen(command, cwd=code, env=env, stdin=stdin, stdout=fh, stderr=err)
@@ -123,8 +129,11 @@ def measure(n: int, work: Path, timeout: float, report: Any, profile: Path | Non
             if not ok:
                 report(f"N={n}: exit {code_}; see {work}/client.err")
             batches, first, largest = _batches(client)
+            from orchestrator.stream import TARGET_S
+
             row = Row(
                 n=n,
+                target_s=target_s or TARGET_S,
                 wall_s=round(wall, 2),
                 items_per_s=round(n / wall),
                 client_peak_mb=round(usage.ru_maxrss / 1024, 1),
@@ -146,8 +155,15 @@ def measure(n: int, work: Path, timeout: float, report: Any, profile: Path | Non
 @click.option("--n", "ns", default="1000000,20000000", show_default=True, help="Comma-separated item counts.")
 @click.option("--timeout", type=float, default=1800.0, show_default=True)
 @click.option("--profile", type=click.Path(path_type=Path), help="Profile the client (cProfile) into FILE.")
+@click.option(
+    "--target-s",
+    "targets",
+    default="",
+    help="Comma-separated batch times to try in turn, interleaved (default: TARGET_S alone).",
+)
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Runs of each N.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("docs"), show_default=True)
-def main(ns: str, timeout: float, profile: Path | None, out: Path) -> None:
+def main(ns: str, timeout: float, profile: Path | None, targets: str, repeat: int, out: Path) -> None:
     """N cheap items through `fanout map --input -`: wall time, items/s, memory, batch sizes."""
 
     def report(line: str) -> None:
@@ -155,11 +171,14 @@ def main(ns: str, timeout: float, profile: Path | None, out: Path) -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fanout-streambench-") as tmp:
+        tried: list[float | None] = [float(t) for t in targets.split(",") if t.strip()] or [None]
         for n in (int(part.replace("_", "")) for part in ns.split(",") if part.strip()):
-            report(f"N={n:,}")
-            row = measure(n, Path(tmp) / str(n), timeout, report, profile)
-            report(json.dumps(asdict(row)))
-            rows.append(row)
+            for _ in range(repeat):
+                for target in tried:  # interleaved: A, B, A, B on a machine whose load moves
+                    report(f"N={n:,}, target {target or 'default'}")
+                    row = measure(n, Path(tmp) / str(n), timeout, report, profile, target)
+                    report(json.dumps(asdict(row)))
+                    rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench-stream.json").write_text(
         json.dumps({"cpus": os.cpu_count(), "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
