@@ -51,6 +51,7 @@ from orchestrator.follow import batches_done
 from orchestrator.jobs import Job
 from orchestrator.plan import Plan, failure_budget
 from orchestrator.publish import HeaderSender, bulk_supported, frozen_callback, task_limits
+from orchestrator.room import require_room
 from workers import connections, keys, results
 from workers.backend import replicated
 from workers.batches import batch_task_id, header_args, slice_ref
@@ -298,6 +299,11 @@ def publish(
         results.remove_tree(spec.where)  # nothing was sent: nothing is kept
         raise
     plan = replace(plan, source=None, count=total)
+    try:  # a fixed size sends every batch at once: refused if they would not fit in Redis
+        require_room(app, plan, math.ceil(total / (batch_size or total)))
+    except BaseException:
+        results.remove_tree(spec.where)
+        raise
     budget = failure_budget(max_failures, total)
     group_id = str(uuid.uuid4())
     client = connections.backend(app)
