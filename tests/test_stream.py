@@ -260,3 +260,22 @@ def test_a_chord_whose_parts_are_all_in_before_its_size_is_set_is_completed_by_t
     job = fanout.submit(userjobs.triple, iter(range(500)), batch_size=50)
     assert closed == [True]
     assert job.wait(60).results == [3 * i for i in range(500)]
+
+
+@pytest.mark.system
+def test_without_kombus_helpers_a_streamed_job_goes_through_send_task(
+    streamed_here: Path, worker: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.transport import virtual as kombu_virtual
+
+    from orchestrator import publish
+
+    # Given a kombu whose _lookup answers in another shape (the bulk path cannot frame messages)
+    monkeypatch.setattr(publish, "_fallback_logged", False)
+    monkeypatch.setattr(
+        kombu_virtual.Channel, "_lookup", lambda self, exchange, routing_key, default=None: None
+    )
+    # Then a streamed job's batches go one by one through Celery's send_task, and it completes
+    job = fanout.submit(userjobs.triple, iter(range(700)))
+    assert job.wait(60).results == [3 * i for i in range(700)]
+    assert publish._fallback_logged
