@@ -142,6 +142,8 @@ def write_jsonl_line(index: int, result: Any, error: str | None, out: IO[str]) -
     out.write(json.dumps(line, separators=(",", ":")) + "\n")
 
 
+#: Lines ``write_jsonl`` builds and writes at once.
+WRITE_LINES = 20_000
 #: The result in JSON, as ``json.dumps(..., separators=(",", ":"))`` writes it (a str goes
 #: straight to the C encoder).
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -157,9 +159,12 @@ def write_jsonl(outcome: OutcomeDoc, out: IO[str]) -> None:
             continue
         # No failure among them: the lines built by one join, with no dict, json.dumps or
         # format of their own (those cost 2 us a line, the most of a big job's client time).
-        indexes = map(str, range(first, first + len(values)))
-        pieces = zip(repeat('{"index":'), indexes, repeat(',"result":'), map(_encode, values), repeat("}\n"))
-        out.write("".join(chain.from_iterable(pieces)))
+        for low in range(0, len(values), WRITE_LINES):  # a slice at a time: the text stays a few MB
+            some = values[low : low + WRITE_LINES]
+            indexes = map(str, range(first + low, first + low + len(some)))
+            encoded = map(_encode, some)
+            pieces = zip(repeat('{"index":'), indexes, repeat(',"result":'), encoded, repeat("}\n"))
+            out.write("".join(chain.from_iterable(pieces)))
 
 
 def write_reduced(outcome: OutcomeDoc, out: IO[str]) -> None:

@@ -46,7 +46,10 @@ def test_lines_that_only_make_json_together_are_refused() -> None:
         check_lines(["[[1\n", "]]\n", "5],[6\n"], 1)
 
 
-def test_map_output_written_a_chunk_at_a_time_is_the_same_as_line_by_line() -> None:
+def test_map_output_written_a_chunk_at_a_time_is_the_same_as_line_by_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(render, "WRITE_LINES", 4)  # two slices
     values = [1, "a", None, {"x": [1.5, "\u00e9"]}, float("nan"), [True]]
     cases: list[list[dict[str, Any]]] = [[], [{"index": 2, "input": 7, "error": "TypeError: no"}]]
     for errors in cases:
