@@ -6,14 +6,16 @@ Redis of its own and a fresh worker (``-c 2``, with this module on FANOUT_IMPORT
 ``bench.memory`` does:
 
 * the wall time of ``fanout map bench.stream:digest --input - < N lines``, its stdout
-  going to a file, and items/s over it;
+  going to a file, and items/s over it; when its first batch reached Redis (start-up and
+  the first pass) and its summary's time (to the fan-in: the rest is writing the output);
 * the client's peak RSS (``wait4``), the worker's (all processes, sampled) and Redis's
   peak growth;
 * the batches the job was sent in (``keys.starts``): how many, the first sizes, the largest;
 * the output checked (N lines, in order; a few results recomputed).
 
-``--phases`` runs the client under cProfile once more (``--profile FILE``) and prints
-the top of it: where the client's time goes.
+``--profile FILE`` runs the client under cProfile and prints the top of it: where the
+client's time goes.  ``--target-s`` tries other batch times (orchestrator/stream.py's
+TARGET_S), interleaved.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Any
 import click
 
 import fanout
-from bench.memory import MB, OwnRedis, Sampler, _env, _python, _start_worker, _stop_worker
+from bench.memory import MB, OwnRedis, Sampler, _env, _job_seconds, _python, _start_worker, _stop_worker
 
 
 @fanout.task
@@ -48,6 +51,11 @@ class Row:
     target_s: float
     wall_s: float
     items_per_s: float
+    #: From the start of the send (the first pass included) to the fan-in, as the command's
+    #: summary line says; the rest of the wall time is start-up and writing the N lines.
+    job_s: float
+    #: From the command's start to its first batch in Redis: start-up and the first pass.
+    first_batch_s: float
     client_peak_mb: float
     worker_peak_mb: float
     redis_growth_mb: float
@@ -90,6 +98,15 @@ def _batches(client: Any) -> tuple[int, list[int], int]:
     return len(starts), sizes[:10], max(sizes)
 
 
+def _watch_first_batch(client: Any, started: float, found: list[float], timeout: float = 3600) -> None:
+    """Note when the job's first batch is in Redis (its starts key), seconds after ``started``."""
+    while time.perf_counter() - started < timeout:
+        if client.keys("fanout:starts:*"):
+            found.append(time.perf_counter() - started)
+            return
+        time.sleep(0.05)
+
+
 def measure(
     n: int, work: Path, timeout: float, report: Any, profile: Path | None, target_s: float | None = None
 ) -> Row:
@@ -117,6 +134,11 @@ def measure(
                 command[1:3] = ["-c", f"import orchestrator.stream as s; s.TARGET_S = {target_s}; "
                                 "from orchestrator.cli import main; main()"]  # fmt: skip
             started = time.perf_counter()
+            first_batch: list[float] = []
+            watch = threading.Thread(
+                target=_watch_first_batch, args=(client, started, first_batch), daemon=True
+            )
+            watch.start()
             with source.open("rb") as stdin, out.open("wb") as fh, (work / "client.err").open("wb") as err:
                 proc = subprocess.Popen(command, cwd=code, env=env, stdin=stdin, stdout=fh, stderr=err)
                 _, status, usage = os.wait4(proc.pid, 0)
@@ -136,6 +158,8 @@ def measure(
                 target_s=target_s or TARGET_S,
                 wall_s=round(wall, 2),
                 items_per_s=round(n / wall),
+                job_s=_job_seconds((work / "client.err").read_text(errors="replace")),
+                first_batch_s=round(first_batch[0], 2) if first_batch else 0.0,
                 client_peak_mb=round(usage.ru_maxrss / 1024, 1),
                 worker_peak_mb=round(sampler.worker_peak_kb / 1024, 1),
                 redis_growth_mb=round((sampler.redis_peak - baseline) / MB, 1),
