@@ -282,3 +282,24 @@ def test_without_kombus_helpers_a_streamed_job_goes_through_send_task(
     job = fanout.submit(userjobs.triple, iter(range(700)))
     assert job.wait(60).results == [3 * i for i in range(700)]
     assert publish._fallback_logged
+
+
+def test_a_streamed_recipe_rebuilds_batches_of_their_own_sizes_from_their_starts() -> None:
+    from workers.healing import Recipe, Unhealable
+
+    record: dict[str, Any] = {
+        "job_id": "j",
+        "group_id": "g",
+        "total": 1000,
+        "batch_size": 600,
+        "batches": 4,
+        "spec": {"where": "/r/j", "chunk": 100},
+        "heal": {"task": "t", "queue": "q", "tail": [None, "/r/j"], "callback": {"task": "fanout.collect"}},
+    }
+    recipe = Recipe.from_record(record)
+    assert recipe is not None and recipe.inputs == "chunks"
+    starts = b"".join(start.to_bytes(8, "big") for start in (0, 1, 21, 400))  # sizes 1, 20, 379, 600
+    assert recipe.items_of(2, None, starts[16:32]) == slice_ref("/r/j", 21, 400, 100)
+    assert recipe.bounds(3, starts[24:]) == (400, 1000)  # the last batch ends with the job
+    with pytest.raises(Unhealable, match="no longer in Redis"):
+        recipe.bounds(1, b"")
