@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -136,6 +137,8 @@ class Job:
     batches: int
     #: When it was sent (``time.time()``), if known.
     sent_at: float | None = None
+    #: The host it was sent from (``fanout jobs`` shows it).
+    host: str = field(default_factory=socket.gethostname, compare=False)
     #: How a worker sends a batch of it again if Redis drops it (workers/healing.py), if it can.
     heal: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     app: Celery = field(default=None, repr=False, compare=False)
@@ -175,6 +178,7 @@ class Job:
             "output": self.output,
             "spec": self.spec.to_json(),
             "sent_at": self.sent_at,
+            "host": self.host,
         }
         if self.heal is not None:
             record["heal"] = self.heal
@@ -194,6 +198,7 @@ class Job:
             batch_size=int(record["batch_size"]),
             batches=int(record["batches"]),
             sent_at=record.get("sent_at"),
+            host=str(record.get("host") or ""),
             heal=record.get("heal"),
             app=app or _app(),
         )

@@ -48,6 +48,7 @@ from workers.batches import batch_task_id, pack
 from workers.core import FanoutTask
 from workers.errors import ConfigError, InfrastructureError, InputError, UnknownJob
 from workers.fanin import CANCELLED
+from workers.jobindex import index_job
 from workers.settings import Settings, get_settings
 
 
@@ -277,6 +278,9 @@ def publish(
         pipe.set(keys.job(job.job_id), json.dumps(job.to_record()), ex=expires)
         # Watched by the workers' healer until its fan-in is done (workers/healing.py).
         pipe.zadd(keys.ACTIVE, {job.job_id: job.sent_at})
+        index_job(
+            pipe, job.job_id, job.sent_at or time.time(), expires
+        )  # listed by `fanout jobs` (workers/jobindex.py)
         pipe.execute()
     replicated(connections.backend(app), f"job {job.job_id}'s record and inputs")  # FANOUT_WAIT_REPLICAS
     return job

@@ -10,6 +10,7 @@ names one; for a task with a fold, it merges the batches' partials instead
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import IO, Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers import connections, folding, keys, results, running, storage
+from workers import connections, folding, jobindex, keys, results, running, storage
 from workers.app import app
 from workers.core import lookup
 from workers.fanin import ItemFailure, OutcomeDoc, describe, merge, merge_retry
@@ -78,6 +79,11 @@ def collect(self: Task, parts: list[Any], job: dict[str, Any]) -> OutcomeDoc:
             results.sweep(str(job["root"]), get_settings().result_expires)
         except Exception:  # an old job left behind is no reason to fail this one
             logger.warning("could not sweep the results location %s", job.get("root"), exc_info=True)
+    with contextlib.suppress(Exception):  # `fanout jobs` and the exporter: the job is over
+        client, header = connections.backend(self.app), self.request.group
+        jobindex.record_end(
+            client, job_id, str(header) if header else None, dict(outcome), get_settings().result_expires
+        )
     return outcome
 
 

@@ -37,6 +37,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -44,7 +45,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from workers import connections, logs, softlimit
+from workers import connections, logs, metrics, softlimit
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.batches import batch_items
@@ -191,6 +192,8 @@ class FanoutTask(Generic[P, R]):
         limits = task.request.timelimit or (None, None)
         soft = limits[1] or task.soft_time_limit or app.conf.task_soft_time_limit
         control: JobControl | None = None
+        began = time.monotonic()
+        raised: Counter[str] = Counter()  # the items' exceptions by class, for the exporter
 
         def stopped(exc: BaseException) -> tuple[str, str]:
             reason = exc.reason if isinstance(exc, JobStopped) else control.stop_reason() if control else None
@@ -204,7 +207,19 @@ class FanoutTask(Generic[P, R]):
         def work(numbered: tuple[int, Any]) -> Any:
             if control is not None:
                 control.check()
-            return self.run_item(numbered[1], kwargs, numbered[0])
+            try:
+                return self.run_item(numbered[1], kwargs, numbered[0])
+            except (SoftTimeLimitExceeded, JobStopped):
+                raise
+            except Exception as exc:
+                raised[type(exc).__name__] += 1
+                raise
+
+        def counted(part: Part, reason: str) -> Part:  # a stopped batch: not run, its items cancelled
+            with contextlib.suppress(Exception):  # a count missed is no reason to fail the batch
+                counts = metrics.batch_counts(part, reason, raised)
+                metrics.record_batch(client, self.name, group, counts, None, expires)
+            return part
 
         log = RedisAttemptLog(client, str(task.request.id), expires)
         try:
@@ -212,7 +227,8 @@ class FanoutTask(Generic[P, R]):
             # these reads wait), and then the batch's items fail with the reason.
             control = JobControl(client, str(group), expires) if group else None
             if control is not None and control.reason is not None:
-                return fail_batch(start, items, control.reason, self.label)  # queued when the job stopped
+                # queued when the job stopped
+                return counted(fail_batch(start, items, control.reason, self.label), control.reason)
             part = run_counted(
                 work,
                 start,
@@ -225,7 +241,7 @@ class FanoutTask(Generic[P, R]):
         except SoftTimeLimitExceeded:  # before the first item: nothing ran
             reason = control.stop_reason() if control is not None else None
             if reason is not None:  # cancelled (--terminate) or over budget: the items fail with it
-                return fail_batch(start, items, reason, self.label)
+                return counted(fail_batch(start, items, reason, self.label), reason)
             # Redis took the whole soft limit to answer (a restart): the batch goes back to the
             # queue and runs once it answers, as if it had never been taken.
             logger.warning(
@@ -239,10 +255,14 @@ class FanoutTask(Generic[P, R]):
         softlimit.hold("reporting a finished batch")
         # The batch ran to its end: its run counts are needed no more (a copy delivered
         # later runs as a first run, safely).  Not left behind, one key per batch, for a day.
-        with contextlib.suppress(Exception):
-            client.delete(log.runs_key, log.items_key)
+        # The exporter's counts go in the same round trip (workers/metrics.py).
+        reason = control.reason if control is not None else None
+        counts = metrics.batch_counts(part, reason, raised)
+        with contextlib.suppress(Exception), client.pipeline(transaction=False) as pipe:
+            pipe.delete(log.runs_key, log.items_key)
+            metrics.count_batch(pipe, self.name, group, counts, time.monotonic() - began, expires)
+            pipe.execute()
         if control is not None:
-            reason = control.reason
             control.count_failures(sum(1 for e in part["errors"] if e["error"] != reason))
         return part
 
@@ -289,6 +309,12 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
             logger.warning("cannot read the items at %s", source, exc_info=True)
             reason = f"could not read this batch's items from {source}: {describe(exc)}"
             part = fail_batch(start, [None] * int(items["count"]), reason)
+            with contextlib.suppress(Exception):  # counted for the exporter, as a batch that ran
+                client = connections.backend(self.app)
+                counts = metrics.batch_counts(part, None, {})
+                metrics.record_batch(
+                    client, definition.name, self.request.group, counts, None, get_settings().result_expires
+                )
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})
         softlimit.hold("reporting a finished batch")  # released when the task ends

@@ -47,6 +47,19 @@ PURGED = "fanout:purged:{group_id}:{purge_id}"
 FOLD_PENDING = "fanout:fold:pending:{group_id}"
 FOLD_LOCK = "fanout:fold:lock:{group_id}"
 FOLD_TOTAL = "fanout:fold:total:{group_id}"
+#: Every job not yet expired (a sorted set of job ids, scored by when they were sent): what
+#: ``fanout jobs`` lists and the exporter counts (workers/jobindex.py), never a key scan.
+JOBS = "fanout:jobs"
+#: The finished jobs in one state (done, failed, cancelled), scored as in JOBS.
+JOBS_ENDED = "fanout:jobs:{state}"
+#: A finished job's summary (JSON: state, item counts, when it ended), written by its fan-in.
+JOB_END = "fanout:job-end:{job_id}"
+#: A job's items finished so far (a hash: succeeded, failed, cancelled), by group id,
+#: counted by the workers at the end of each batch.
+JOB_COUNTS = "fanout:counts:{group_id}"
+#: The exporter's counters and histogram buckets (one hash, fields named in workers/metrics.py):
+#: incremented by the workers, never expired, so they only go up.
+METRICS = "fanout:metrics"
 #: A one-second key a stalled client writes to learn whether Redis refuses writes (orchestrator/room.py).
 ROOM_PROBE = "fanout:room-probe"
 
@@ -117,3 +130,15 @@ def fold_lock(group_id: str) -> str:
 
 def fold_total(group_id: str) -> str:
     return FOLD_TOTAL.format(group_id=group_id)
+
+
+def jobs_ended(state: str) -> str:
+    return JOBS_ENDED.format(state=state)
+
+
+def job_end(job_id: str) -> str:
+    return JOB_END.format(job_id=job_id)
+
+
+def job_counts(group_id: str) -> str:
+    return JOB_COUNTS.format(group_id=group_id)

@@ -3,7 +3,9 @@
 A broadcast (``inspect().stats()``) cannot know how many workers will answer,
 so it always waits out its whole timeout: about 1.5 s before every run.  Each
 worker instead keeps a short-lived registration in the result backend's Redis:
-its host name, pool size, the tasks it has and the queues it consumes,
+its host name, pool size, the tasks it has, the queues it consumes and, per
+queue, the batches it has reserved but not started and those it runs (the
+exporter's backlog, orchestrator/exporter.py),
 rewritten every :data:`INTERVAL_S` seconds with an expiry of :data:`TTL_S`.
 A worker that stops warmly removes it; one that dies drops out once the
 expiry passes.  :mod:`orchestrator.discovery` reads them.
@@ -18,6 +20,7 @@ import time
 from typing import Any
 
 from celery import bootsteps
+from celery.worker import state as worker_state
 
 from workers import connections, keys
 
@@ -44,8 +47,26 @@ def registration(consumer: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "queues": queues,
         "tasks": sorted(name for name in consumer.app.tasks if not name.startswith("celery.")),
+        **held(),
         "refreshed_at": time.time(),
     }
+
+
+def held() -> dict[str, dict[str, int]]:
+    """This worker's messages by queue: ``reserved`` (prefetched, not started) and ``active`` (running).
+
+    Celery's own bookkeeping in the worker's main process: a request is reserved
+    when its message arrives, active once a pool process takes it, and leaves
+    both when it is done.
+    """
+    active = set(worker_state.active_requests)
+    reserved: dict[str, int] = {}
+    running: dict[str, int] = {}
+    for request in list(worker_state.reserved_requests):
+        queue = str((request.delivery_info or {}).get("routing_key") or "")
+        counts = running if request in active else reserved
+        counts[queue] = counts.get(queue, 0) + 1
+    return {"reserved": reserved, "active": running}
 
 
 class Registration(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -41,6 +41,8 @@ from orchestrator.inputs import (
     plan_images,
     plan_outputs,
 )
+from orchestrator.joblist import DEFAULT_LIMIT, list_jobs
+from orchestrator.joblist import table as jobs_table
 from orchestrator.jobs import DEFAULT_TIMEOUT
 from orchestrator.local import available_cores, worker_command
 from orchestrator.plan import prepare
@@ -321,6 +323,87 @@ def retry(ctx: click.Context, job_id: str, run: RunOptions) -> None:
     if ran.outcome is None:
         ctx.exit(ran.code)
     ctx.exit(show(ran.outcome, ran.elapsed, run.as_json, render.writer(job.output)))
+
+
+@main.command()
+@json_option
+@click.option(
+    "--all",
+    "all_",
+    is_flag=True,
+    help=f"Every job still kept, not only the newest {DEFAULT_LIMIT} and the running.",
+)
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C (in place, on a terminal).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@handles_errors
+def jobs(as_json: bool, all_: bool, watch: bool, interval: float) -> None:
+    """List the jobs, newest first: every running one and the newest finished ones.
+
+    One row a job: its id, task, state (running, done, failed, cancelled), items
+    succeeded, failed (cancelled included) and in all, items a second, age and the
+    host it was sent from.  A job is listed until its results expire (FANOUT_RESULT_EXPIRES).
+    """
+    settings = get_settings()
+    check_redis(settings)
+    limit = None if all_ else DEFAULT_LIMIT
+
+    def look() -> str:
+        now = time.time()
+        rows = list_jobs(app, settings.result_expires, limit, now)
+        if as_json:
+            return json.dumps([row.document(now) for row in rows])
+        return jobs_table(rows, now) if rows else "no jobs"
+
+    if not watch:
+        click.echo(look())
+        return
+    in_place = sys.stdout.isatty() and not as_json
+    if in_place:
+        click.echo("\x1b[2J", nl=False)  # like top: clear once, then redraw over the same lines
+    try:
+        while True:
+            text = look()
+            if in_place:
+                title = f"fanout jobs, every {interval:g} s, {time.strftime('%H:%M:%S')} (Ctrl-C to quit)"
+                lines = [title, "", *text.splitlines()]
+                click.echo("\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J", nl=False)
+            else:
+                click.echo(text)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass  # the way out of --watch: exit 0
+
+
+@main.command()
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=9809,
+    show_default=True,
+    help="The port to serve /metrics on.",
+)
+@click.option("--address", default="0.0.0.0", show_default=True, help="The address to listen on.")
+@handles_errors
+def exporter(port: int, address: str) -> None:
+    """Serve Prometheus metrics of jobs, items, queues and workers at /metrics, until Ctrl-C or SIGTERM.
+
+    A scrape reads Redis in two round trips, whatever the number of jobs:
+    see docs/observability.md for the metrics.
+    """
+    from orchestrator.exporter import (
+        serve as serve_metrics,
+    )  # prometheus_client: loaded for this command only
+
+    settings = get_settings()
+    check_redis(settings)
+    click.echo(f"fanout exporter: serving http://{address}:{port}/metrics", err=True)
+    serve_metrics(app, settings, port, address)
 
 
 @main.command()
