@@ -96,6 +96,25 @@ def odd_fails(value: int, seconds: float = 0.0) -> int:
 
 
 @fanout.task
+def multiples_fail(value: int, of: int = 271) -> int:
+    """``value``; a multiple of ``of`` fails with LookupError (37 of range(10_000) for 271).
+
+    Used by tests/test_prometheus.py alone: the exporter's counters of this task are its own.
+    """
+    if value % of == 0:
+        raise LookupError(f"{value} is a multiple of {of}")
+    return value
+
+
+@fanout.task
+def seen_fails(value: int, of: int = 7) -> int:
+    """As :func:`multiples_fail`, with KeyError: used by tests/test_observe.py alone."""
+    if value % of == 0:
+        raise KeyError(value)
+    return value
+
+
+@fanout.task
 def needs_file(path: str) -> str:
     """Reads the file at ``path``: fails until it exists (a failure that a retry can mend)."""
     with open(path) as fh:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,16 +62,21 @@ def batch_counts(part: Part, stop_reason: str | None, raised: Mapping[str, int])
     exceptions = {name: n for name, n in raised.items() if n > 0}
     unseen = failed - sum(exceptions.values())
     if unseen > 0:  # a soft time limit, an item that killed its process, an unreadable batch
-        for e in errors:
-            if unseen <= 0:
-                break
-            if stop_reason is not None and e["error"] == stop_reason:
-                continue
-            match = _NAMED.match(str(e["error"]))
-            name = match.group(1) if match else "other"
-            exceptions[name] = exceptions.get(name, 0) + 1
-            unseen -= 1
+        named = Counter(_named(str(e["error"])) for e in errors if e["error"] != stop_reason)
+        for name, n in named.items():
+            extra = min(unseen, n - exceptions.get(name, 0)) if name else 0
+            if extra > 0:
+                exceptions[name] = exceptions.get(name, 0) + extra
+                unseen -= extra
+        if unseen > 0:
+            exceptions["other"] = exceptions.get("other", 0) + unseen
     return BatchCounts(len(part["results"]) - len(errors), failed, cancelled, exceptions)
+
+
+def _named(error: str) -> str:
+    """The exception class an item's error names ("KeyError: 'text'"), or "" if none."""
+    match = _NAMED.match(error)
+    return match.group(1) if match else "SoftTimeLimitExceeded" if "soft time limit" in error else ""
 
 
 def count_batch(

@@ -21,11 +21,12 @@ from typing import Any, NamedTuple
 
 from celery.app.task import Context
 
-from workers import connections, keys
+from workers import connections, keys, metrics
 from workers.batches import batch_items
 from workers.core import lookup
 from workers.fanin import ItemFailure, Part, fail_batch
 from workers.results import failure_run, write_part
+from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,18 @@ def report_purged(app: Any, group_id: str, purge_id: str, reason: str, taken: li
     with connections.backend(app).pipeline(transaction=False) as pipe:
         pipe.delete(keys.purged(group_id, purge_id))
         pipe.hdel(keys.purges(group_id), purge_id)
+        count_purged(pipe, group_id, batches)
         pipe.execute()
+
+
+def count_purged(pipe: Any, group_id: str, batches: list[_Purged]) -> None:
+    """Queue on ``pipe`` the exporter's counts of the purged batches: their items were cancelled."""
+    by_task: dict[str, int] = {}
+    for batch in batches:
+        by_task[batch.task] = by_task.get(batch.task, 0) + batch.size
+    expires = get_settings().result_expires
+    for task, count in by_task.items():
+        metrics.count_batch(pipe, task, group_id, metrics.BatchCounts(cancelled=count), None, expires)
 
 
 class _Purged(NamedTuple):
@@ -222,6 +234,7 @@ class _Purged(NamedTuple):
     size: int  # items
     errors: list[ItemFailure]
     where: str | None
+    task: str  # the header task's name
 
 
 def _runs(batches: list[_Purged]) -> list[list[_Purged]]:
@@ -253,9 +266,9 @@ def _purged(raw: bytes, reason: str) -> tuple[_Purged, Any]:
     if where is not None:  # by reference: the items' count is in the message (their bounds, or the file's)
         ref = args[1]
         count = int(ref["range"][1]) - int(ref["range"][0]) if "range" in ref else int(ref["count"])
-        return _Purged(start, number, count, [], where), embed["chord"]
+        return _Purged(start, number, count, [], where, str(headers["task"])), embed["chord"]
     items = batch_items(args[1])
     definition = lookup(str(headers["task"]))
     label = definition.label if definition else (lambda item: item)
     errors = fail_batch(start, items, reason, label)["errors"]
-    return _Purged(start, number, len(items), errors, where), embed["chord"]
+    return _Purged(start, number, len(items), errors, where, str(headers["task"])), embed["chord"]
