@@ -56,7 +56,8 @@ def test_a_batch_is_counted_by_outcome_and_its_failures_by_exception() -> None:
     assert (counts.succeeded, counts.failed, counts.cancelled) == (2, 3, 1)
     assert counts.exceptions == {"KeyError": 2, "SoftTimeLimitExceeded": 1}
     # No exception seen (an ItemError's reason, a worker killed): named from the text, else "other".
-    bare = metrics.batch_counts({**part, "errors": [*part["errors"][:1], {"error": "boom"}]}, None, {})
+    other: Any = {**part, "errors": [*part["errors"][:1], {"error": "boom"}]}
+    bare = metrics.batch_counts(other, None, {})
     assert bare.exceptions == {"KeyError": 1, "other": 1}
 
 
