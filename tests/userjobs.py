@@ -96,11 +96,12 @@ def odd_fails(value: int, seconds: float = 0.0) -> int:
 
 
 @fanout.task
-def multiples_fail(value: int, of: int = 271) -> int:
-    """``value``; a multiple of ``of`` fails with LookupError (37 of range(10_000) for 271).
+def multiples_fail(value: int, of: int = 271, seconds: float = 0.0) -> int:
+    """``value`` after ``seconds``; a multiple of ``of`` fails with LookupError (37 of range(10_000) for 271).
 
     Used by tests/test_prometheus.py alone: the exporter's counters of this task are its own.
     """
+    time.sleep(seconds)
     if value % of == 0:
         raise LookupError(f"{value} is a multiple of {of}")
     return value
