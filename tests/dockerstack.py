@@ -32,6 +32,7 @@ DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.whic
 STANDINS = ROOT / "tests" / "standins" / "build.sh"
 PYTHON_STANDIN = "fanout-standin/python:3.11-bookworm"
 REDIS_STANDIN = "fanout-standin/redis:7-bookworm"
+PROMETHEUS_STANDIN = "fanout-standin/prometheus:2-bookworm"
 S3_SERVER = "fanout-standin/moto:5.2.5"  # moto's S3 server, built by the same script
 #: Marks what the tests start outside compose (the S3 server), for the clean-up.
 TEST_LABEL = "fanout-test-project"
@@ -258,8 +259,10 @@ def stack_env(**extra: str) -> dict[str, str]:
     env = read_env_file(ENV_EXAMPLE) | SETTINGS
     env |= {"REDIS_PASSWORD": REDIS_PASSWORD, "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"}
     env |= {"PYTHON_IMAGE": PYTHON_STANDIN, "REDIS_IMAGE": REDIS_STANDIN, "FANOUT_IMAGE_TAG": IMAGE_TAG}
+    env |= {"PROMETHEUS_IMAGE": PROMETHEUS_STANDIN}
     # One CPU per worker container: --concurrency=auto must then give one pool process each.
     env |= {"FLOWER_PORT": str(free_port()), "FANOUT_WORKER_CPUS": "1"}
+    env |= {"EXPORTER_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port())}
     return env | extra
 
 

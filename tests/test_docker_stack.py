@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from base64 import b64encode
 from collections.abc import Iterator
@@ -282,6 +283,30 @@ def test_a_worker_only_project_joins_the_stacks_redis_and_takes_work(up: Project
     listed = up("run", "--rm", "-T", *with_aws, "orchestrator", "python", "-c",
                 "import s3fs; print(sorted(s3fs.S3FileSystem().ls('thumbs/out')))").stdout  # fmt: skip
     assert "thumbs/out/manifest.json" in listed and "thumbs/out/img-009.jpg" in listed
+
+
+def test_the_metrics_profile_has_prometheus_scrape_the_exporter(up: Project) -> None:
+    up("--profile", "metrics", "up", "-d", "exporter", "prometheus", timeout=300)
+    env = read_env_file(up.env_file)
+
+    def value(expr: str) -> float | None:
+        query = urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/api/v1/query?{query}", timeout=5
+            ) as r:
+                result = json.load(r)["data"]["result"]
+        except OSError:
+            return None
+        return float(result[0]["value"][1]) if result else None
+
+    # The stack's workers, and the items of the runs before this step, as Prometheus scraped them.
+    wait_for(
+        lambda: (value("sum(fanout_active_worker_count)") or 0) >= 1, 120, "Prometheus to see the workers"
+    )
+    assert (value("sum(fanout_items_succeeded_total)") or 0) > 0
+    assert (value("sum(fanout_jobs)") or 0) > 0
+    up("--profile", "metrics", "rm", "-f", "-s", "exporter", "prometheus")
 
 
 def test_down_v_leaves_nothing_running(up: Project) -> None:

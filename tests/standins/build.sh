@@ -6,7 +6,8 @@
 #                    trusting this host's CA bundle so pip works behind a re-signing proxy;
 #   $REDIS_STANDIN   Debian's redis-server with a docker-entrypoint.sh that drops root like
 #                    the official image's (for redis:7-alpine);
-#   $S3_SERVER       moto's S3-compatible server, for the s3:// round trip of remote workers.
+#   $S3_SERVER       moto's S3-compatible server, for the s3:// round trip of remote workers;
+#   $PROMETHEUS_STANDIN  Debian's prometheus, its binary the entrypoint (for prom/prometheus).
 # An image that already exists is kept: delete it (docker rmi) to rebuild.  Test-only: the
 # host's CA bundle goes into the Python stand-in, never into the image fanout ships.
 set -euo pipefail
@@ -16,6 +17,7 @@ DEBIAN_STANDIN=${DEBIAN_STANDIN:-fanout-standin/debian:bookworm}
 PYTHON_STANDIN=${PYTHON_STANDIN:-fanout-standin/python:3.11-bookworm}
 REDIS_STANDIN=${REDIS_STANDIN:-fanout-standin/redis:7-bookworm}
 S3_SERVER=${S3_SERVER:-fanout-standin/moto:5.2.5}
+PROMETHEUS_STANDIN=${PROMETHEUS_STANDIN:-fanout-standin/prometheus:2-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CA_BUNDLE=${CA_BUNDLE:-$(python3 -m pip config get global.cert 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)}
 
@@ -80,5 +82,26 @@ CMD ["/opt/moto/bin/moto_server", "-H", "0.0.0.0", "-p", "5000"]
 DOCKERFILE
     echo "standins: building $S3_SERVER" >&2
     "$docker" build -q -t "$S3_SERVER" "$context" >/dev/null
+    rm -rf "$context"
+fi
+
+if ! exists "$PROMETHEUS_STANDIN"; then
+    context=$(mktemp -d)
+    cat >"$context/Dockerfile" <<DOCKERFILE
+FROM $DEBIAN_STANDIN
+# policy-rc.d: the package's postinst must not try to start a service in the build.
+RUN printf '#!/bin/sh\\nexit 101\\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \\
+    && apt-get update && apt-get install -y --no-install-recommends prometheus \\
+    && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \\
+    && mkdir -p /prometheus && chown prometheus:prometheus /prometheus
+USER prometheus
+VOLUME /prometheus
+WORKDIR /prometheus
+EXPOSE 9090
+ENTRYPOINT ["/usr/bin/prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]
+DOCKERFILE
+    echo "standins: building $PROMETHEUS_STANDIN" >&2
+    "$docker" build -q -t "$PROMETHEUS_STANDIN" "$context" >/dev/null
     rm -rf "$context"
 fi
