@@ -166,6 +166,26 @@ def test_the_keda_example_scales_on_the_backlog_the_exporter_serves() -> None:
     assert set(re.findall(r"\b(fanout_[a-z_]+)", trigger["metadata"]["query"])) == {"fanout_queue_backlog"}
 
 
+def test_flower_s_search_finds_a_job_s_batches_and_fan_in_by_the_job_id_s_first_24_characters() -> None:
+    # What docs/observability.md tells a user to type into Flower's Tasks search box.
+    import uuid
+
+    from celery.events.state import Task
+    from flower.utils.search import TaskSearchEngine
+
+    from workers.batches import batch_task_id
+
+    job_id, other = str(uuid.uuid4()), str(uuid.uuid4())
+    tasks = {batch_task_id(job_id, i): Task(uuid=batch_task_id(job_id, i), name="t") for i in range(300)}
+    tasks[job_id] = Task(uuid=job_id, name="fanout.collect")
+    tasks |= {batch_task_id(other, i): Task(uuid=batch_task_id(other, i), name="t") for i in range(5)}
+    engine = TaskSearchEngine()
+    for task in tasks.values():
+        engine.upsert(task)
+    found = set(engine.search(tasks, job_id[:24]).task_ids)
+    assert found == {batch_task_id(job_id, i) for i in range(300)} | {job_id}
+
+
 # --- with Redis and the session's worker ---
 
 
