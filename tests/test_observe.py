@@ -186,6 +186,22 @@ def test_flower_s_search_finds_a_job_s_batches_and_fan_in_by_the_job_id_s_first_
     assert found == {batch_task_id(job_id, i) for i in range(300)} | {job_id}
 
 
+def test_the_metrics_profile_adds_an_exporter_that_prometheus_scrapes_on_loopback_only() -> None:
+    import yaml
+
+    from tests.composefile import service
+
+    exporter, prometheus = service("exporter"), service("prometheus")
+    assert exporter["profiles"] == prometheus["profiles"] == ["metrics"]  # off unless asked for
+    assert exporter["command"] == ["fanout", "exporter", "--port", "9809"]
+    assert exporter["ports"] == ["127.0.0.1:9809:9809"] and prometheus["ports"] == ["127.0.0.1:9090:9090"]
+    mounted = {v.split(":")[0]: v.split(":")[1] for v in prometheus["volumes"] if v.startswith("./")}
+    assert mounted == {"./deploy/prometheus/prometheus.yml": "/etc/prometheus/prometheus.yml"}
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"] == [{"targets": ["exporter:9809"]}]
+
+
 # --- with Redis and the session's worker ---
 
 
