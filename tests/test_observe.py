@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,10 +272,11 @@ def test_the_list_forgets_a_job_whose_record_is_gone_or_older_than_the_results(
     assert client.zscore(keys.jobs_ended("done"), gone.id) is None
 
 
-def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+def _read_until(fd: int, enough: Callable[[bytes], bool], timeout: float) -> bytes:
+    """What the terminal ``fd`` shows until ``enough(all of it)`` or ``timeout`` seconds."""
     seen = b""
     deadline = time.monotonic() + timeout
-    while needle not in seen and time.monotonic() < deadline:
+    while not enough(seen) and time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
             try:
@@ -305,8 +306,8 @@ def test_watch_redraws_the_table_in_place_on_a_terminal_until_ctrl_c(
     )
     os.close(follower)
     try:
-        seen = _read_until(leader, b"\x1b[H", 30)
-        seen += _read_until(leader, b"\x1b[H", 10)  # a second frame, drawn over the first
+        # Two frames, the second drawn over the first, each listing the job.
+        seen = _read_until(leader, lambda shown: shown.count(job.id.encode()) >= 2, 60)
         assert seen.count(b"\x1b[H") >= 2 and seen.count(job.id.encode()) >= 2, seen[-2000:]
         assert b"\x1b[2J" in seen and b"Ctrl-C" in seen
         os.killpg(process.pid, signal.SIGINT)
