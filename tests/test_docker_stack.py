@@ -287,6 +287,7 @@ def test_a_worker_only_project_joins_the_stacks_redis_and_takes_work(up: Project
 
 def test_the_metrics_profile_has_prometheus_scrape_the_exporter(up: Project) -> None:
     up("--profile", "metrics", "up", "-d", "exporter", "prometheus", timeout=300)
+    assert up.run("fanout", "double", "1", "2", "3").stdout.split() == ["2", "4", "6"]
     env = read_env_file(up.env_file)
 
     def value(expr: str) -> float | None:
@@ -300,12 +301,13 @@ def test_the_metrics_profile_has_prometheus_scrape_the_exporter(up: Project) -> 
             return None
         return float(result[0]["value"][1]) if result else None
 
-    # The stack's workers, and the items of the runs before this step, as Prometheus scraped them.
+    # The stack's workers, and the items of the runs so far, as Prometheus scraped them.
     wait_for(
         lambda: (value("sum(fanout_active_worker_count)") or 0) >= 1, 120, "Prometheus to see the workers"
     )
-    assert (value("sum(fanout_items_succeeded_total)") or 0) > 0
-    assert (value("sum(fanout_jobs)") or 0) > 0
+    doubled = 'sum(fanout_items_succeeded_total{name="fanout.double_batch"})'
+    wait_for(lambda: (value(doubled) or 0) >= 3, 60, "Prometheus to count the doubled items")
+    assert (value('sum(fanout_jobs{state="done"})') or 0) >= 1
     up("--profile", "metrics", "rm", "-f", "-s", "exporter", "prometheus")
 
 
