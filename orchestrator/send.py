@@ -278,9 +278,8 @@ def publish(
         pipe.set(keys.job(job.job_id), json.dumps(job.to_record()), ex=expires)
         # Watched by the workers' healer until its fan-in is done (workers/healing.py).
         pipe.zadd(keys.ACTIVE, {job.job_id: job.sent_at})
-        index_job(
-            pipe, job.job_id, job.sent_at or time.time(), expires
-        )  # listed by `fanout jobs` (workers/jobindex.py)
+        # Listed by `fanout jobs` (workers/jobindex.py).
+        index_job(pipe, job.job_id, job.sent_at or time.time(), expires)
         pipe.execute()
     replicated(connections.backend(app), f"job {job.job_id}'s record and inputs")  # FANOUT_WAIT_REPLICAS
     return job

@@ -58,6 +58,7 @@ from workers.batches import batch_task_id, header_args, slice_ref
 from workers.core import json_problem
 from workers.errors import InfrastructureError, InputError
 from workers.fanin import CANCELLED
+from workers.jobindex import index_job
 from workers.settings import get_settings
 
 #: What a batch should take on a worker, seconds: long enough that the ~ms a task costs is
@@ -347,6 +348,7 @@ def publish(
     with client.pipeline(transaction=False) as pipe:
         pipe.set(keys.job(job.job_id), json.dumps(job.to_record()), ex=expires)
         pipe.zadd(keys.ACTIVE, {job.job_id: job.sent_at})  # the healer watches it from here
+        index_job(pipe, job.job_id, sent_at, expires)  # listed by `fanout jobs` (workers/jobindex.py)
         pipe.execute()
     replicated(client, f"job {job.job_id}'s record")
     return job

@@ -1,6 +1,6 @@
 """The index of jobs: what ``fanout jobs`` lists and the exporter counts, without a key scan.
 
-* When a job's record is written (orchestrator/send.py), :func:`index_job` adds it
+* When a job's record is written (orchestrator/send.py, stream.py), :func:`index_job` adds it
   to ``keys.JOBS``, a sorted set scored by when it was sent.
 * When its fan-in is done (workers/callback.py), :func:`record_end` writes its
   summary (``keys.job_end``: state, item counts, when it ended) and adds it to
