@@ -17,6 +17,7 @@ from workers import storage
 from workers.errors import InputError
 from workers.resizing import ResizeOptions
 from workers.settings import get_settings
+from workers.sheets import tiles_dir
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
@@ -55,21 +56,41 @@ def resize_items(
     """A resize job of (source URL, destination URL, width, height) items, image-major.
 
     ``per_image`` is how many sizes each image has (consecutive items), so the
-    report can group the outputs by image; ``sheet`` asks it for a contact sheet;
-    with ``skip_existing`` an output already there (and readable) is not made again.
+    report can group the outputs by image; ``sheet`` asks for a contact sheet,
+    drawn page by page as the job runs (workers/sheets.py): each image's
+    smallest box is its sheet item, which carries the image's index as a fifth
+    element; with ``skip_existing`` an output already there (and readable) is
+    not made again.
     """
     if per_image < 1 or len(items) % per_image:
         raise InputError("per_image must divide the items into whole images")
     job_id = job_id or str(uuid.uuid4())  # the report names the job: chosen here
+    listed: list[list[Any]] = [[src, dst, int(w), int(h)] for src, dst, w, h in items]
+    kwargs: dict[str, Any] = {"options": options, "out_dir": out_dir}
+    if skip_existing:
+        kwargs["skip_existing"] = True
+    tiles = None
+    if sheet:
+        tiles = tiles_dir(out_dir, job_id)
+        kwargs["sheet"] = {"images": len(items) // per_image, "tiles": tiles}
+        for image, first in enumerate(range(0, len(listed), per_image)):
+            group = listed[first : first + per_image]
+            min(group, key=lambda item: item[2] * item[3]).append(image)
     spec = JobSpec(
         RESIZE,
         shown_as="resize",
         output="resize",
-        kwargs={"options": options, "out_dir": out_dir, **({"skip_existing": True} if skip_existing else {})},
+        kwargs=kwargs,
         reduce=RESIZE_REPORT,
-        reduce_kwargs={"out_dir": out_dir, "job_id": job_id, "per_image": per_image, "sheet": sheet},
+        reduce_kwargs={
+            "out_dir": out_dir,
+            "job_id": job_id,
+            "per_image": per_image,
+            "sheet": sheet,
+            "tiles": tiles,
+        },
         batch_cap=MAX_RESIZE_BATCH,
         # Next to the outputs, which every worker already writes, unless FANOUT_RESULTS_URL says where.
         results_root=get_settings().results_url or storage.join(out_dir, RESIZE_RESULTS),
     )
-    return prepare(spec, [[src, dst, int(w), int(h)] for src, dst, w, h in items], job_id=job_id)
+    return prepare(spec, listed, job_id=job_id)

@@ -8,21 +8,24 @@ and its error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import IO, Any
 
 from PIL import Image
 
 from workers import storage
-from workers.contact_sheet import compose, pages, read_tile, thumbnail
+from workers.contact_sheet import CONTACT_SHEET, compose, page_names, pages, read_tile, thumbnail
 from workers.fanin import OutcomeDoc
+from workers.sheets import read_note, save_page
 
 MANIFEST = "manifest.json"
-CONTACT_SHEET = "contact-sheet.png"
+__all__ = ["CONTACT_SHEET", "MANIFEST", "images", "manifest", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +87,13 @@ REMOTE_SHEET_THREADS = 16
 ENCODERS = 2
 
 
-def sheet_names(count: int) -> list[str]:
-    """The sheet's file names for ``count`` images: one page keeps the plain name."""
-    _, ranges = pages(count)
-    if len(ranges) == 1:
-        return [CONTACT_SHEET]
-    stem = CONTACT_SHEET.removesuffix(".png")
-    return [f"{stem}-{n}.png" for n in range(1, len(ranges) + 1)]
-
-
 def _smallest(item: dict[str, Any]) -> dict[str, Any] | None:
+    """The output an image shows on the sheet: the one its tile was made from, else its smallest."""
     outputs = item["outputs"]
     if not item["ok"] or not outputs:
         return None
-    return dict(min(outputs, key=lambda o: int(o["width"]) * int(o["height"])))
+    tiled = [o for o in outputs if o.get("tile")]
+    return dict(min(tiled or outputs, key=lambda o: int(o["width"]) * int(o["height"])))
 
 
 def _tile(output: dict[str, Any] | None) -> Image.Image | None:
@@ -109,26 +105,51 @@ def _tile(output: dict[str, Any] | None) -> Image.Image | None:
 
 
 def contact_sheet_pages(
-    outputs: list[dict[str, Any] | None], threads: int = SHEET_THREADS
-) -> Iterator[Image.Image]:
-    """Each page of the sheet for one output per image (``None``: failed), made one at a time."""
+    outputs: list[dict[str, Any] | None], threads: int = SHEET_THREADS, only: set[int] | None = None
+) -> Iterator[tuple[int, Image.Image]]:
+    """Each page of the sheet (or those in ``only``) for one output per image (``None``: failed), in turn."""
     columns, ranges = pages(len(outputs))
     with ThreadPoolExecutor(threads) as pool:
-        for indices in ranges:
+        for page, indices in enumerate(ranges):
+            if only is not None and page not in only:
+                continue
             tiles = list(pool.map(_tile, [outputs[i] for i in indices]))
-            yield compose(tiles, columns=columns, first=indices.start)
+            yield page, compose(tiles, columns=columns, first=indices.start)
+
+
+def drawn_early(tiles: str | None, names: list[str], outputs: list[dict[str, Any] | None]) -> set[int]:
+    """The pages a header task already drew (workers/sheets.py) exactly as the outcome would draw them.
+
+    A page drew each missing tile as a failed cell; it is kept if those are the
+    failed images of its range, and drawn again otherwise (a tile that could not
+    be written, a page drawn before a retry changed it).
+    """
+    if tiles is None:
+        return set()
+    _, ranges = pages(len(outputs))
+    kept: set[int] = set()
+    for page, (name, indices) in enumerate(zip(names, ranges, strict=True)):
+        note = read_note(tiles, page)
+        failed = [i for i in indices if outputs[i] is None]
+        if note is not None and note.get("name") == name and note.get("missing") == failed:
+            kept.add(page)
+    return kept
 
 
 def _tiles_of(outcome: OutcomeDoc) -> list[str]:
     return [str(r["tile"]) for r in outcome["results"] if isinstance(r, dict) and r.get("tile")]
 
 
-def write_report(out_dir: str, outcome: OutcomeDoc, per_image: int = 1, sheet: bool = True) -> dict[str, Any]:
+def write_report(
+    out_dir: str, outcome: OutcomeDoc, per_image: int = 1, sheet: bool = True, tiles: str | None = None
+) -> dict[str, Any]:
     """Write ``manifest.json`` and (if ``sheet``) the contact sheet's pages under ``out_dir`` (a path or URL).
 
-    The sheet is pasted from the tiles the header tasks left (no output is read
-    back unless its tile is missing); the tiles are deleted afterwards.  A sheet
-    of more than one page is ``contact-sheet-1.png``, ``contact-sheet-2.png``,
+    The pages the header tasks drew as the job ran (their notes in ``tiles``,
+    see :func:`drawn_early`) are kept; the others are pasted from the tiles the
+    header tasks left (no output is read back unless its tile is missing); the
+    tiles are deleted afterwards.  A sheet
+    of more than one page is ``contact-sheet-1.jpg``, ``contact-sheet-2.jpg``,
     ...; the manifest names them under ``contact_sheets``.  The manifest is the
     record, written last and always; a sheet that cannot be made is logged and
     left out rather than failing the run.  Written once: a redelivered callback
@@ -143,13 +164,14 @@ def write_report(out_dir: str, outcome: OutcomeDoc, per_image: int = 1, sheet: b
     for item in items:
         item["outputs"] = [{k: v for k, v in o.items() if k != "tile"} for o in item["outputs"]]
     manifest_url = storage.join(out_dir, MANIFEST)
-    names = sheet_names(len(items)) if sheet else []
+    names = page_names(len(items)) if sheet else []
     document = manifest(outcome, per_image, items)
     document["contact_sheets"] = names
-    tiles = _tiles_of(outcome)
+    scaffolding = _tiles_of(outcome)
     if not _holds(manifest_url, document):
         try:
-            _write_pages(out_dir, names, sheet_outputs)
+            early = drawn_early(tiles, names, sheet_outputs) if names else set()
+            _write_pages(out_dir, names, sheet_outputs, set(range(len(names))) - early)
         except Exception:  # the sheet is a convenience; the manifest is the record
             log.exception("could not write the contact sheet under %s", out_dir)
             document["contact_sheets"] = names = []
@@ -159,7 +181,13 @@ def write_report(out_dir: str, outcome: OutcomeDoc, per_image: int = 1, sheet: b
 
         storage.write_atomic(manifest_url, write_manifest)
     try:
-        storage.remove_many(tiles)
+        if tiles is not None and storage.exists(tiles):
+            scaffolding += storage.list_files(tiles)
+        storage.remove_many(scaffolding)
+        if tiles is not None and storage.is_local(tiles):
+            for directory in (Path(tiles), Path(tiles).parent):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only if empty: another job's tiles stay
     except Exception:  # leftover tiles are untidy, not wrong
         log.warning("could not delete the contact-sheet tiles under %s", out_dir, exc_info=True)
     for result in outcome["results"]:
@@ -169,29 +197,19 @@ def write_report(out_dir: str, outcome: OutcomeDoc, per_image: int = 1, sheet: b
     return {"manifest": manifest_url, "contact_sheet": urls[0] if urls else None, "contact_sheets": urls}
 
 
-def _write_pages(out_dir: str, names: list[str], outputs: list[dict[str, Any] | None]) -> None:
-    """Write the sheet's pages, encoding them in threads while the next one's tiles are read.
-
-    Pillow's PNG encoder lets go of the GIL for much of its work: two pages of
-    960 images took 1.03 s one after the other, 0.66 s in two threads.
-    """
-    if not names:
+def _write_pages(
+    out_dir: str, names: list[str], outputs: list[dict[str, Any] | None], only: set[int] | None = None
+) -> None:
+    """Write the sheet's pages (those in ``only``), encoding one while the next one's tiles are read."""
+    if not names or only == set():
         return
-
-    def write(name: str, page: Image.Image) -> None:
-        # Fast compression: the callback is on the run's critical path, and PNG's
-        # optimize pass took 1.7 s for a 400-image sheet (compress_level=1: 0.2 s).
-        storage.write_atomic(
-            storage.join(out_dir, name), lambda fh: page.save(fh, format="PNG", compress_level=1)
-        )
-
     with ThreadPoolExecutor(ENCODERS) as encoder:
         pending: deque[Future[None]] = deque()
         threads = SHEET_THREADS if storage.is_local(out_dir) else REMOTE_SHEET_THREADS
-        for name, page in zip(names, contact_sheet_pages(outputs, threads), strict=True):
+        for number, page in contact_sheet_pages(outputs, threads, only):
             if len(pending) >= ENCODERS:
                 pending.popleft().result()  # at most ENCODERS + 1 pages in memory
-            pending.append(encoder.submit(write, name, page))
+            pending.append(encoder.submit(save_page, page, storage.join(out_dir, names[number])))
         for future in pending:
             future.result()
 

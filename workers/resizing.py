@@ -26,9 +26,9 @@ becomes an alpha channel before resampling and is written the way the output
 format holds it.  A format Pillow reads but cannot write (PSD, ICNS as sized
 by Pillow, ...) is written as PNG.  docs/formats.md lists every case.
 
-With ``options.tile`` each output also leaves its contact-sheet tile (a small
-JPEG beside it, see :func:`workers.contact_sheet.tile_url`), made from the
-image already in memory; the record names it and the chord callback pastes it.
+Given a ``tile`` URL, the output also leaves its contact-sheet tile there (a
+small JPEG, see :mod:`workers.sheets`), made from the image already in memory;
+the record names it and the sheet's page is pasted from it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import IO, Any, NotRequired, TypedDict
 from PIL import Image, ImageColor, ImageFile, ImageMath, ImageOps, UnidentifiedImageError
 
 from workers import storage
-from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
+from workers.contact_sheet import TILE_QUALITY, make_tile
 from workers.errors import ConfigError, ImageError, InputError, TransientError
 
 MODES = ("fit", "fill", "exact")
@@ -143,8 +143,6 @@ class ResizeOptions:
     quality: int = 85
     upscale: bool = False
     background: str = "#ffffff"
-    #: Leave each output's contact-sheet tile beside it (``--no-contact-sheet`` need not).
-    tile: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -178,7 +176,7 @@ class OutputRecord(TypedDict):
     format: str
     bytes: int
     seconds: float
-    tile: NotRequired[str]  # the contact-sheet tile's URL, when options.tile
+    tile: NotRequired[str]  # the contact-sheet tile's URL, when asked for one
 
 
 def output_size(size: tuple[int, int], box: tuple[int, int], mode: str, upscale: bool) -> tuple[int, int]:
@@ -389,8 +387,12 @@ def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Ima
     return im.resize(target, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
 
 
-def resize_to(source: str, destination: str, box: tuple[int, int], options: ResizeOptions) -> OutputRecord:
+def resize_to(
+    source: str, destination: str, box: tuple[int, int], options: ResizeOptions, tile: str | None = None
+) -> OutputRecord:
     """Resize the image at URL ``source`` into ``box`` and write it to URL ``destination``.
+
+    With ``tile``, the output's contact-sheet tile is written there too.
 
     The output appears under its final name only once complete.  Raises
     :class:`ImageError` naming ``source`` for an input or output that cannot
@@ -473,14 +475,13 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
         "bytes": size,
         "seconds": 0.0,
     }
-    if options.tile:
-        url = tile_url(destination)
+    if tile is not None:
         try:
-            tile = make_tile(out)
-            storage.write_atomic(url, lambda fh: tile.save(fh, format="JPEG", quality=TILE_QUALITY))
-            record["tile"] = url
+            small = make_tile(out)
+            storage.write_atomic(tile, lambda fh: small.save(fh, format="JPEG", quality=TILE_QUALITY))
+            record["tile"] = tile
         except Exception:  # a missing tile is read back from the output instead
-            log.warning("could not write the contact-sheet tile %s", url, exc_info=True)
+            log.warning("could not write the contact-sheet tile %s", tile, exc_info=True)
     record["seconds"] = round(time.perf_counter() - started, 4)
     return record
 

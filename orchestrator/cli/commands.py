@@ -164,7 +164,7 @@ def double(ctx: click.Context, numbers: tuple[str, ...], range_n: int | None, ru
     "sheet",
     default=True,
     show_default=True,
-    help="Write contact-sheet.png (pages for large runs) next to manifest.json, from tiles the workers make.",
+    help="Write contact-sheet.jpg (pages for large runs) next to manifest.json, from tiles the workers make.",
 )
 @run_options
 @handles_errors
@@ -190,14 +190,14 @@ def resize(
     SOURCES are image files, directories (walked recursively) or s3:// prefixes;
     s3:// takes credentials and endpoint from AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL.  manifest.json and (unless
-    --no-contact-sheet) contact-sheet.png are written next to the outputs.
+    --no-contact-sheet) contact-sheet.jpg are written next to the outputs.
     """
     boxes = [parse_size(s) for s in sizes] + ([(max_side, max_side)] if max_side else [])
     boxes = list(dict.fromkeys(boxes))
     if not boxes:
         raise click.UsageError("give a size: --size N|WxH (repeatable) or --max-side N")
-    # No sheet, no tiles: the workers make each image's tile only for the sheet.
-    options = ResizeOptions(mode, anchor, fmt, quality, upscale, background, tile=sheet)
+    # No sheet, no tiles: the plan asks for each image's tile only for the sheet.
+    options = ResizeOptions(mode, anchor, fmt, quality, upscale, background)
     as_json = run.as_json
     found = plan_images(sources, out_dir)
     out = storage.normalize(out_dir)
