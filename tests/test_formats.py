@@ -190,7 +190,7 @@ def test_the_corpus_is_one_job_with_every_file_accounted_for(corpus_run: dict[st
     assert corpus_run["code"] == (1 if expected_errors else 0)
     # The callback pasted the header tasks' tiles into the sheet, then deleted them.
     out: Path = corpus_run["out"]
-    assert (out / "contact-sheet.png").exists() and (out / "manifest.json").exists()
+    assert (out / "contact-sheet.jpg").exists() and (out / "manifest.json").exists()
     assert not list(out.rglob(".*.tile.jpg"))
 
 

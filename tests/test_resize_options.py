@@ -331,9 +331,10 @@ def test_report_groups_outputs_by_image_and_writes_manifest_and_sheet(tmp_path: 
 
 
 def _resized(tmp_path: Path, colours: list[tuple[int, int, int] | None]) -> OutcomeDoc:
-    """An outcome as the header tasks leave it: one output (and its tile) per colour; ``None`` fails."""
+    """An outcome as the header tasks leave it: one output per colour (``None`` fails), tiles in one strip."""
     results: list[object] = []
     errors = []
+    made: dict[int, Image.Image] = {}
     for i, colour in enumerate(colours):
         if colour is None:
             results.append(None)
@@ -342,24 +343,34 @@ def _resized(tmp_path: Path, colours: list[tuple[int, int, int] | None]) -> Outc
         src = tmp_path / "in" / f"{i}.png"
         src.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (300, 200), colour).save(src)
-        tile = sheets.tile_of(sheets.tiles_dir(str(tmp_path / "out"), "job"), i)
+
+        def keep(out: Image.Image, image: int = i) -> None:
+            made[image] = contact_sheet.make_tile(out)
+
         results.append(
-            resize_to(str(src), str(tmp_path / "out" / f"{i}.png"), (200, 200), ResizeOptions(), tile)
+            resize_to(str(src), str(tmp_path / "out" / f"{i}.png"), (200, 200), ResizeOptions(), keep)
         )
+    sheets.write_strip(tiles_of(tmp_path), made, range(len(colours)))
     part = {"start": 0, "results": results, "errors": errors, "transient": 0}
     return merge([part], len(colours), "job", "resize")  # type: ignore[list-item]
 
 
-def test_the_header_task_leaves_a_small_tile_where_asked_and_names_it(tmp_path: Path) -> None:
-    record = _resized(tmp_path, [RED])["results"][0]
-    tile = Path(record["tile"])
-    assert tile == tmp_path / "out" / sheets.TILES_DIR / "job" / "0.jpg"
-    with Image.open(tile) as im:
-        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (CELL, round(CELL * 2 / 3)))
-        assert close(im.getpixel((CELL // 2, 20)), RED)
-    assert tile.stat().st_size < 5_000
-    assert "tile" not in resize_to(record["source"], str(tmp_path / "x.png"), (50, 50), ResizeOptions())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out", "x.png"]
+def tiles_of(tmp_path: Path) -> str:
+    return sheets.tiles_dir(str(tmp_path / "out"), "job")
+
+
+def test_the_header_task_keeps_a_small_tile_of_each_output_in_its_batch_strip(tmp_path: Path) -> None:
+    _resized(tmp_path, [RED, None, BLUE])
+    (strip,) = Path(tiles_of(tmp_path)).iterdir()
+    assert strip.name == "0-3-5.jpg"  # images 0 to 2, tiles for 0 and 2
+    with Image.open(strip) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (3 * CELL, CELL))
+        assert close(im.getpixel((CELL // 2, CELL // 2)), RED)
+        assert close(im.getpixel((2 * CELL + CELL // 2, CELL // 2)), BLUE)
+    assert strip.stat().st_size < 10_000
+    seen: list[Image.Image] = []
+    resize_to(str(tmp_path / "in" / "0.png"), str(tmp_path / "x.png"), (50, 50), ResizeOptions(), seen.append)
+    assert [im.size for im in seen] == [(50, 33)]
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"])
@@ -388,14 +399,13 @@ def test_the_sheet_is_pasted_from_tiles_without_reading_any_output_back(tmp_path
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [CONTACT_SHEET, MANIFEST]  # tiles gone
     doc = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert doc["contact_sheets"] == [CONTACT_SHEET]
-    assert all("tile" not in o for item in doc["items"] for o in item["outputs"])
-    assert all("tile" not in r for r in outcome["results"] if r)
 
 
 def test_a_missing_tile_is_made_from_the_output_read_back(tmp_path: Path) -> None:
     outcome = _resized(tmp_path, [GREEN])
-    Path(outcome["results"][0]["tile"]).unlink()
-    write_report(str(tmp_path / "out"), outcome)
+    for strip in Path(tiles_of(tmp_path)).iterdir():
+        strip.unlink()
+    write_report(str(tmp_path / "out"), outcome, tiles=tiles_of(tmp_path))
     with Image.open(tmp_path / "out" / CONTACT_SHEET) as sheet:
         x, y = cell_origin(0, 1)
         assert close(sheet.getpixel((x + CELL // 2, y + CELL // 2)), GREEN)
@@ -411,7 +421,7 @@ def test_a_large_run_gets_a_sheet_in_pages_a_viewer_opens_named_by_the_manifest(
     colours: list[tuple[int, int, int] | None] = [RED] * 20
     colours[12] = None  # the first of the second page: columns_for(20) == 6
     outcome = _resized(tmp_path, colours)
-    written = write_report(str(tmp_path / "out"), outcome)
+    written = write_report(str(tmp_path / "out"), outcome, tiles=tiles_of(tmp_path))
     names = ["contact-sheet-1.jpg", "contact-sheet-2.jpg"]
     assert written["contact_sheets"] == [str(tmp_path / "out" / n) for n in names]
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["contact_sheets"] == names

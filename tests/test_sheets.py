@@ -12,7 +12,7 @@ import redis
 from PIL import Image
 
 from workers import contact_sheet, sheets
-from workers.contact_sheet import CELL, GAP, MARKER, TILE_QUALITY, cell_origin, make_tile
+from workers.contact_sheet import CELL, GAP, MARKER, cell_origin, make_tile
 from workers.fanin import merge
 from workers.report import MANIFEST, write_report
 
@@ -33,33 +33,36 @@ def close(pixel: Any, expected: tuple[int, int, int], tolerance: int = 40) -> bo
 
 
 class Job:
-    """A resize job's sheet as the header tasks leave it: a tile per image that succeeded."""
+    """A resize job as its header tasks run it: a green output and tile per image that succeeded."""
 
-    def __init__(self, root: Path, failed: set[int]) -> None:
+    def __init__(self, root: Path, failed: set[int], untiled: frozenset[int] = frozenset()) -> None:
         self.out = str(root / "out")
         self.tiles = sheets.tiles_dir(self.out, "job-1")
-        Path(self.tiles).mkdir(parents=True)
         self.failed = failed
+        self.made: dict[int, Image.Image] = {}  # ``untiled``: succeeded, but its tile could not be made
         self.results: list[Any] = []
         for i in range(IMAGES):
             if i in failed:
                 self.results.append(None)
                 continue
             destination = root / "out" / f"{i}.jpg"
+            Path(self.out).mkdir(exist_ok=True)
             Image.new("RGB", (256, 144), GREEN).save(destination)
-            tile = sheets.tile_of(self.tiles, i)
-            make_tile(Image.new("RGB", (256, 144), GREEN)).save(tile, "JPEG", quality=TILE_QUALITY)
+            if i not in untiled:
+                self.made[i] = make_tile(Image.new("RGB", (256, 144), GREEN))
             self.results.append(
                 {"source": f"/in/{i}.jpg", "destination": str(destination), "box": [256, 256], "width": 256,
-                 "height": 144, "format": "JPEG", "bytes": 1, "seconds": 0.01, "tile": tile}
+                 "height": 144, "format": "JPEG", "bytes": 1, "seconds": 0.01}
             )  # fmt: skip
         self.sheet = {"images": IMAGES, "tiles": self.tiles}
         self.group = str(uuid.uuid4())  # the chord's group id: the Redis keys are the job's own
 
     def batch(self, client: redis.Redis, start: int, size: int) -> list[int]:
         """What a header task does after its batch of images ``start`` .. ``start + size - 1``."""
-        items = [[f"/in/{i}.jpg", f"{i}.jpg", 256, 256, i] for i in range(start, min(start + size, IMAGES))]
-        return sheets.batch_done(client, self.group, start, items, self.sheet, self.out, 600)
+        images = range(start, min(start + size, IMAGES))
+        items = [[f"/in/{i}.jpg", f"{i}.jpg", 256, 256, i] for i in images]
+        made = {i: tile for i, tile in self.made.items() if i in images}
+        return sheets.batch_done(client, self.group, start, items, made, self.sheet, self.out, 600)
 
     def report(self) -> dict[str, Any]:
         errors = [
@@ -84,6 +87,8 @@ def test_each_page_is_drawn_by_the_batch_that_completes_it_and_a_batch_run_twice
     assert job.batch(redis_client, 8, 8) == [0, 1]  # completes both pages (images 8-11 and 12-15)
     assert job.batch(redis_client, 8, 8) == []  # run twice: no page drawn twice
     assert job.page(0).exists() and job.page(1).exists()
+    strips = sorted(p.name for p in Path(job.tiles).glob("*.jpg"))
+    assert strips == ["0-8-f7.jpg", "16-4-f.jpg", "8-8-ff.jpg"]  # one a batch; image 3 has no tile
     note = json.loads(Path(sheets.note_of(job.tiles, 0)).read_text())
     assert note == {"name": "contact-sheet-1.jpg", "missing": [3]}
     with Image.open(job.page(0)) as page:
@@ -107,14 +112,13 @@ def test_the_fan_in_keeps_the_pages_drawn_early_and_cleans_up(
     assert json.loads((Path(job.out) / MANIFEST).read_text())["contact_sheets"] == [
         "contact-sheet-1.jpg", "contact-sheet-2.jpg",
     ]  # fmt: skip
-    assert not (Path(job.out) / sheets.TILES_DIR).exists()  # tiles and notes gone
+    assert not (Path(job.out) / sheets.TILES_DIR).exists()  # strips and notes gone
 
 
 def test_a_page_drawn_with_a_tile_missing_for_an_image_that_succeeded_is_drawn_again(
     redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    job = Job(tmp_path, failed=set())
-    Path(sheets.tile_of(job.tiles, 5)).unlink()  # the tile could not be written; the output is there
+    job = Job(tmp_path, failed=set(), untiled=frozenset({5}))  # no tile; the output is there
     job.batch(redis_client, 0, 20)
     with Image.open(job.page(0)) as page:
         x, y = cell_origin(5, 6)

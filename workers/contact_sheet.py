@@ -1,10 +1,10 @@
 """The contact sheet: every item's thumbnail in input order, failures marked, in pages.
 
-Each header task makes its outputs' tiles while the image is decoded
-(:func:`make_tile`, written where :func:`workers.sheets.tile_of` says), so the
-chord callback only reads small tiles and pastes them (:func:`compose`, pure:
-images in, image out).  :func:`thumbnail` reads an output back, the fallback for
-a tile that is missing.  A sheet is cut into pages of at most :data:`PAGE_MAX`
+Each header task makes its images' tiles while the image is in memory
+(:func:`make_tile`, written as one strip a batch by :mod:`workers.sheets`), so
+a page is pasted from small tiles (:func:`compose`, pure: images in, image
+out).  :func:`thumbnail` reads an output back, the fallback for a tile that is
+missing.  A sheet is cut into pages of at most :data:`PAGE_MAX`
 pixels a side (:func:`pages`), a size every viewer opens.  Each page is drawn
 as soon as its tiles exist (:mod:`workers.sheets`), and written next to
 ``manifest.json`` (see :mod:`workers.report`).
@@ -147,15 +147,3 @@ def make_tile(im: Image.Image, cell: int = CELL) -> Image.Image:
         flat.paste(rgba, mask=rgba.getchannel("A"))
         return flat
     return im.convert("RGB")
-
-
-def read_tile(url: str, cell: int = CELL) -> Image.Image | None:
-    """The tile at ``url``, or ``None`` if it cannot be read."""
-    try:
-        with Image.open(storage.open_source(url)) as im:
-            if max(im.size) > cell or im.mode != "RGB":
-                return None  # not a tile this module wrote
-            im.load()
-            return im.copy()
-    except Exception:  # noqa: BLE001 - a missing tile falls back to reading the output
-        return None

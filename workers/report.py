@@ -20,9 +20,9 @@ from typing import IO, Any
 from PIL import Image
 
 from workers import storage
-from workers.contact_sheet import CONTACT_SHEET, compose, page_names, pages, read_tile, thumbnail
+from workers.contact_sheet import CONTACT_SHEET, compose, page_names, pages, thumbnail
 from workers.fanin import OutcomeDoc
-from workers.sheets import read_note, save_page
+from workers.sheets import Strips, read_note, save_page
 
 MANIFEST = "manifest.json"
 __all__ = ["CONTACT_SHEET", "MANIFEST", "images", "manifest", "write_report"]
@@ -30,21 +30,15 @@ __all__ = ["CONTACT_SHEET", "MANIFEST", "images", "manifest", "write_report"]
 log = logging.getLogger(__name__)
 
 
-def images(outcome: OutcomeDoc, per_image: int = 1, tiles: bool = False) -> list[dict[str, Any]]:
-    """The outcome grouped by image, in input order: ``index``, ``source``, ``ok``, ``outputs``, ``error``.
-
-    Outputs are listed without their ``tile`` unless ``tiles``: tiles are scaffolding
-    the callback deletes once the sheet is made.
-    """
+def images(outcome: OutcomeDoc, per_image: int = 1) -> list[dict[str, Any]]:
+    """The outcome grouped by image, in input order: ``index``, ``source``, ``ok``, ``outputs``, ``error``."""
     per_image = max(1, per_image)
     failures = {e["index"]: e for e in outcome["errors"]}
     grouped: list[dict[str, Any]] = []
     for image, first in enumerate(range(0, outcome["total"], per_image)):
         indices = range(first, min(first + per_image, outcome["total"]))
         outputs = [
-            {k: v for k, v in outcome["results"][i].items() if tiles or k != "tile"}
-            for i in indices
-            if i not in failures and outcome["results"][i]
+            dict(outcome["results"][i]) for i in indices if i not in failures and outcome["results"][i]
         ]
         errors = [failures[i] for i in indices if i in failures]
         source = outputs[0]["source"] if outputs else next((e["input"] for e in errors if e["input"]), None)
@@ -88,33 +82,39 @@ ENCODERS = 2
 
 
 def _smallest(item: dict[str, Any]) -> dict[str, Any] | None:
-    """The output an image shows on the sheet: the one its tile was made from, else its smallest."""
     outputs = item["outputs"]
     if not item["ok"] or not outputs:
         return None
-    tiled = [o for o in outputs if o.get("tile")]
-    return dict(min(tiled or outputs, key=lambda o: int(o["width"]) * int(o["height"])))
+    return dict(min(outputs, key=lambda o: int(o["width"]) * int(o["height"])))
 
 
-def _tile(output: dict[str, Any] | None) -> Image.Image | None:
-    """An output's tile; if the header task left none, the output itself read back and reduced."""
-    if output is None:
-        return None
-    tile = read_tile(str(output["tile"])) if output.get("tile") else None
-    return tile if tile is not None else thumbnail(str(output["destination"]))
+def _read_back(output: dict[str, Any] | None) -> Image.Image | None:
+    return None if output is None else thumbnail(str(output["destination"]))
 
 
 def contact_sheet_pages(
-    outputs: list[dict[str, Any] | None], threads: int = SHEET_THREADS, only: set[int] | None = None
+    outputs: list[dict[str, Any] | None],
+    threads: int = SHEET_THREADS,
+    only: set[int] | None = None,
+    tiles: str | None = None,
 ) -> Iterator[tuple[int, Image.Image]]:
-    """Each page of the sheet (or those in ``only``) for one output per image (``None``: failed), in turn."""
+    """Each page of the sheet (or those in ``only``) for one output per image (``None``: failed), in turn.
+
+    Each image that succeeded shows its tile from the strips in ``tiles``, or
+    else its output read back and reduced.
+    """
     columns, ranges = pages(len(outputs))
+    strips = Strips(tiles) if tiles is not None else None
     with ThreadPoolExecutor(threads) as pool:
         for page, indices in enumerate(ranges):
             if only is not None and page not in only:
                 continue
-            tiles = list(pool.map(_tile, [outputs[i] for i in indices]))
-            yield page, compose(tiles, columns=columns, first=indices.start)
+            made = strips.tiles(indices) if strips is not None else [None] * len(indices)
+            drawn = [tile if outputs[i] is not None else None for i, tile in zip(indices, made, strict=True)]
+            lacking = [i for i, t in zip(indices, drawn, strict=True) if t is None and outputs[i] is not None]
+            for i, tile in zip(lacking, pool.map(_read_back, [outputs[i] for i in lacking]), strict=True):
+                drawn[i - indices.start] = tile
+            yield page, compose(drawn, columns=columns, first=indices.start)
 
 
 def drawn_early(tiles: str | None, names: list[str], outputs: list[dict[str, Any] | None]) -> set[int]:
@@ -136,42 +136,34 @@ def drawn_early(tiles: str | None, names: list[str], outputs: list[dict[str, Any
     return kept
 
 
-def _tiles_of(outcome: OutcomeDoc) -> list[str]:
-    return [str(r["tile"]) for r in outcome["results"] if isinstance(r, dict) and r.get("tile")]
-
-
 def write_report(
     out_dir: str, outcome: OutcomeDoc, per_image: int = 1, sheet: bool = True, tiles: str | None = None
 ) -> dict[str, Any]:
     """Write ``manifest.json`` and (if ``sheet``) the contact sheet's pages under ``out_dir`` (a path or URL).
 
     The pages the header tasks drew as the job ran (their notes in ``tiles``,
-    see :func:`drawn_early`) are kept; the others are pasted from the tiles the
-    header tasks left (no output is read back unless its tile is missing); the
-    tiles are deleted afterwards.  A sheet
-    of more than one page is ``contact-sheet-1.jpg``, ``contact-sheet-2.jpg``,
+    see :func:`drawn_early`) are kept; the others are pasted from the strips of
+    tiles the header tasks left there (no output is read back unless its tile
+    is missing); ``tiles`` is deleted afterwards.  A sheet of more than one
+    page is ``contact-sheet-1.jpg``, ``contact-sheet-2.jpg``,
     ...; the manifest names them under ``contact_sheets``.  The manifest is the
     record, written last and always; a sheet that cannot be made is logged and
     left out rather than failing the run.  Written once: a redelivered callback
     finds the same manifest already there and leaves the files alone.
 
     Returns the URLs: ``manifest``, ``contact_sheet`` (the first page or
-    ``None``) and ``contact_sheets`` (every page).  The ``tile`` of each result in
-    ``outcome`` is removed, as the tile itself is.
+    ``None``) and ``contact_sheets`` (every page).
     """
-    items = images(outcome, per_image, tiles=True)
+    items = images(outcome, per_image)
     sheet_outputs = [_smallest(item) for item in items]
-    for item in items:
-        item["outputs"] = [{k: v for k, v in o.items() if k != "tile"} for o in item["outputs"]]
     manifest_url = storage.join(out_dir, MANIFEST)
     names = page_names(len(items)) if sheet else []
     document = manifest(outcome, per_image, items)
     document["contact_sheets"] = names
-    scaffolding = _tiles_of(outcome)
     if not _holds(manifest_url, document):
         try:
             early = drawn_early(tiles, names, sheet_outputs) if names else set()
-            _write_pages(out_dir, names, sheet_outputs, set(range(len(names))) - early)
+            _write_pages(out_dir, names, sheet_outputs, set(range(len(names))) - early, tiles)
         except Exception:  # the sheet is a convenience; the manifest is the record
             log.exception("could not write the contact sheet under %s", out_dir)
             document["contact_sheets"] = names = []
@@ -180,25 +172,18 @@ def write_report(
             fh.write(json.dumps(document, indent=2).encode() + b"\n")
 
         storage.write_atomic(manifest_url, write_manifest)
-    try:
-        if tiles is not None and storage.exists(tiles):
-            scaffolding += storage.list_files(tiles)
-        storage.remove_many(scaffolding)
-        if tiles is not None and storage.is_local(tiles):
-            for directory in (Path(tiles), Path(tiles).parent):
-                with contextlib.suppress(OSError):
-                    directory.rmdir()  # only if empty: another job's tiles stay
-    except Exception:  # leftover tiles are untidy, not wrong
-        log.warning("could not delete the contact-sheet tiles under %s", out_dir, exc_info=True)
-    for result in outcome["results"]:
-        if isinstance(result, dict):
-            result.pop("tile", None)  # gone from the store, so gone from the results the client gets
+    if tiles is not None:
+        _remove(tiles)
     urls = [storage.join(out_dir, name) for name in names]
     return {"manifest": manifest_url, "contact_sheet": urls[0] if urls else None, "contact_sheets": urls}
 
 
 def _write_pages(
-    out_dir: str, names: list[str], outputs: list[dict[str, Any] | None], only: set[int] | None = None
+    out_dir: str,
+    names: list[str],
+    outputs: list[dict[str, Any] | None],
+    only: set[int] | None = None,
+    tiles: str | None = None,
 ) -> None:
     """Write the sheet's pages (those in ``only``), encoding one while the next one's tiles are read."""
     if not names or only == set():
@@ -206,12 +191,25 @@ def _write_pages(
     with ThreadPoolExecutor(ENCODERS) as encoder:
         pending: deque[Future[None]] = deque()
         threads = SHEET_THREADS if storage.is_local(out_dir) else REMOTE_SHEET_THREADS
-        for number, page in contact_sheet_pages(outputs, threads, only):
+        for number, page in contact_sheet_pages(outputs, threads, only, tiles):
             if len(pending) >= ENCODERS:
                 pending.popleft().result()  # at most ENCODERS + 1 pages in memory
             pending.append(encoder.submit(save_page, page, storage.join(out_dir, names[number])))
         for future in pending:
             future.result()
+
+
+def _remove(tiles: str) -> None:
+    """Delete a job's strips and page notes, and (on a file system) its emptied directories."""
+    try:
+        if storage.exists(tiles):
+            storage.remove_many(storage.list_files(tiles))
+        if storage.is_local(tiles):
+            for directory in (Path(tiles), Path(tiles).parent):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only if empty: another job's tiles stay
+    except Exception:  # leftover tiles are untidy, not wrong
+        log.warning("could not delete the contact-sheet tiles in %s", tiles, exc_info=True)
 
 
 def _holds(url: str, document: dict[str, Any]) -> bool:

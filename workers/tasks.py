@@ -16,7 +16,7 @@ from celery import Task
 
 from workers import connections, sheets, storage
 from workers.app import app
-from workers.contact_sheet import TILE_QUALITY, thumbnail
+from workers.contact_sheet import make_tile, thumbnail
 from workers.core import FanoutTask, task
 from workers.doubling import double as double_value
 from workers.errors import TransientError
@@ -25,7 +25,6 @@ from workers.paths import inside_url
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
 from workers.settings import get_settings
-from workers.sheets import tile_of
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +59,28 @@ def resize_item(
     or one PUT), so running an item twice is harmless.  With ``skip_existing``,
     an output already there that opens as an image is left as it is and
     reported with ``"skipped": true``.  An item with a fifth element, the index
-    of its image, is that image's sheet item: its tile goes to ``sheet["tiles"]``.
+    of its image, is that image's sheet item: its tile is kept for the batch's
+    strip (workers/sheets.py).
     """
     source, destination, width, height, *cell = item
     if out_dir is not None:
         destination = inside_url(str(destination), out_dir, str(source))
     box = (int(width), int(height))
-    tile = tile_of(str(sheet["tiles"]), int(cell[0])) if cell and sheet else None
+    made = sheets.batch_tiles.get()
+    keep = None
+    if cell and sheet and made is not None:  # the image's sheet item: keep its tile for the batch's strip
+
+        def keep(out: Any, image: int = int(cell[0])) -> None:
+            made[image] = make_tile(out)
+
     if skip_existing:
         found = existing_output(str(source), str(destination), box)
         if found is not None:
-            if tile is not None and _tile_from_output(str(destination), tile):
-                found["tile"] = tile
+            small = thumbnail(str(destination)) if keep is not None else None
+            if small is not None and made is not None:
+                made[int(cell[0])] = small
             return found
-    record = resize_to(str(source), str(destination), box, _options(options), tile)
+    record = resize_to(str(source), str(destination), box, _options(options), keep)
     return dict(record)
 
 
@@ -81,15 +88,21 @@ class ResizeTask(FanoutTask[..., dict[str, Any]]):
     """The resize header: after each batch, count its sheet items and draw the pages it completes."""
 
     def run_batch(self, task: Task, start: int, items: list[Any], kwargs: dict[str, Any]) -> Part:
-        part = super().run_batch(task, start, items, kwargs)
         sheet, group = kwargs.get("sheet"), task.request.group
-        if sheet and group and kwargs.get("out_dir"):
-            try:
-                client = connections.backend(task.app)
-                expires = get_settings().result_expires
-                sheets.batch_done(client, str(group), start, items, sheet, str(kwargs["out_dir"]), expires)
-            except Exception:  # the fan-in draws any page not drawn here
-                logger.warning("could not draw a contact-sheet page after batch %s", start, exc_info=True)
+        if not (sheet and group and kwargs.get("out_dir")):
+            return super().run_batch(task, start, items, kwargs)
+        made: dict[int, Any] = {}
+        token = sheets.batch_tiles.set(made)
+        try:
+            part = super().run_batch(task, start, items, kwargs)
+        finally:
+            sheets.batch_tiles.reset(token)
+        try:
+            client = connections.backend(task.app)
+            expires = get_settings().result_expires
+            sheets.batch_done(client, str(group), start, items, made, sheet, str(kwargs["out_dir"]), expires)
+        except Exception:  # the fan-in draws any page not drawn here
+            logger.warning("could not draw a contact-sheet page after batch %s", start, exc_info=True)
         return part
 
 
@@ -128,19 +141,6 @@ def existing_output(source: str, destination: str, box: tuple[int, int]) -> dict
         "seconds": 0.0,
         "skipped": True,
     }
-
-
-def _tile_from_output(destination: str, tile: str) -> bool:
-    """Write ``tile`` from the output at ``destination`` (a skipped item's); whether it was written."""
-    small = thumbnail(destination)
-    if small is None:
-        return False
-    try:
-        storage.write_atomic(tile, lambda fh: small.save(fh, format="JPEG", quality=TILE_QUALITY))
-    except Exception:  # the fan-in reads the output back instead
-        logger.warning("could not write the contact-sheet tile %s", tile, exc_info=True)
-        return False
-    return True
 
 
 def _options(options: dict[str, Any]) -> ResizeOptions:
