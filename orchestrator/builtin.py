@@ -21,8 +21,14 @@ from workers.sheets import tiles_dir
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
-#: Largest batch of images: small enough to spread work evenly and stay far below time limits.
-MAX_RESIZE_BATCH = 8
+#: Largest batch of images.  A batch costs the worker about 2.5 ms of CPU whatever it holds
+#: (receiving it, three task events, reporting it: python -m bench.pertask), so a batch of 32
+#: 1080p photos used 7% less CPU in all than one of 8 (docs/performance.md)...
+MAX_RESIZE_BATCH = 32
+#: ...and no more source bytes than this on average, so that a batch of big images (decoding
+#: costs about 20-50 ms a MB) stays well inside the soft time limit: 32 photos of 375 KB or
+#: less, 10 noisy 1.2 MB ones, 1 of 12 MB.
+RESIZE_BATCH_BYTES = 12_000_000
 DOUBLE = "fanout.double_batch"
 RESIZE = "fanout.resize_items"
 RESIZE_REPORT = "fanout.resize_report"
@@ -52,6 +58,7 @@ def resize_items(
     job_id: str | None = None,
     sheet: bool = True,
     skip_existing: bool = False,
+    source_bytes: int | None = None,
 ) -> Plan:
     """A resize job of (source URL, destination URL, width, height) items, image-major.
 
@@ -60,7 +67,8 @@ def resize_items(
     drawn page by page as the job runs (workers/sheets.py): each image's
     smallest box is its sheet item, which carries the image's index as a fifth
     element; with ``skip_existing`` an output already there (and readable) is
-    not made again.
+    not made again.  ``source_bytes``, the mean size of a source when known,
+    lowers the largest batch to about :data:`RESIZE_BATCH_BYTES` of sources.
     """
     if per_image < 1 or len(items) % per_image:
         raise InputError("per_image must divide the items into whole images")
@@ -89,8 +97,15 @@ def resize_items(
             "sheet": sheet,
             "tiles": tiles,
         },
-        batch_cap=MAX_RESIZE_BATCH,
+        batch_cap=resize_batch_cap(source_bytes),
         # Next to the outputs, which every worker already writes, unless FANOUT_RESULTS_URL says where.
         results_root=get_settings().results_url or storage.join(out_dir, RESIZE_RESULTS),
     )
     return prepare(spec, listed, job_id=job_id)
+
+
+def resize_batch_cap(source_bytes: int | None) -> int:
+    """The largest batch of resize items whose sources are ``source_bytes`` on average (None: unknown)."""
+    if not source_bytes:
+        return MAX_RESIZE_BATCH
+    return max(1, min(MAX_RESIZE_BATCH, RESIZE_BATCH_BYTES // source_bytes))

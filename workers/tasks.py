@@ -109,7 +109,7 @@ class ResizeTask(FanoutTask[..., dict[str, Any]]):
 resize_items = ResizeTask(
     resize_item,
     "fanout.resize_items",
-    batch_size=8,
+    batch_size=32,  # as orchestrator.builtin.MAX_RESIZE_BATCH
     time_limit=None,
     retries=RESIZE_RETRIES,
     retry_on=(TransientError,),

@@ -34,6 +34,7 @@ from orchestrator.demo import run_demo
 from orchestrator.discovery import list_workers
 from orchestrator.inputs import (
     load_task,
+    mean_bytes,
     parse_json_object,
     parse_numbers,
     parse_size,
@@ -209,7 +210,13 @@ def resize(
         Path(out).mkdir(parents=True, exist_ok=True)
     items = plan_outputs(found.pairs, boxes, fmt)
     plan = builtin.resize_items(
-        items, options.to_json(), out, len(boxes), sheet=sheet, skip_existing=skip_existing
+        items,
+        options.to_json(),
+        out,
+        len(boxes),
+        sheet=sheet,
+        skip_existing=skip_existing,
+        source_bytes=mean_bytes([src for src, _ in found.pairs]),
     )
     ran = run_job(plan, run, "resizing")
     if ran.outcome is None:
