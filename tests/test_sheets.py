@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,12 @@ import pytest
 import redis
 from PIL import Image
 
+from orchestrator.inputs import plan_images
+from orchestrator.local import LocalWorker
+from tests.conftest import marked
+from tests.faultkit import deliver_first_batch_twice, log_of, new_queue, resize_job, send
 from workers import contact_sheet, sheets
-from workers.contact_sheet import CELL, GAP, MARKER, cell_origin, make_tile
+from workers.contact_sheet import CELL, GAP, MARKER, cell_origin, columns_for, make_tile
 from workers.fanin import merge
 from workers.report import MANIFEST, write_report
 
@@ -139,3 +144,33 @@ def test_a_page_never_completed_is_drawn_at_the_fan_in(redis_client: redis.Redis
         assert close(page.getpixel((x + CELL // 2, y + CELL // 2)), MARKER)
         x, y = cell_origin(0, 6)
         assert close(page.getpixel((x + CELL // 2, y + CELL // 2)), GREEN)
+
+
+@pytest.mark.system
+def test_a_resize_whose_first_batch_runs_twice_draws_its_page_once_as_it_runs_and_keeps_it(
+    app: Any, start_worker: Callable[..., LocalWorker], photos: Path, tmp_path: Path
+) -> None:
+    (photos / "p6-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    queue = new_queue()
+    out = tmp_path / "out"
+    pairs = plan_images([photos], out).pairs
+    sent = send(app, resize_job(pairs, 64, out, batch_size=2, queue=queue))
+    deliver_first_batch_twice(app, queue)
+    worker = start_worker(app, queue, "sheet")
+    outcome = sent.wait(timeout=60)
+    assert (outcome["total"], outcome["failed"]) == (7, 1)
+    log = log_of(worker)
+    first = log.split("Task fanout.resize_items[", 1)[1].split("]", 1)[0]  # the copy, taken first
+    assert log.count(f"{first}] succeeded") == 2, "the copy of the first batch should have run too"
+    # Counted twice, the page's count would pass 7 without ever equalling it: drawn at the fan-in.
+    assert log.count("drew contact-sheet page contact-sheet.jpg") == 1
+    assert "kept 1 of 1 contact-sheet pages drawn as the job ran" in log
+    with Image.open(out / "contact-sheet.jpg") as sheet:
+        columns = columns_for(7)
+        x, y = cell_origin(6, columns)
+        assert marked(sheet.getpixel((x + CELL // 2, y + CELL // 2)))
+        for index in range(6):
+            x, y = cell_origin(index, columns)
+            assert not marked(sheet.getpixel((x + CELL // 2, y + CELL // 2))), index
+    assert json.loads((out / MANIFEST).read_text())["contact_sheets"] == ["contact-sheet.jpg"]
+    assert not (out / sheets.TILES_DIR).exists()

@@ -163,6 +163,8 @@ def write_report(
     if not _holds(manifest_url, document):
         try:
             early = drawn_early(tiles, names, sheet_outputs) if names else set()
+            if names:
+                log.info("kept %d of %d contact-sheet pages drawn as the job ran", len(early), len(names))
             _write_pages(out_dir, names, sheet_outputs, set(range(len(names))) - early, tiles)
         except Exception:  # the sheet is a convenience; the manifest is the record
             log.exception("could not write the contact sheet under %s", out_dir)

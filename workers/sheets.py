@@ -235,6 +235,7 @@ def batch_done(
     done = [page for page, count in counts.items() if count == len(layout.ranges[page])]
     for page in done:
         draw_page(out_dir, str(sheet["tiles"]), layout, page)
+        log.info("drew contact-sheet page %s of job %s as the job ran", layout.names[page], group)
     return done
 
 
