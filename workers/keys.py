@@ -43,6 +43,11 @@ PURGED = "fanout:purged:{group_id}:{purge_id}"
 SHEET_BATCHES = "fanout:sheet-batches:{group_id}"
 #: A resize job's sheet items counted so far, per contact-sheet page (a hash), by group id.
 SHEET_PAGES = "fanout:sheet-pages:{group_id}"
+#: A fold's partials written but not yet in its running total (a list of JSON [start, count, url]),
+#: the lock of the round merging them, and the URL of the running total (workers/running.py).
+FOLD_PENDING = "fanout:fold:pending:{group_id}"
+FOLD_LOCK = "fanout:fold:lock:{group_id}"
+FOLD_TOTAL = "fanout:fold:total:{group_id}"
 #: A one-second key a stalled client writes to learn whether Redis refuses writes (orchestrator/room.py).
 ROOM_PROBE = "fanout:room-probe"
 
@@ -105,3 +110,15 @@ def sheet_batches(group_id: str) -> str:
 
 def sheet_pages(group_id: str) -> str:
     return SHEET_PAGES.format(group_id=group_id)
+
+
+def fold_pending(group_id: str) -> str:
+    return FOLD_PENDING.format(group_id=group_id)
+
+
+def fold_lock(group_id: str) -> str:
+    return FOLD_LOCK.format(group_id=group_id)
+
+
+def fold_total(group_id: str) -> str:
+    return FOLD_TOTAL.format(group_id=group_id)
