@@ -21,14 +21,15 @@ from workers.sheets import tiles_dir
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
-#: Largest batch of images.  A batch costs the worker about 2.5 ms of CPU whatever it holds
-#: (receiving it, three task events, reporting it: python -m bench.pertask), so a batch of 32
-#: 1080p photos used 7% less CPU in all than one of 8 (docs/performance.md)...
+#: Largest batch of images.  A batch costs the worker some CPU whatever it holds (receiving
+#: it, three task events, reporting it: about 2.5 ms for one item, python -m bench.pertask), so
+#: 2,000 1080p photos in batches of 32 took 15% less CPU in all than in batches of 8, and
+#: 2,000 noisy ones 4% less than in batches of 10 (docs/performance.md)...
 MAX_RESIZE_BATCH = 32
-#: ...and no more source bytes than this on average, so that a batch of big images (decoding
-#: costs about 20-50 ms a MB) stays well inside the soft time limit: 32 photos of 375 KB or
-#: less, 10 noisy 1.2 MB ones, 1 of 12 MB.
-RESIZE_BATCH_BYTES = 12_000_000
+#: ...with no more source bytes than this on average, so that a batch of big images (decoding
+#: and resampling cost up to about 50 ms a MB here) stays well inside the 20 s soft time limit:
+#: 32 photos of 1.25 MB or less, 3 scans of 12 MB, 1 of 40 MB or more.
+RESIZE_BATCH_BYTES = 40_000_000
 DOUBLE = "fanout.double_batch"
 RESIZE = "fanout.resize_items"
 RESIZE_REPORT = "fanout.resize_report"

@@ -466,14 +466,15 @@ def test_s3_endpoint_comes_from_the_environment_only() -> None:
 def test_the_largest_batch_holds_about_a_fixed_number_of_source_bytes(tmp_path: Path) -> None:
     assert builtin.resize_batch_cap(None) == builtin.MAX_RESIZE_BATCH == 32  # an object store: not asked
     assert builtin.resize_batch_cap(70_000) == 32  # generated 1080p photos
-    assert builtin.resize_batch_cap(1_200_000) == 10  # noisy ones
-    assert builtin.resize_batch_cap(40_000_000) == 1  # a big scan
+    assert builtin.resize_batch_cap(1_200_000) == 32  # noisy ones
+    assert builtin.resize_batch_cap(12_000_000) == 3  # scans
+    assert builtin.resize_batch_cap(90_000_000) == 1
     (tmp_path / "a.jpg").write_bytes(b"x" * 1_000)
     (tmp_path / "b.jpg").write_bytes(b"x" * 3_000)
     assert mean_bytes([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "s3://in/c.jpg"]) == 2_000
     assert mean_bytes(["s3://in/c.jpg"]) is None
     items = [(str(tmp_path / "a.jpg"), str(tmp_path / "out" / "a.jpg"), 64, 64)]
     plan = builtin.resize_items(
-        items, ResizeOptions().to_json(), str(tmp_path / "out"), 1, source_bytes=4_000_000
+        items, ResizeOptions().to_json(), str(tmp_path / "out"), 1, source_bytes=10_000_000
     )
-    assert plan.spec.batch_cap == 3
+    assert plan.spec.batch_cap == 4

@@ -50,8 +50,8 @@ batch_tiles: ContextVar[dict[int, Image.Image] | None] = ContextVar("batch_tiles
 TILES_DIR = ".fanout-tiles"
 #: Threads reading one page's strips back: Pillow decodes without the GIL.
 READERS = 4
-#: JPEG quality of a page: 0.04 s to encode a full page (PNG: 0.5 s at its fastest level),
-#: the failure marker still a solid red cross (docs/performance.md).
+#: JPEG quality of a page: 0.04-0.1 s to encode a full page (PNG: 0.5-0.6 s at its fastest
+#: level), the failure marker still a solid red cross (docs/performance.md).
 PAGE_QUALITY = 90
 PAGE_FORMAT = "JPEG"
 
