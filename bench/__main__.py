@@ -32,6 +32,12 @@ def _ns(text: str) -> tuple[int, ...]:
     show_default=True,
     help="Ns of 1920x1080 JPEGs to resize, each a row (whole commands, fresh processes).",
 )
+@click.option(
+    "--noisy",
+    default="2000",
+    show_default=True,
+    help="Ns of 1920x1080 JPEGs with sensor-like noise (decoding dominates), each a row ('' for none).",
+)
 @click.option("--per-item", "per_item", default="1000,10000,100000", show_default=True, help="Ns, batch 1.")
 @click.option("--batched", default="10000,100000,1000000", show_default=True, help="Ns, auto batching.")
 @click.option(
@@ -77,6 +83,7 @@ def main(
     concurrency: int,
     runs: int,
     photos: str,
+    noisy: str,
     per_item: str,
     batched: str,
     dask_n: str,
@@ -101,6 +108,7 @@ def main(
         concurrency=concurrency,
         runs=runs,
         photos=_ns(photos),
+        noisy_photos=_ns(noisy),
         per_item_ns=_ns(per_item),
         dask_ns=_ns(dask_n),
         fanin_ns=_ns(fanin_n),

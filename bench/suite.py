@@ -76,6 +76,7 @@ class Config:
     concurrency: int
     runs: int
     photos: tuple[int, ...]
+    noisy_photos: tuple[int, ...]
     per_item_ns: tuple[int, ...]
     dask_ns: tuple[int, ...]
     fanin_ns: tuple[int, ...]
@@ -307,18 +308,24 @@ def _drain(client: Any, queue: str) -> None:
 # --------------------------------------------------------------------------- images
 
 
-def photos(config: Config, n: int) -> Path:
+def photos(config: Config, n: int, noisy: bool = False) -> Path:
     from orchestrator.samples import make_photos
 
-    directory = config.work_dir / f"photos-{n}"
+    directory = config.work_dir / (f"photos-{n}-noisy" if noisy else f"photos-{n}")
     if len(list(directory.glob("*.jpg"))) != n:
-        make_photos(directory, n)
+        make_photos(directory, n, noisy=noisy)
     return directory
 
 
-def bench_images(env: dict[str, str], config: Config, n: int, dask: bool) -> list[Figure]:
-    """``fanout resize`` against its references, every one a whole command in a fresh process."""
-    source = photos(config, n)
+def bench_images(
+    env: dict[str, str], config: Config, n: int, dask: bool, noisy: bool = False
+) -> list[Figure]:
+    """``fanout resize`` against its references, every one a whole command in a fresh process.
+
+    ``noisy``: photos with sensor-like noise, several times larger, where decoding dominates.
+    """
+    source = photos(config, n, noisy)
+    kind = "noisy photos" if noisy else "photos"
     out = config.work_dir / "out"
     processes = ["--processes", str(config.processes)]
     walls: dict[str, list[float]] = {k: [] for k in ("fanout", "bare", "same", "thumbnail", "dask")}
@@ -371,7 +378,7 @@ def bench_images(env: dict[str, str], config: Config, n: int, dask: bool) -> lis
     pool = f"ProcessPoolExecutor({config.processes})"
     return [
         Figure(
-            f"`fanout resize` {n} photos -> 256, manifest + sheet (whole command)",
+            f"`fanout resize` {n} {kind} -> 256, manifest + sheet (whole command)",
             n,
             "img/s",
             rates("fanout"),
@@ -382,7 +389,7 @@ def bench_images(env: dict[str, str], config: Config, n: int, dask: bool) -> lis
             rates("dask"),
         ),
         Figure(
-            f"`fanout resize` {n} photos -> 256, manifest + sheet (whole command)",
+            f"`fanout resize` {n} {kind} -> 256, manifest + sheet (whole command)",
             n,
             "img/s",
             rates("fanout"),
@@ -393,7 +400,7 @@ def bench_images(env: dict[str, str], config: Config, n: int, dask: bool) -> lis
             rates("dask"),
         ),
         Figure(
-            "same, --no-contact-sheet (whole command)",
+            f"same ({kind}), --no-contact-sheet (whole command)",
             n,
             "img/s",
             rates("bare"),
@@ -413,9 +420,10 @@ def bench_fanin(config: Config, n: int) -> Figure:
     """
     from PIL import Image
 
-    from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
+    from workers.contact_sheet import make_tile
     from workers.fanin import merge
     from workers.report import write_report
+    from workers.sheets import tiles_dir, write_strip
 
     out = config.work_dir / "fanin"
     seconds: list[float] = []
@@ -424,20 +432,23 @@ def bench_fanin(config: Config, n: int) -> Figure:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         results = []
+        tiles = tiles_dir(str(out), "bench")
+        made: dict[int, Any] = {}
         for i in range(n):
             destination = str(out / f"{i}.jpg")
-            picture = Image.effect_noise((256, 144), 40 + i % 50).convert("RGB")
-            make_tile(picture).save(tile_url(destination), "JPEG", quality=TILE_QUALITY)
+            made[i] = make_tile(Image.effect_noise((256, 144), 40 + i % 50).convert("RGB"))
+            if len(made) == 8 or i == n - 1:  # a strip a batch of 8, as the header tasks write them
+                write_strip(tiles, made, sorted(made))
+                made = {}
             results.append(
                 {"source": f"/in/{i}.jpg", "destination": destination, "box": [256, 256], "width": 256,
-                 "height": 144, "format": "JPEG", "bytes": 10_000, "seconds": 0.01,
-                 "tile": tile_url(destination)}
+                 "height": 144, "format": "JPEG", "bytes": 10_000, "seconds": 0.01}
             )  # fmt: skip
         outcome = merge(
             [{"start": 0, "results": results, "errors": [], "transient": 0}], n, "bench", "resize"
         )
         started = time.perf_counter()
-        written = write_report(str(out), outcome, 1, True)
+        written = write_report(str(out), outcome, 1, True, tiles)  # no page drawn early: the worst case
         seconds.append(time.perf_counter() - started)
         pages = len(written["contact_sheets"])
     shutil.rmtree(out, ignore_errors=True)
@@ -481,6 +492,9 @@ def run_suite(config: Config, selected: Sequence[str], report: Callable[[str], N
             for n in config.photos:
                 report(f"images: {n} photos x {config.runs} runs, whole commands")
                 figures.extend(bench_images(env, config, n, dask))
+            for n in config.noisy_photos:
+                report(f"images: {n} noisy photos x {config.runs} runs, whole commands")
+                figures.extend(bench_images(env, config, n, dask, noisy=True))
         if "per-item" in selected:
             for n in config.per_item_ns:
                 report(f"per-item: {n} tasks (batch 1) x {config.runs} runs")

@@ -17,11 +17,19 @@ from workers import storage
 from workers.errors import InputError
 from workers.resizing import ResizeOptions
 from workers.settings import get_settings
+from workers.sheets import tiles_dir
 
 #: Largest batch for doubling: big enough to hide per-task overhead.
 MAX_DOUBLE_BATCH = 10_000
-#: Largest batch of images: small enough to spread work evenly and stay far below time limits.
-MAX_RESIZE_BATCH = 8
+#: Largest batch of images.  A batch costs the worker some CPU whatever it holds (receiving
+#: it, three task events, reporting it: about 2.5 ms for one item, python -m bench.pertask), so
+#: 2,000 1080p photos in batches of 32 took 15% less CPU in all than in batches of 8, and
+#: 2,000 noisy ones 4% less than in batches of 10 (docs/performance.md)...
+MAX_RESIZE_BATCH = 32
+#: ...with no more source bytes than this on average, so that a batch of big images (decoding
+#: and resampling cost up to about 50 ms a MB here) stays well inside the 20 s soft time limit:
+#: 32 photos of 1.25 MB or less, 3 scans of 12 MB, 1 of 40 MB or more.
+RESIZE_BATCH_BYTES = 40_000_000
 DOUBLE = "fanout.double_batch"
 RESIZE = "fanout.resize_items"
 RESIZE_REPORT = "fanout.resize_report"
@@ -51,25 +59,54 @@ def resize_items(
     job_id: str | None = None,
     sheet: bool = True,
     skip_existing: bool = False,
+    source_bytes: int | None = None,
 ) -> Plan:
     """A resize job of (source URL, destination URL, width, height) items, image-major.
 
     ``per_image`` is how many sizes each image has (consecutive items), so the
-    report can group the outputs by image; ``sheet`` asks it for a contact sheet;
-    with ``skip_existing`` an output already there (and readable) is not made again.
+    report can group the outputs by image; ``sheet`` asks for a contact sheet,
+    drawn page by page as the job runs (workers/sheets.py): each image's
+    smallest box is its sheet item, which carries the image's index as a fifth
+    element; with ``skip_existing`` an output already there (and readable) is
+    not made again.  ``source_bytes``, the mean size of a source when known,
+    lowers the largest batch to about :data:`RESIZE_BATCH_BYTES` of sources.
     """
     if per_image < 1 or len(items) % per_image:
         raise InputError("per_image must divide the items into whole images")
     job_id = job_id or str(uuid.uuid4())  # the report names the job: chosen here
+    listed: list[list[Any]] = [[src, dst, int(w), int(h)] for src, dst, w, h in items]
+    kwargs: dict[str, Any] = {"options": options, "out_dir": out_dir}
+    if skip_existing:
+        kwargs["skip_existing"] = True
+    tiles = None
+    if sheet:
+        tiles = tiles_dir(out_dir, job_id)
+        kwargs["sheet"] = {"images": len(items) // per_image, "tiles": tiles}
+        for image, first in enumerate(range(0, len(listed), per_image)):
+            group = listed[first : first + per_image]
+            min(group, key=lambda item: item[2] * item[3]).append(image)
     spec = JobSpec(
         RESIZE,
         shown_as="resize",
         output="resize",
-        kwargs={"options": options, "out_dir": out_dir, **({"skip_existing": True} if skip_existing else {})},
+        kwargs=kwargs,
         reduce=RESIZE_REPORT,
-        reduce_kwargs={"out_dir": out_dir, "job_id": job_id, "per_image": per_image, "sheet": sheet},
-        batch_cap=MAX_RESIZE_BATCH,
+        reduce_kwargs={
+            "out_dir": out_dir,
+            "job_id": job_id,
+            "per_image": per_image,
+            "sheet": sheet,
+            "tiles": tiles,
+        },
+        batch_cap=resize_batch_cap(source_bytes),
         # Next to the outputs, which every worker already writes, unless FANOUT_RESULTS_URL says where.
         results_root=get_settings().results_url or storage.join(out_dir, RESIZE_RESULTS),
     )
-    return prepare(spec, [[src, dst, int(w), int(h)] for src, dst, w, h in items], job_id=job_id)
+    return prepare(spec, listed, job_id=job_id)
+
+
+def resize_batch_cap(source_bytes: int | None) -> int:
+    """The largest batch of resize items whose sources are ``source_bytes`` on average (None: unknown)."""
+    if not source_bytes:
+        return MAX_RESIZE_BATCH
+    return max(1, min(MAX_RESIZE_BATCH, RESIZE_BATCH_BYTES // source_bytes))

@@ -76,7 +76,7 @@ def run_demo(
                 f"({record['width']}x{record['height']}, {record['bytes']:,} bytes)"
             )
         click.echo(f"  ... manifest of all {outcome['total']}: {out_dir / 'manifest.json'}")
-        click.echo(f"  contact sheet (every photo in input order): {out_dir / 'contact-sheet.png'}")
+        click.echo(f"  contact sheet (every photo in input order): {out_dir / 'contact-sheet.jpg'}")
 
         outcome, elapsed = _run(builtin.double(list(range(numbers))), timeout, progress, "doubling numbers")
         outcome = materialize(outcome)  # a demo's runs are small enough to hold

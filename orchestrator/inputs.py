@@ -53,6 +53,19 @@ def _basename(url: str) -> str:
     return Path(url).name if storage.is_local(url) else posixpath.basename(url)
 
 
+def mean_bytes(urls: Sequence[str]) -> int | None:
+    """The mean size of the local files among ``urls``, or None if none is local (object stores
+    are not asked: a request per object)."""
+    sizes = []
+    for url in urls:
+        if storage.is_local(url):
+            try:
+                sizes.append(Path(url).stat().st_size)
+            except OSError:
+                continue
+    return sum(sizes) // len(sizes) if sizes else None
+
+
 def plan_images(sources: Sequence[str | Path], out_dir: str | Path) -> ImagePlan:
     """Expand files, directories and object-store prefixes into (source, destination) pairs.
 

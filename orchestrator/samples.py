@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
+
+#: The spread of the sensor-like noise in a noisy photo (Gaussian, per channel, out of 255).
+NOISE_SIGMA = 24
 
 
 def make_photo(
@@ -14,10 +18,13 @@ def make_photo(
     seed: int = 0,
     orientation: int | None = None,
     quality: int = 90,
+    noisy: bool = False,
 ) -> Path:
     """Write a photo-like JPEG (gradient sky, hills, sun) to ``path``.
 
-    ``orientation`` sets the EXIF Orientation tag (1-8).
+    ``orientation`` sets the EXIF Orientation tag (1-8).  ``noisy`` adds
+    per-channel noise, as a high-ISO photo has: a file several times larger,
+    whose decoding dominates a resize.
     """
     rng = random.Random(seed)
     width, height = size
@@ -37,6 +44,8 @@ def make_photo(
         points.append((width, height))
         shade = 40 + 40 * layer
         draw.polygon(points, fill=(shade // 2, shade, shade // 3))
+    if noisy:
+        im = ImageChops.add(im, _noise(size, seed % 4), offset=-128)
     exif = Image.Exif()
     if orientation:
         exif[0x0112] = orientation
@@ -45,9 +54,19 @@ def make_photo(
     return path
 
 
-def make_photos(directory: Path, count: int, size: tuple[int, int] = (1920, 1080)) -> list[Path]:
+@functools.lru_cache(maxsize=4)
+def _noise(size: tuple[int, int], variant: int) -> Image.Image:
+    """Gaussian noise around 128 in each channel (a few variants: generating it is slow)."""
+    return Image.merge("RGB", [Image.effect_noise(size, NOISE_SIGMA) for _ in range(3)])
+
+
+def make_photos(
+    directory: Path, count: int, size: tuple[int, int] = (1920, 1080), noisy: bool = False
+) -> list[Path]:
     """``count`` photos named ``photo-000.jpg``...; every fifth is portrait via EXIF rotation."""
     return [
-        make_photo(directory / f"photo-{i:03d}.jpg", size, seed=i, orientation=6 if i % 5 == 4 else None)
+        make_photo(
+            directory / f"photo-{i:03d}.jpg", size, seed=i, orientation=6 if i % 5 == 4 else None, noisy=noisy
+        )
         for i in range(count)
     ]

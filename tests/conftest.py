@@ -209,6 +209,14 @@ def fanout_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator", *args]
 
 
+def marked(pixel: object) -> bool:
+    """Whether a contact-sheet pixel is the failure marker's red (the pages are JPEG: near, not equal)."""
+    from workers.contact_sheet import MARKER
+
+    assert isinstance(pixel, tuple)
+    return all(abs(int(a) - b) <= 40 for a, b in zip(pixel, MARKER, strict=True))
+
+
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """A directory of six sample photos, one of them portrait through EXIF orientation."""

@@ -181,7 +181,7 @@ def test_retry_of_a_resize_lands_in_the_same_out_with_one_manifest(
     assert document["retry_of"] == job_id and document["failed"] == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["succeeded"] == 4 and [i["ok"] for i in manifest["items"]] == [True] * 4
-    assert sorted(p.name for p in out.glob("*.jpg")) == [f"p{i}.jpg" for i in range(4)]
+    assert sorted(p.name for p in out.glob("p*.jpg")) == [f"p{i}.jpg" for i in range(4)]
 
 
 def test_resize_skip_existing_does_only_what_is_missing(

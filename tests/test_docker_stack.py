@@ -135,14 +135,14 @@ def test_the_demo_leaves_outputs_manifest_and_contact_sheet_in_the_data_volume(
     up: Project, demo: str
 ) -> None:
     listing = up.run("sh", "-c", "cd /data/demo/resized && ls").stdout.split()
-    assert "manifest.json" in listing and "contact-sheet.png" in listing
+    assert "manifest.json" in listing and "contact-sheet.jpg" in listing
     assert len([f for f in listing if f.startswith("photo-")]) == 12
     manifest = json.loads(up.run("cat", "/data/demo/resized/manifest.json").stdout)
     assert (manifest["images"], manifest["succeeded"], manifest["failed"]) == (12, 12, 0)
     sheet = up.run(
         "python",
         "-c",
-        "from PIL import Image; print(Image.open('/data/demo/resized/contact-sheet.png').size)",
+        "from PIL import Image; print(Image.open('/data/demo/resized/contact-sheet.jpg').size)",
     )
     assert sheet.stdout.strip().startswith("(")
 

@@ -207,7 +207,7 @@ def test_a_callback_run_twice_writes_the_manifest_once(
     outcome = send(app, job).wait(timeout=60)
     ran = f"Task fanout.collect[{job.job_id}] succeeded"
     assert log_of(worker).count(ran) == 1
-    files = [out / "manifest.json", out / "contact-sheet.png"]
+    files = [out / "manifest.json", out / "contact-sheet.jpg"]
     before = [(f.read_bytes(), f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
     # The callback's message delivered again: same task id, same parts.
     part = {"start": 0, "results": outcome["results"], "errors": outcome["errors"], "transient": 0}

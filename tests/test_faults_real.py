@@ -61,7 +61,7 @@ def test_the_soft_time_limit_stops_a_real_resize_at_its_item(
         (2, "the batch reached its soft time limit (2 s) while it ran"),
         (3, "not started: the batch reached its soft time limit (2 s) first"),
     ]
-    assert sorted(p.name for p in out.glob("*.jpg")) == ["0.jpg", "1.jpg"]
+    assert sorted(p.name for p in out.glob("[0-9].jpg")) == ["0.jpg", "1.jpg"]
 
 
 def test_as_completed_yields_every_index_once_when_a_worker_is_killed_mid_run(

@@ -104,7 +104,7 @@ def test_every_image_of_the_corpus_converts_to_each_output_format(
         if case.error:
             continue
         destination = tmp_path / "out" / f"{case.name}.{choice}"
-        resize_to(str(case.path), str(destination), BOX, ResizeOptions(format=choice, tile=False))
+        resize_to(str(case.path), str(destination), BOX, ResizeOptions(format=choice))
         with Image.open(destination) as im:
             size = output_size(case.size, BOX, "fit", False)
             if (im.format, im.size) != (choice.upper(), size) or im.mode not in modes:
@@ -138,7 +138,7 @@ def test_the_orientation_is_applied_exactly_once_whichever_decoder_reads_it(
         ("fill", (20, 20), [(1, 1), (18, 7)], [(1, 18), (18, 18)]),
     ]:
         destination = tmp_path / f"{mode}.png"
-        options = ResizeOptions(mode=mode, anchor="top-left", format="png", tile=False)
+        options = ResizeOptions(mode=mode, anchor="top-left", format="png")
         record = resize_to(str(case.path), str(destination), box, options)
         with Image.open(destination) as im:
             grey = im.convert("L")
@@ -190,7 +190,7 @@ def test_the_corpus_is_one_job_with_every_file_accounted_for(corpus_run: dict[st
     assert corpus_run["code"] == (1 if expected_errors else 0)
     # The callback pasted the header tasks' tiles into the sheet, then deleted them.
     out: Path = corpus_run["out"]
-    assert (out / "contact-sheet.png").exists() and (out / "manifest.json").exists()
+    assert (out / "contact-sheet.jpg").exists() and (out / "manifest.json").exists()
     assert not list(out.rglob(".*.tile.jpg"))
 
 

@@ -15,9 +15,9 @@ from PIL import Image, ImageCms, PngImagePlugin
 
 from orchestrator import builtin
 from orchestrator.canvas import build
-from orchestrator.inputs import parse_size, plan_images, plan_outputs
+from orchestrator.inputs import mean_bytes, parse_size, plan_images, plan_outputs
 from orchestrator.samples import make_photo
-from workers import contact_sheet, storage
+from workers import contact_sheet, sheets, storage
 from workers.contact_sheet import CELL, GAP, MARKER, PAGE_MAX, cell_origin, compose, pages
 from workers.errors import ImageError, InputError
 from workers.fanin import OutcomeDoc, merge
@@ -266,11 +266,15 @@ def test_the_job_carries_urls_sizes_and_options_never_credentials(monkeypatch: p
     header = list(chord.tasks)
     assert [t.task for t in header] == ["fanout.resize_items"] * 2
     start, rows, kwargs = header[1].args
+    # The smallest box is the image's sheet item: it carries the image's index.
     assert (start, rows, kwargs["out_dir"]) == (
         1,
-        [["s3://in/a.jpg", "s3://out/a-32.jpg", 32, 32]],
+        [["s3://in/a.jpg", "s3://out/a-32.jpg", 32, 32, 0]],
         "s3://out",
     )
+    assert header[0].args[1] == [["s3://in/a.jpg", "s3://out/a-64.jpg", 64, 64]]
+    job_id = chord.body.kwargs["job"]["reduce_kwargs"]["job_id"]
+    assert kwargs["sheet"] == {"images": 1, "tiles": f"s3://out/.fanout-tiles/{job_id}"}
     assert kwargs["options"]["mode"] == "fill"
     assert chord.body.kwargs["job"]["reduce_kwargs"]["per_image"] == 2
     assert "do-not-send-me" not in json.dumps([t.args for t in header] + [chord.body.kwargs])
@@ -323,13 +327,14 @@ def test_report_groups_outputs_by_image_and_writes_manifest_and_sheet(tmp_path: 
         middle = CELL // 2
         for index, colour in ((0, RED), (1, MARKER), (2, BLUE)):
             x, y = cell_origin(index, columns)
-            assert sheet.getpixel((x + middle, y + middle)) == colour, index
+            assert close(sheet.getpixel((x + middle, y + middle)), colour), index
 
 
 def _resized(tmp_path: Path, colours: list[tuple[int, int, int] | None]) -> OutcomeDoc:
-    """An outcome as the header tasks leave it: one output (and its tile) per colour; ``None`` fails."""
+    """An outcome as the header tasks leave it: one output per colour (``None`` fails), tiles in one strip."""
     results: list[object] = []
     errors = []
+    made: dict[int, Image.Image] = {}
     for i, colour in enumerate(colours):
         if colour is None:
             results.append(None)
@@ -338,22 +343,34 @@ def _resized(tmp_path: Path, colours: list[tuple[int, int, int] | None]) -> Outc
         src = tmp_path / "in" / f"{i}.png"
         src.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (300, 200), colour).save(src)
-        results.append(resize_to(str(src), str(tmp_path / "out" / f"{i}.png"), (200, 200), ResizeOptions()))
+
+        def keep(out: Image.Image, image: int = i) -> None:
+            made[image] = contact_sheet.make_tile(out)
+
+        results.append(
+            resize_to(str(src), str(tmp_path / "out" / f"{i}.png"), (200, 200), ResizeOptions(), keep)
+        )
+    sheets.write_strip(tiles_of(tmp_path), made, range(len(colours)))
     part = {"start": 0, "results": results, "errors": errors, "transient": 0}
     return merge([part], len(colours), "job", "resize")  # type: ignore[list-item]
 
 
-def test_the_header_task_leaves_a_small_tile_beside_each_output_and_names_it(tmp_path: Path) -> None:
-    record = _resized(tmp_path, [RED])["results"][0]
-    tile = Path(record["tile"])
-    assert tile.parent == tmp_path / "out" and tile.name == ".0.png.tile.jpg"
-    with Image.open(tile) as im:
-        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (CELL, round(CELL * 2 / 3)))
-        assert close(im.getpixel((CELL // 2, 20)), RED)
-    assert tile.stat().st_size < 5_000
-    options = ResizeOptions(tile=False)
-    assert "tile" not in resize_to(record["source"], str(tmp_path / "x.png"), (50, 50), options)
-    assert not (tmp_path / ".x.png.tile.jpg").exists()
+def tiles_of(tmp_path: Path) -> str:
+    return sheets.tiles_dir(str(tmp_path / "out"), "job")
+
+
+def test_the_header_task_keeps_a_small_tile_of_each_output_in_its_batch_strip(tmp_path: Path) -> None:
+    _resized(tmp_path, [RED, None, BLUE])
+    (strip,) = Path(tiles_of(tmp_path)).iterdir()
+    assert strip.name == "0-3-5.jpg"  # images 0 to 2, tiles for 0 and 2
+    with Image.open(strip) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (3 * CELL, CELL))
+        assert close(im.getpixel((CELL // 2, CELL // 2)), RED)
+        assert close(im.getpixel((2 * CELL + CELL // 2, CELL // 2)), BLUE)
+    assert strip.stat().st_size < 10_000
+    seen: list[Image.Image] = []
+    resize_to(str(tmp_path / "in" / "0.png"), str(tmp_path / "x.png"), (50, 50), ResizeOptions(), seen.append)
+    assert [im.size for im in seen] == [(50, 33)]
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"])
@@ -371,7 +388,9 @@ def test_the_sheet_is_pasted_from_tiles_without_reading_any_output_back(tmp_path
     outcome = _resized(tmp_path, [RED, None, BLUE])
     for record in filter(None, outcome["results"]):
         Path(record["destination"]).unlink()  # nothing left to read back: only the tiles
-    written = write_report(str(tmp_path / "out"), outcome)
+    written = write_report(
+        str(tmp_path / "out"), outcome, tiles=sheets.tiles_dir(str(tmp_path / "out"), "job")
+    )
     assert written["contact_sheets"] == [str(tmp_path / "out" / CONTACT_SHEET)]
     with Image.open(tmp_path / "out" / CONTACT_SHEET) as sheet:
         for index, colour in ((0, RED), (1, MARKER), (2, BLUE)):
@@ -380,14 +399,13 @@ def test_the_sheet_is_pasted_from_tiles_without_reading_any_output_back(tmp_path
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [CONTACT_SHEET, MANIFEST]  # tiles gone
     doc = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert doc["contact_sheets"] == [CONTACT_SHEET]
-    assert all("tile" not in o for item in doc["items"] for o in item["outputs"])
-    assert all("tile" not in r for r in outcome["results"] if r)
 
 
 def test_a_missing_tile_is_made_from_the_output_read_back(tmp_path: Path) -> None:
     outcome = _resized(tmp_path, [GREEN])
-    Path(outcome["results"][0]["tile"]).unlink()
-    write_report(str(tmp_path / "out"), outcome)
+    for strip in Path(tiles_of(tmp_path)).iterdir():
+        strip.unlink()
+    write_report(str(tmp_path / "out"), outcome, tiles=tiles_of(tmp_path))
     with Image.open(tmp_path / "out" / CONTACT_SHEET) as sheet:
         x, y = cell_origin(0, 1)
         assert close(sheet.getpixel((x + CELL // 2, y + CELL // 2)), GREEN)
@@ -403,14 +421,14 @@ def test_a_large_run_gets_a_sheet_in_pages_a_viewer_opens_named_by_the_manifest(
     colours: list[tuple[int, int, int] | None] = [RED] * 20
     colours[12] = None  # the first of the second page: columns_for(20) == 6
     outcome = _resized(tmp_path, colours)
-    written = write_report(str(tmp_path / "out"), outcome)
-    names = ["contact-sheet-1.png", "contact-sheet-2.png"]
+    written = write_report(str(tmp_path / "out"), outcome, tiles=tiles_of(tmp_path))
+    names = ["contact-sheet-1.jpg", "contact-sheet-2.jpg"]
     assert written["contact_sheets"] == [str(tmp_path / "out" / n) for n in names]
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["contact_sheets"] == names
     with Image.open(tmp_path / "out" / names[1]) as page:
         assert page.height <= contact_sheet.PAGE_MAX
         x, y = cell_origin(0, 6)
-        assert page.getpixel((x + CELL // 2, y + CELL // 2)) == MARKER
+        assert close(page.getpixel((x + CELL // 2, y + CELL // 2)), MARKER)
         x, y = cell_origin(1, 6)
         assert close(page.getpixel((x + CELL // 2, y + CELL // 2)), RED)
 
@@ -443,3 +461,20 @@ def test_s3_endpoint_comes_from_the_environment_only() -> None:
         "client_kwargs": {"endpoint_url": "http://s3only:9000"}
     }
     assert _storage_options("s3", {}) == {} and _storage_options("", env) == {}
+
+
+def test_the_largest_batch_holds_about_a_fixed_number_of_source_bytes(tmp_path: Path) -> None:
+    assert builtin.resize_batch_cap(None) == builtin.MAX_RESIZE_BATCH == 32  # an object store: not asked
+    assert builtin.resize_batch_cap(70_000) == 32  # generated 1080p photos
+    assert builtin.resize_batch_cap(1_200_000) == 32  # noisy ones
+    assert builtin.resize_batch_cap(12_000_000) == 3  # scans
+    assert builtin.resize_batch_cap(90_000_000) == 1
+    (tmp_path / "a.jpg").write_bytes(b"x" * 1_000)
+    (tmp_path / "b.jpg").write_bytes(b"x" * 3_000)
+    assert mean_bytes([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "s3://in/c.jpg"]) == 2_000
+    assert mean_bytes(["s3://in/c.jpg"]) is None
+    items = [(str(tmp_path / "a.jpg"), str(tmp_path / "out" / "a.jpg"), 64, 64)]
+    plan = builtin.resize_items(
+        items, ResizeOptions().to_json(), str(tmp_path / "out"), 1, source_bytes=10_000_000
+    )
+    assert plan.spec.batch_cap == 4

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from orchestrator.local import LocalWorker
-from tests.conftest import fanout_command
-from workers.contact_sheet import CELL, MARKER, cell_origin, columns_for
+from tests.conftest import fanout_command, marked
+from workers.contact_sheet import CELL, cell_origin, columns_for
 
 pytestmark = pytest.mark.system
 
@@ -30,7 +30,7 @@ def test_cli_resize_several_sizes_fill_webp_with_manifest_and_contact_sheet(
         timeout=90,
     )
     assert proc.returncode == 1, proc.stderr
-    assert f"contact sheet: {out / 'contact-sheet.png'}" in proc.stderr
+    assert f"contact sheet: {out / 'contact-sheet.jpg'}" in proc.stderr
     assert f"manifest: {out / 'manifest.json'}" in proc.stderr
     # Text output: one line per output written.
     lines = proc.stdout.splitlines()
@@ -48,13 +48,13 @@ def test_cli_resize_several_sizes_fill_webp_with_manifest_and_contact_sheet(
     assert [len(item["outputs"]) for item in manifest["items"]] == [2] * 6 + [0]
     assert all(o["seconds"] > 0 and o["bytes"] > 0 for item in manifest["items"] for o in item["outputs"])
 
-    with Image.open(out / "contact-sheet.png") as sheet:
+    with Image.open(out / "contact-sheet.jpg") as sheet:
         columns = columns_for(7)
         x, y = cell_origin(6, columns)
-        assert sheet.getpixel((x + CELL // 2, y + CELL // 2)) == MARKER
+        assert marked(sheet.getpixel((x + CELL // 2, y + CELL // 2)))
         for index in range(6):
             x, y = cell_origin(index, columns)
-            assert sheet.getpixel((x + CELL // 2, y + CELL // 2)) != MARKER
+            assert not marked(sheet.getpixel((x + CELL // 2, y + CELL // 2)))
 
 
 def test_cli_resize_json_lists_every_output(
@@ -65,7 +65,7 @@ def test_cli_resize_json_lists_every_output(
     proc = subprocess.run(fanout_command(*cmd), env=cli_env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["contact_sheet"] == str(out / "contact-sheet.png")
+    assert doc["contact_sheet"] == str(out / "contact-sheet.jpg")
     assert [len(image["outputs"]) for image in doc["images"]] == [2] * 6
     for image in doc["images"]:
         for record in image["outputs"]:

@@ -494,7 +494,9 @@ def test_resize_retries_a_transient_error_in_place(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(time, "sleep", pauses.append)
     attempts: list[str] = []
 
-    def flaky(source: str, destination: str, box: tuple[int, int], options: object) -> dict[str, object]:
+    def flaky(
+        source: str, destination: str, box: tuple[int, int], options: object, seen: object = None
+    ) -> dict[str, object]:
         attempts.append(source)
         if len(attempts) < 3:
             raise TransientError(f"{source}: connection reset (attempt {len(attempts)})")
@@ -505,7 +507,9 @@ def test_resize_retries_a_transient_error_in_place(monkeypatch: pytest.MonkeyPat
     record = tasks.resize_items.run_item(["s3://in/a.jpg", "s3://out/a.jpg", 64, 64], options)
     assert record["source"] == "s3://in/a.jpg" and len(attempts) == 3 and pauses == [1.0, 2.0]
 
-    def never(source: str, destination: str, box: tuple[int, int], options: object) -> dict[str, object]:
+    def never(
+        source: str, destination: str, box: object, options: object, seen: object = None
+    ) -> dict[str, object]:
         attempts.append(source)
         raise TransientError(f"{source}: connection reset (attempt {len(attempts)})")
 

@@ -1,21 +1,20 @@
 """The contact sheet: every item's thumbnail in input order, failures marked, in pages.
 
-Each header task makes its outputs' tiles while the image is decoded
-(:func:`make_tile`, written beside the output under :func:`tile_url`), so the
-chord callback only reads small tiles and pastes them (:func:`compose`, pure:
-images in, image out).  :func:`thumbnail` reads an output back, the fallback for
-a tile that is missing.  A sheet is cut into pages of at most :data:`PAGE_MAX`
-pixels a side (:func:`pages`), a size every viewer opens.  The callback writes
-them next to ``manifest.json`` (see :mod:`workers.report`).
+Each header task makes its images' tiles while the image is in memory
+(:func:`make_tile`, written as one strip a batch by :mod:`workers.sheets`), so
+a page is pasted from small tiles (:func:`compose`, pure: images in, image
+out).  :func:`thumbnail` reads an output back, the fallback for a tile that is
+missing.  A sheet is cut into pages of at most :data:`PAGE_MAX`
+pixels a side (:func:`pages`), a size every viewer opens.  Each page is drawn
+as soon as its tiles exist (:mod:`workers.sheets`), and written next to
+``manifest.json`` (see :mod:`workers.report`).
 """
 
 from __future__ import annotations
 
 import math
-import posixpath
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -33,6 +32,8 @@ MARKER = (220, 30, 30)
 PAGE_MAX = 8000
 #: JPEG quality of a tile: a 128 px tile is 3-5 KB, decoded in about 0.1 ms.
 TILE_QUALITY = 80
+#: The sheet's file name: JPEG pages, as PNG took 0.5 s to encode a full page and JPEG 0.04 s.
+CONTACT_SHEET = "contact-sheet.jpg"
 
 
 def columns_for(count: int) -> int:
@@ -57,6 +58,15 @@ def pages(count: int, cell: int = CELL) -> tuple[int, list[range]]:
     per_page = columns * rows_per_page(cell)
     starts = range(0, max(1, count), per_page)
     return columns, [range(first, min(first + per_page, count)) for first in starts]
+
+
+def page_names(count: int) -> list[str]:
+    """The sheet's file names for ``count`` images: one page keeps the plain name."""
+    _, ranges = pages(count)
+    if len(ranges) == 1:
+        return [CONTACT_SHEET]
+    stem, dot, suffix = CONTACT_SHEET.rpartition(".")
+    return [f"{stem}-{n}{dot}{suffix}" for n in range(1, len(ranges) + 1)]
 
 
 def compose(
@@ -110,15 +120,6 @@ def thumbnail(url: str, cell: int = CELL) -> Image.Image | None:
         return None
 
 
-def tile_url(destination: str) -> str:
-    """Where the tile of the output at ``destination`` is written: a hidden file beside it."""
-    if "://" in destination and not destination.lower().startswith("file://"):
-        head, name = posixpath.split(destination)
-        return posixpath.join(head, f".{name}.tile.jpg")
-    path = Path(destination)
-    return str(path.with_name(f".{path.name}.tile.jpg"))
-
-
 def make_tile(im: Image.Image, cell: int = CELL) -> Image.Image:
     """``im`` as a contact-sheet tile: RGB, alpha over the sheet's background, within ``cell``.
 
@@ -146,15 +147,3 @@ def make_tile(im: Image.Image, cell: int = CELL) -> Image.Image:
         flat.paste(rgba, mask=rgba.getchannel("A"))
         return flat
     return im.convert("RGB")
-
-
-def read_tile(url: str, cell: int = CELL) -> Image.Image | None:
-    """The tile at ``url``, or ``None`` if it cannot be read."""
-    try:
-        with Image.open(storage.open_source(url)) as im:
-            if max(im.size) > cell or im.mode != "RGB":
-                return None  # not a tile this module wrote
-            im.load()
-            return im.copy()
-    except Exception:  # noqa: BLE001 - a missing tile falls back to reading the output
-        return None

@@ -40,7 +40,7 @@ def resize_image(source: str | Path, destination: str | Path, max_side: int) -> 
     that cannot work and :class:`~workers.errors.TransientError` for I/O worth
     another try.
     """
-    record = resize_to(str(source), str(destination), (max_side, max_side), ResizeOptions(tile=False))
+    record = resize_to(str(source), str(destination), (max_side, max_side), ResizeOptions())
     return {
         "source": record["source"],
         "destination": record["destination"],

@@ -42,6 +42,10 @@ HEALER = "fanout:healer"
 PURGES = "fanout:purges:{group_id}"
 #: The messages one purge took off the queue, kept until they are reported.
 PURGED = "fanout:purged:{group_id}:{purge_id}"
+#: The batches of a resize job whose sheet items were counted (a set of first indexes), by group id.
+SHEET_BATCHES = "fanout:sheet-batches:{group_id}"
+#: A resize job's sheet items counted so far, per contact-sheet page (a hash), by group id.
+SHEET_PAGES = "fanout:sheet-pages:{group_id}"
 #: A fold's partials written but not yet in its running total (a list of JSON [start, count, url]),
 #: the lock of the round merging them, and the URL of the running total (workers/running.py).
 FOLD_PENDING = "fanout:fold:pending:{group_id}"
@@ -118,6 +122,14 @@ def purges(group_id: str) -> str:
 
 def purged(group_id: str, purge_id: str) -> str:
     return PURGED.format(group_id=group_id, purge_id=purge_id)
+
+
+def sheet_batches(group_id: str) -> str:
+    return SHEET_BATCHES.format(group_id=group_id)
+
+
+def sheet_pages(group_id: str) -> str:
+    return SHEET_PAGES.format(group_id=group_id)
 
 
 def fold_pending(group_id: str) -> str:

@@ -26,9 +26,9 @@ becomes an alpha channel before resampling and is written the way the output
 format holds it.  A format Pillow reads but cannot write (PSD, ICNS as sized
 by Pillow, ...) is written as PNG.  docs/formats.md lists every case.
 
-With ``options.tile`` each output also leaves its contact-sheet tile (a small
-JPEG beside it, see :func:`workers.contact_sheet.tile_url`), made from the
-image already in memory; the record names it and the chord callback pastes it.
+Given ``seen``, it is called with each output image still in memory: the
+contact sheet makes its tile from it (:mod:`workers.sheets`) without reading
+the output back.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import IO, Any, NotRequired, TypedDict
+from typing import IO, Any, TypedDict
 
 from PIL import Image, ImageColor, ImageFile, ImageMath, ImageOps, UnidentifiedImageError
 
 from workers import storage
-from workers.contact_sheet import TILE_QUALITY, make_tile, tile_url
 from workers.errors import ConfigError, ImageError, InputError, TransientError
 
 MODES = ("fit", "fill", "exact")
@@ -143,8 +143,6 @@ class ResizeOptions:
     quality: int = 85
     upscale: bool = False
     background: str = "#ffffff"
-    #: Leave each output's contact-sheet tile beside it (``--no-contact-sheet`` need not).
-    tile: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -178,7 +176,6 @@ class OutputRecord(TypedDict):
     format: str
     bytes: int
     seconds: float
-    tile: NotRequired[str]  # the contact-sheet tile's URL, when options.tile
 
 
 def output_size(size: tuple[int, int], box: tuple[int, int], mode: str, upscale: bool) -> tuple[int, int]:
@@ -389,8 +386,16 @@ def render(im: Image.Image, box: tuple[int, int], options: ResizeOptions) -> Ima
     return im.resize(target, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
 
 
-def resize_to(source: str, destination: str, box: tuple[int, int], options: ResizeOptions) -> OutputRecord:
+def resize_to(
+    source: str,
+    destination: str,
+    box: tuple[int, int],
+    options: ResizeOptions,
+    seen: Callable[[Image.Image], object] | None = None,
+) -> OutputRecord:
     """Resize the image at URL ``source`` into ``box`` and write it to URL ``destination``.
+
+    ``seen`` is called with the output image once it is written.
 
     The output appears under its final name only once complete.  Raises
     :class:`ImageError` naming ``source`` for an input or output that cannot
@@ -473,14 +478,11 @@ def resize_to(source: str, destination: str, box: tuple[int, int], options: Resi
         "bytes": size,
         "seconds": 0.0,
     }
-    if options.tile:
-        url = tile_url(destination)
+    if seen is not None:
         try:
-            tile = make_tile(out)
-            storage.write_atomic(url, lambda fh: tile.save(fh, format="JPEG", quality=TILE_QUALITY))
-            record["tile"] = url
+            seen(out)
         except Exception:  # a missing tile is read back from the output instead
-            log.warning("could not write the contact-sheet tile %s", url, exc_info=True)
+            log.warning("could not make the contact-sheet tile of %s", destination, exc_info=True)
     record["seconds"] = round(time.perf_counter() - started, 4)
     return record
 

@@ -12,15 +12,19 @@ import io
 import logging
 from typing import Any
 
-from workers import storage
+from celery import Task
+
+from workers import connections, sheets, storage
 from workers.app import app
-from workers.core import task
+from workers.contact_sheet import make_tile, thumbnail
+from workers.core import FanoutTask, task
 from workers.doubling import double as double_value
 from workers.errors import TransientError
-from workers.fanin import ItemFailure, OutcomeDoc
+from workers.fanin import ItemFailure, OutcomeDoc, Part
 from workers.paths import inside_url
 from workers.report import write_report
 from workers.resizing import ResizeOptions, resize_to
+from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +45,12 @@ def _source(item: list[Any]) -> Any:
     return item[0] if isinstance(item, list) and item else item
 
 
-@task(
-    name="fanout.resize_items",
-    batch_size=8,
-    retries=RESIZE_RETRIES,
-    retry_on=(TransientError,),
-    backoff=1.0,
-    label=_source,
-)
-def resize_items(
-    item: list[Any], options: dict[str, Any], out_dir: str | None = None, skip_existing: bool = False
+def resize_item(
+    item: list[Any],
+    options: dict[str, Any],
+    out_dir: str | None = None,
+    skip_existing: bool = False,
+    sheet: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Resize one ``[source_url, destination_url, width, height]`` item with ``options`` (ResizeOptions JSON).
 
@@ -58,18 +58,64 @@ def resize_items(
     error, whatever the message says.  Outputs are written atomically (rename,
     or one PUT), so running an item twice is harmless.  With ``skip_existing``,
     an output already there that opens as an image is left as it is and
-    reported with ``"skipped": true``.
+    reported with ``"skipped": true``.  An item with a fifth element, the index
+    of its image, is that image's sheet item: its tile is kept for the batch's
+    strip (workers/sheets.py).
     """
-    source, destination, width, height = item
+    source, destination, width, height, *cell = item
     if out_dir is not None:
         destination = inside_url(str(destination), out_dir, str(source))
     box = (int(width), int(height))
+    made = sheets.batch_tiles.get()
+    keep = None
+    if cell and sheet and made is not None:  # the image's sheet item: keep its tile for the batch's strip
+
+        def keep(out: Any, image: int = int(cell[0])) -> None:
+            made[image] = make_tile(out)
+
     if skip_existing:
         found = existing_output(str(source), str(destination), box)
         if found is not None:
+            small = thumbnail(str(destination)) if keep is not None else None
+            if small is not None and made is not None:
+                made[int(cell[0])] = small
             return found
-    record = resize_to(str(source), str(destination), box, _options(options))
+    record = resize_to(str(source), str(destination), box, _options(options), keep)
     return dict(record)
+
+
+class ResizeTask(FanoutTask[..., dict[str, Any]]):
+    """The resize header: after each batch, count its sheet items and draw the pages it completes."""
+
+    def run_batch(self, task: Task, start: int, items: list[Any], kwargs: dict[str, Any]) -> Part:
+        sheet, group = kwargs.get("sheet"), task.request.group
+        if not (sheet and group and kwargs.get("out_dir")):
+            return super().run_batch(task, start, items, kwargs)
+        made: dict[int, Any] = {}
+        token = sheets.batch_tiles.set(made)
+        try:
+            part = super().run_batch(task, start, items, kwargs)
+        finally:
+            sheets.batch_tiles.reset(token)
+        try:
+            client = connections.backend(task.app)
+            expires = get_settings().result_expires
+            sheets.batch_done(client, str(group), start, items, made, sheet, str(kwargs["out_dir"]), expires)
+        except Exception:  # the fan-in draws any page not drawn here
+            logger.warning("could not draw a contact-sheet page after batch %s", start, exc_info=True)
+        return part
+
+
+resize_items = ResizeTask(
+    resize_item,
+    "fanout.resize_items",
+    batch_size=32,  # as orchestrator.builtin.MAX_RESIZE_BATCH
+    time_limit=None,
+    retries=RESIZE_RETRIES,
+    retry_on=(TransientError,),
+    backoff=1.0,
+    label=_source,
+)
 
 
 def existing_output(source: str, destination: str, box: tuple[int, int]) -> dict[str, Any] | None:
@@ -112,6 +158,7 @@ def resize_report(
     job_id: str = "",
     per_image: int = 1,
     sheet: bool = True,
+    tiles: str | None = None,
 ) -> dict[str, str | None]:
     """Resize's reduce: write ``manifest.json`` and the contact sheet under ``out_dir``; return their URLs."""
     outcome: OutcomeDoc = {
@@ -124,4 +171,4 @@ def resize_report(
         "errors": errors,
     }
     # Written once: a redelivered callback finds the same manifest and leaves it.
-    return write_report(out_dir, outcome, per_image, sheet)
+    return write_report(out_dir, outcome, per_image, sheet, tiles)

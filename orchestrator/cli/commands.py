@@ -35,6 +35,7 @@ from orchestrator.demo import run_demo
 from orchestrator.discovery import list_workers
 from orchestrator.inputs import (
     load_task,
+    mean_bytes,
     parse_json_object,
     parse_numbers,
     parse_size,
@@ -168,7 +169,7 @@ def double(ctx: click.Context, numbers: tuple[str, ...], range_n: int | None, ru
     "sheet",
     default=True,
     show_default=True,
-    help="Write contact-sheet.png (pages for large runs) next to manifest.json, from tiles the workers make.",
+    help="Write contact-sheet.jpg (pages for large runs) next to manifest.json, from tiles the workers make.",
 )
 @run_options
 @handles_errors
@@ -194,14 +195,14 @@ def resize(
     SOURCES are image files, directories (walked recursively) or s3:// prefixes;
     s3:// takes credentials and endpoint from AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL.  manifest.json and (unless
-    --no-contact-sheet) contact-sheet.png are written next to the outputs.
+    --no-contact-sheet) contact-sheet.jpg are written next to the outputs.
     """
     boxes = [parse_size(s) for s in sizes] + ([(max_side, max_side)] if max_side else [])
     boxes = list(dict.fromkeys(boxes))
     if not boxes:
         raise click.UsageError("give a size: --size N|WxH (repeatable) or --max-side N")
-    # No sheet, no tiles: the workers make each image's tile only for the sheet.
-    options = ResizeOptions(mode, anchor, fmt, quality, upscale, background, tile=sheet)
+    # No sheet, no tiles: the plan asks for each image's tile only for the sheet.
+    options = ResizeOptions(mode, anchor, fmt, quality, upscale, background)
     as_json = run.as_json
     found = plan_images(sources, out_dir)
     out = storage.normalize(out_dir)
@@ -213,7 +214,13 @@ def resize(
         Path(out).mkdir(parents=True, exist_ok=True)
     items = plan_outputs(found.pairs, boxes, fmt)
     plan = builtin.resize_items(
-        items, options.to_json(), out, len(boxes), sheet=sheet, skip_existing=skip_existing
+        items,
+        options.to_json(),
+        out,
+        len(boxes),
+        sheet=sheet,
+        skip_existing=skip_existing,
+        source_bytes=mean_bytes([src for src, _ in found.pairs]),
     )
     ran = run_job(plan, run, "resizing")
     if ran.outcome is None:
