@@ -38,10 +38,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis
 from celery import Celery, chord
 from celery.canvas import Signature
+from kombu.exceptions import OperationalError
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as json_dumps
+
+from workers import connections, keys
+from workers.errors import InfrastructureError
+from workers.fanin import CANCELLED
 
 #: Messages per pipeline round trip: large enough to amortise the round trip,
 #: small enough that the pipeline's buffer stays a few megabytes.
@@ -339,3 +345,23 @@ def _kombu_version() -> str:
         return version("kombu")
     except PackageNotFoundError:
         return "unknown"
+
+
+def cancel_sent(app: Celery, group_id: str | None, expires: int, job_id: str, exc: BaseException) -> None:
+    """A send interrupted (Ctrl-C) or failed part-way: what was sent must not run for nobody.
+
+    The batches already sent (under ``group_id``, if any were) are stopped; a Redis or
+    network failure is raised as one line saying so.  Any other ``exc`` is left to the
+    caller to raise again.
+    """
+    sent = "The batches already sent are cancelled (nothing waits for them)"
+    if group_id is not None:
+        try:
+            connections.backend(app).set(keys.stop(group_id), CANCELLED, ex=expires)
+        except redis.RedisError as refused:  # a Redis refusing writes may refuse this too
+            sent = f"The batches already sent could not be cancelled ({refused}): they run, for nobody"
+    if isinstance(exc, redis.RedisError | OSError | OperationalError):
+        raise InfrastructureError(
+            f"sending job {job_id} failed part-way: {exc}. {sent}. Check Redis (is it out "
+            "of memory? see its maxmemory), then send the job again."
+        ) from None

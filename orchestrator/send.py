@@ -25,7 +25,6 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.canvas import Signature
-from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from orchestrator import canvas, follow
@@ -40,14 +39,13 @@ from orchestrator.plan import (
     failure_budget,
     prepare,
 )
-from orchestrator.publish import frozen_callback, header_of, publish_chord, task_limits
+from orchestrator.publish import cancel_sent, frozen_callback, header_of, publish_chord, task_limits
 from orchestrator.room import require_room
 from workers import connections, keys, results
 from workers.backend import replicated
 from workers.batches import batch_task_id, pack
 from workers.core import FanoutTask
 from workers.errors import ConfigError, InfrastructureError, InputError, UnknownJob
-from workers.fanin import CANCELLED
 from workers.jobindex import index_job
 from workers.settings import Settings, get_settings
 
@@ -250,18 +248,7 @@ def publish(
     try:
         group_id = publish_chord(app, signature, before=before)
     except BaseException as exc:
-        # Interrupted (Ctrl-C) or failed half-way: what was sent must not run for nobody.
-        sent = "The batches already sent are cancelled (nothing waits for them)"
-        if before.group_id is not None:
-            try:
-                connections.backend(app).set(keys.stop(before.group_id), CANCELLED, ex=expires)
-            except redis.RedisError as refused:  # a Redis refusing writes may refuse this too
-                sent = f"The batches already sent could not be cancelled ({refused}): they run, for nobody"
-        if isinstance(exc, redis.RedisError | OSError | OperationalError):
-            raise InfrastructureError(
-                f"sending job {plan.job_id} failed part-way: {exc}. {sent}. Check Redis (is it out "
-                "of memory? see its maxmemory), then send the job again."
-            ) from None
+        cancel_sent(app, before.group_id, expires, plan.job_id, exc)
         raise
     job = Job(
         plan.job_id,

@@ -41,23 +41,20 @@ from itertools import islice, repeat
 from operator import itemgetter, sub
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.app.task import Context
-from kombu.exceptions import OperationalError
 
 from orchestrator import canvas
 from orchestrator.follow import batches_done
 from orchestrator.jobs import Job
 from orchestrator.plan import Plan, failure_budget
-from orchestrator.publish import HeaderSender, bulk_supported, frozen_callback, task_limits
+from orchestrator.publish import HeaderSender, bulk_supported, cancel_sent, frozen_callback, task_limits
 from orchestrator.room import require_room
 from workers import connections, keys, results
 from workers.backend import replicated
 from workers.batches import batch_task_id, header_args, slice_ref
 from workers.core import json_problem
-from workers.errors import InfrastructureError, InputError
-from workers.fanin import CANCELLED
+from workers.errors import InputError
 from workers.jobindex import index_job
 from workers.settings import get_settings
 
@@ -325,7 +322,7 @@ def publish(
             batches = _dispatch(app, plan, sender, sizer, tail, group_id, expires)
         close_chord(app, group_id, batches, callback)
     except BaseException as exc:
-        _cancel_sent(app, group_id, expires, plan, exc)
+        cancel_sent(app, group_id, expires, plan.job_id, exc)
         raise
     hard, soft = task_limits(app, spec.task)
     job = Job(
@@ -410,17 +407,3 @@ def _dispatch(
                 time.sleep(POLL_S)
     push()
     return index
-
-
-def _cancel_sent(app: Celery, group_id: str, expires: int, plan: Plan, exc: BaseException) -> None:
-    """Interrupted or failed part-way: what was sent must not run for nobody."""
-    sent = "The batches already sent are cancelled (nothing waits for them)"
-    try:
-        connections.backend(app).set(keys.stop(group_id), CANCELLED, ex=expires)
-    except redis.RedisError as refused:
-        sent = f"The batches already sent could not be cancelled ({refused}): they run, for nobody"
-    if isinstance(exc, redis.RedisError | OSError | OperationalError):
-        raise InfrastructureError(
-            f"sending job {plan.job_id} failed part-way: {exc}. {sent}. Check Redis (is it out "
-            "of memory? see its maxmemory), then send the job again."
-        ) from None

@@ -226,3 +226,18 @@ def photos(tmp_path: Path) -> Path:
     for i in range(6):
         make_photo(directory / f"p{i}.jpg", (800, 600), seed=i, orientation=6 if i == 3 else None)
     return directory
+
+
+@pytest.fixture
+def by_ref_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Jobs of more than 100 items sent from this process go by reference (an iterator of
+    them streams), their results under ``tmp_path/results``: the path returned."""
+    from workers.settings import get_settings
+
+    root = tmp_path / "results"
+    monkeypatch.setenv("FANOUT_BY_REFERENCE_ITEMS", "100")
+    monkeypatch.setenv("FANOUT_RESULTS_URL", str(root))
+    get_settings.cache_clear()
+    yield root
+    monkeypatch.undo()
+    get_settings.cache_clear()

@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,18 +105,6 @@ def test_job_directories_older_than_the_results_expire(tmp_path: Path) -> None:
 def by_ref_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """The CLI's environment with every job of 100 items or more sent by reference, under tmp_path."""
     return {**cli_env, "FANOUT_BY_REFERENCE_ITEMS": "100", "FANOUT_RESULTS_URL": str(tmp_path / "results")}
-
-
-@pytest.fixture
-def by_ref_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The same threshold and location for jobs sent from this process."""
-    root = tmp_path / "results"
-    monkeypatch.setenv("FANOUT_BY_REFERENCE_ITEMS", "100")
-    monkeypatch.setenv("FANOUT_RESULTS_URL", str(root))
-    get_settings.cache_clear()
-    yield root
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

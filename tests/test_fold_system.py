@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,20 +29,8 @@ from workers.settings import get_settings
 pytestmark = pytest.mark.system
 
 
-@pytest.fixture
-def by_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Jobs of 100 items or more sent from this process go by reference, to ``tmp_path/results``."""
-    root = tmp_path / "results"
-    monkeypatch.setenv("FANOUT_BY_REFERENCE_ITEMS", "100")
-    monkeypatch.setenv("FANOUT_RESULTS_URL", str(root))
-    get_settings.cache_clear()
-    yield root
-    monkeypatch.undo()
-    get_settings.cache_clear()
-
-
 def test_word_count_by_reference_equals_a_local_counter_with_failed_lines_by_index(
-    by_reference: Path, worker: LocalWorker
+    by_ref_here: Path, worker: LocalWorker
 ) -> None:
     text: list[object] = list(lines(6000, pool(512)))
     for index in (5, 4321):
@@ -57,18 +45,18 @@ def test_word_count_by_reference_equals_a_local_counter_with_failed_lines_by_ind
     assert outcome.results == [] and list(job.results()) == []  # a fold keeps no per-item results
     # The header tasks merged partials as they arrived: a running total was written; the
     # callback removed the pending list, and the total's key expires with the job's results.
-    assert list((by_reference / job.id / "fold").glob("total-*.json"))
+    assert list((by_ref_here / job.id / "fold").glob("total-*.json"))
     client = redis.Redis.from_url(get_settings().result_backend)
     assert not client.exists(keys.fold_pending(job.group_id))
     assert 0 < client.ttl(keys.fold_total(job.group_id)) <= get_settings().result_expires
     # A part carries its partial and failures, not the results of its items.
-    part = json.loads(next((by_reference / job.id / "parts").iterdir()).read_text())
+    part = json.loads(next((by_ref_here / job.id / "parts").iterdir()).read_text())
     assert part["results"] == [] and part["count"] == 100 and isinstance(part["partial"], dict)
 
 
 @pytest.mark.parametrize("reference", [False, True], ids=["inline", "by-reference"])
 def test_a_step_that_raises_completes_the_outcome_with_a_reduce_error_naming_the_item(
-    reference: bool, by_reference: Path, worker: LocalWorker
+    reference: bool, by_ref_here: Path, worker: LocalWorker
 ) -> None:
     items: list[object] = list(range(400 if reference else 99))
     items[7] = "seven"
@@ -180,7 +168,7 @@ def test_fanout_map_of_a_folding_task_prints_the_folded_value(
 
 
 def test_a_cancelled_fold_counts_each_finished_item_once_and_the_rest_as_cancelled(
-    by_reference: Path, worker: LocalWorker
+    by_ref_here: Path, worker: LocalWorker
 ) -> None:
     job = fanout.submit(userjobs.slow_one, [0.02] * 2000, batch_size=10)
     deadline = time.monotonic() + 60

@@ -125,18 +125,6 @@ def test_sizer_makes_the_last_batches_small() -> None:
 
 
 @pytest.fixture
-def streamed_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Jobs of more than 100 items, sent from this process, stream, with results under tmp_path."""
-    root = tmp_path / "results"
-    monkeypatch.setenv("FANOUT_BY_REFERENCE_ITEMS", "100")
-    monkeypatch.setenv("FANOUT_RESULTS_URL", str(root))
-    get_settings.cache_clear()
-    yield root
-    monkeypatch.undo()
-    get_settings.cache_clear()
-
-
-@pytest.fixture
 def streamed_env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {**cli_env, "FANOUT_BY_REFERENCE_ITEMS": "100", "FANOUT_RESULTS_URL": str(tmp_path / "results")}
 
@@ -148,7 +136,7 @@ def starts_of(client: redis.Redis, job_id: str) -> list[int]:
 
 @pytest.mark.system
 def test_a_generator_streams_with_its_results_in_input_order(
-    streamed_here: Path, worker: object, redis_client: redis.Redis
+    by_ref_here: Path, worker: object, redis_client: redis.Redis
 ) -> None:
     n = 3000
     job = fanout.submit(userjobs.triple, (i if i != 1234 else "x" for i in range(n)))
@@ -159,7 +147,7 @@ def test_a_generator_streams_with_its_results_in_input_order(
     starts = starts_of(redis_client, job.id)
     assert len(starts) == job.batches and starts[0] == 0 and starts == sorted(set(starts))
     # Kept in chunks, not in Redis: a retry finds its failed item there.
-    assert (streamed_here / job.id / "inputs" / "chunk-000000000.json").exists()
+    assert (by_ref_here / job.id / "inputs" / "chunk-000000000.json").exists()
     assert job.items_at([1234, 2999]) == ["x", 2999]
 
 
@@ -200,7 +188,7 @@ def test_a_bad_line_late_in_the_input_refuses_the_job_and_nothing_runs(
 
 @pytest.mark.system
 def test_a_streamed_job_whose_batches_redis_dropped_is_healed_from_its_chunks(
-    streamed_here: Path, worker: object, app: Celery, redis_client: redis.Redis
+    by_ref_here: Path, worker: object, app: Celery, redis_client: redis.Redis
 ) -> None:
     from tests.test_healing import healed, take_message
 
@@ -225,7 +213,7 @@ def sizes_of(client: redis.Redis, job: fanout.Job) -> list[int]:
 
 @pytest.mark.system
 def test_auto_batches_grow_with_cheap_items_and_stay_small_with_slow_ones(
-    streamed_here: Path, worker: object, redis_client: redis.Redis
+    by_ref_here: Path, worker: object, redis_client: redis.Redis
 ) -> None:
     # Cheap items (a multiplication): from one item, to thousands once the first batches are timed
     cheap = fanout.submit(userjobs.triple, iter(range(200_000)))
@@ -244,7 +232,7 @@ def test_auto_batches_grow_with_cheap_items_and_stay_small_with_slow_ones(
 
 @pytest.mark.system
 def test_a_chord_whose_parts_are_all_in_before_its_size_is_set_is_completed_by_the_client(
-    streamed_here: Path, worker: object, app: Celery, monkeypatch: pytest.MonkeyPatch
+    by_ref_here: Path, worker: object, app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from orchestrator import stream
     from orchestrator.follow import batches_done
@@ -267,7 +255,7 @@ def test_a_chord_whose_parts_are_all_in_before_its_size_is_set_is_completed_by_t
 
 @pytest.mark.system
 def test_without_kombus_helpers_a_streamed_job_goes_through_send_task(
-    streamed_here: Path, worker: object, monkeypatch: pytest.MonkeyPatch
+    by_ref_here: Path, worker: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kombu.transport import virtual as kombu_virtual
 
