@@ -27,7 +27,6 @@ run once on a worker by the chord callback, ``fanout.collect``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -40,7 +39,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from workers import connections, softlimit
+from workers import batchio, connections, softlimit
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.batches import batch_items
@@ -182,13 +181,16 @@ class FanoutTask(Generic[P, R]):
                 control.check()
             return self.run_item(item, kwargs)
 
-        log = RedisAttemptLog(client, str(task.request.id), expires)
+        task_id = str(task.request.id)
         try:
             # Inside the try: the soft limit can fire here too (a Redis restart makes
             # these reads wait), and then the batch's items fail with the reason.
-            control = JobControl(client, str(group), expires) if group else None
-            if control is not None and control.reason is not None:
-                return fail_batch(start, items, control.reason, self.label)  # queued when the job stopped
+            started = batchio.start_batch(client, task_id, str(group) if group else None, expires)
+            log = RedisAttemptLog(client, task_id, expires, runs=started.runs)
+            control = JobControl(client, str(group), expires, started.stop, started.budget) if group else None
+            if control is not None and control.reason is not None:  # queued when the job stopped
+                batchio.batch_end(task.request).add("dropping the batch's run count", log.drop_counts)
+                return fail_batch(start, items, control.reason, self.label)
             part = run_counted(
                 work,
                 start,
@@ -213,13 +215,14 @@ class FanoutTask(Generic[P, R]):
         # The items are done: from here to the chord's join, the soft limit has nothing
         # left to stop, and raised it would fail the whole chord (workers/softlimit.py).
         softlimit.hold("reporting a finished batch")
+        # The batch's last writes go in one round trip with its chord report (workers/batchio.py).
+        end = batchio.batch_end(task.request)
         # The batch ran to its end: its run counts are needed no more (a copy delivered
         # later runs as a first run, safely).  Not left behind, one key per batch, for a day.
-        with contextlib.suppress(Exception):
-            client.delete(log.runs_key, log.items_key)
+        end.add("dropping the batch's run counts", log.drop_counts)
         if control is not None:
             reason = control.reason
-            control.count_failures(sum(1 for e in part["errors"] if e["error"] != reason))
+            control.count_failures(end, sum(1 for e in part["errors"] if e["error"] != reason))
         return part
 
     def reduce(self, results: list[Any], errors: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -257,6 +260,8 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})
         softlimit.hold("reporting a finished batch")  # released when the task ends
+        if not self.request.chord:  # no chord report for its last writes to ride with
+            batchio.batch_end(self.request).send(connections.backend(self.app))
         if where is None:
             return part
         from workers.results import write_part
