@@ -168,10 +168,13 @@ class Channel(kombu_redis.Channel):
 def send_acks() -> None:
     """Send every QoS's pending acknowledgements (the event loop calls this every ACKS_EVERY_S)."""
     for qos in list(_LIVE):
+        if getattr(qos.channel, "closed", False):  # its close sent them, or could not
+            _LIVE.discard(qos)
+            continue
         try:
             qos.send_acks()
-        except redis.RedisError as exc:  # kept: they go with the next write that succeeds
-            logger.debug("acknowledgements not sent yet: %s", exc)
+        except Exception as exc:  # kept: they go with the next write that succeeds (or run again)
+            logger.debug("%d acknowledgement(s) not sent yet: %r", len(qos.pending_acks), exc)
 
 
 class _SendsAcks:
