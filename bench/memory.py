@@ -1,4 +1,9 @@
-"""``python -m bench.memory``: memory against N for ``fanout double --range N``.
+"""``python -m bench.memory``: memory against N for ``fanout double --range N``, or for the word-count fold.
+
+``--job wordcount`` measures the fold instead: ``python -m bench.wordfold N`` passes a
+generator of N lines to ``fanout.map(examples.wordcount.words, ...)`` (a ``Counter``
+folded on the workers, merged as the batches arrive) and checks the value against a
+local ``collections.Counter``; the worker imports ``examples.wordcount``.
 
 For each N, on a Redis of its own (a fresh ``redis-server`` on a free port, so
 nothing else moves its figures) and a fresh worker (``-c 2``):
@@ -35,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +76,8 @@ class Row:
     load_1m: float = 0.0
     #: FANOUT_BY_REFERENCE_ITEMS for the run (None: fanout's default).
     by_reference_items: int | None = None
+    #: What ran: "double" (``fanout double --range N``) or "wordcount" (the fold over N lines).
+    job: str = "double"
 
 
 def _free_port() -> int:
@@ -173,7 +180,9 @@ def _python(code: Path) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def _env(code: Path, redis_url: str, results: Path, threshold: int | None = None) -> dict[str, str]:
+def _env(
+    code: Path, redis_url: str, results: Path, threshold: int | None = None, imports: str = ""
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         FANOUT_REDIS_URL=redis_url,
@@ -184,6 +193,8 @@ def _env(code: Path, redis_url: str, results: Path, threshold: int | None = None
         env.pop(name, None)
     if threshold is not None:
         env["FANOUT_BY_REFERENCE_ITEMS"] = str(threshold)
+    if imports:
+        env["FANOUT_IMPORTS"] = imports
     return env
 
 
@@ -245,12 +256,47 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def measure(n: int, code: Path, work: Path, timeout: float, report: Any, threshold: int | None = None) -> Row:
+def _double(n: int, timeout: float) -> list[str]:
+    return ["-m", "orchestrator", "double", "--range", str(n), "--no-progress", "--timeout", str(timeout)]
+
+
+def _wordcount(n: int, timeout: float) -> list[str]:
+    return ["-m", "bench.wordfold", str(n), str(timeout)]
+
+
+#: The client's arguments for each job, and the worker's FANOUT_IMPORTS for it.
+JOBS: dict[str, tuple[Callable[[int, float], list[str]], str]] = {
+    "double": (_double, ""),
+    "wordcount": (_wordcount, "examples.wordcount"),
+}
+
+
+JOB_TITLES = {"wordcount": "word-count fold over N lines"}
+
+
+def _fold_seconds(path: Path) -> float:
+    """The seconds ``bench.wordfold`` reports, from sending to the folded value, or 0."""
+    try:
+        return float(json.loads(path.read_text().strip().splitlines()[-1])["seconds"])
+    except (ValueError, KeyError, IndexError, OSError):
+        return 0.0
+
+
+def measure(
+    n: int,
+    code: Path,
+    work: Path,
+    timeout: float,
+    report: Any,
+    threshold: int | None = None,
+    job: str = "double",
+) -> Row:
     work.mkdir(parents=True, exist_ok=True)
     results = work / "results"
     own = OwnRedis(work / "redis")
+    command, imports = JOBS[job]
     with own as client:
-        env = _env(code, own.url, results, threshold)
+        env = _env(code, own.url, results, threshold, imports)
         worker = _start_worker(code, env, client, work / "worker.log")
         try:
             time.sleep(1.0)  # let the worker settle: its start-up is not the job's
@@ -262,10 +308,8 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any, thresho
             started = time.perf_counter()
             with out.open("wb") as fh, (work / "client.err").open("wb") as err:
                 client_proc = subprocess.Popen(
-                    [_python(code), "-m", "orchestrator", "double", "--range", str(n), "--no-progress",
-                     "--timeout", str(timeout)],
-                    cwd=code, env=env, stdout=fh, stderr=err,
-                )  # fmt: skip
+                    [_python(code), *command(n, timeout)], cwd=code, env=env, stdout=fh, stderr=err
+                )
                 _, status, usage = os.wait4(client_proc.pid, 0)
             wall = time.perf_counter() - started
             load = os.getloadavg()[0]
@@ -274,7 +318,8 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any, thresho
             sampler.stop.set()
             sampler.join()
             left, left_keys = _left_for_the_job(client)
-            ok = client_proc.returncode == 0 and _check_output(out, n)
+            # The fold's client checks its value itself (against a local Counter): exit 0 if equal.
+            ok = client_proc.returncode == 0 and (job != "double" or _check_output(out, n))
             if not ok:
                 report(f"N={n}: exit {client_proc.returncode}; see {work}/client.err")
             row = Row(
@@ -282,7 +327,9 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any, thresho
                 code=str(code),
                 wall_s=round(wall, 2),
                 items_per_s=round(n / wall),
-                job_s=_job_seconds((work / "client.err").read_text(errors="replace")),
+                job_s=_job_seconds((work / "client.err").read_text(errors="replace"))
+                if job == "double"
+                else _fold_seconds(out),
                 client_peak_mb=round(usage.ru_maxrss / 1024, 1),
                 worker_peak_mb=round(sampler.worker_peak_kb / 1024, 1),
                 worker_process_peak_mb=round(sampler.process_peak_kb / 1024, 1),
@@ -293,6 +340,7 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any, thresho
                 ok=ok,
                 load_1m=round(load, 2),
                 by_reference_items=threshold,
+                job=job,
             )
         finally:
             _stop_worker(worker)
@@ -303,14 +351,15 @@ def measure(n: int, code: Path, work: Path, timeout: float, report: Any, thresho
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| N | wall (s) | items/s | job (s) | client peak (MB) | worker peak, all processes (MB) | "
+        "| job | N | wall (s) | items/s | job (s) | client peak (MB) | worker peak, all processes (MB) | "
         "largest worker process (MB) | Redis peak growth (MB) | Redis left for the job | "
         "results location (MB) | output checked | load (1 min) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.n:,} | {r.wall_s:.1f} | {r.items_per_s:,} | {r.job_s:.1f} | {r.client_peak_mb:.0f} | "
+            f"| {r.job} | {r.n:,} | {r.wall_s:.1f} | {r.items_per_s:,} | {r.job_s:.1f} | "
+            f"{r.client_peak_mb:.0f} | "
             f"{r.worker_peak_mb:.0f} | {r.worker_process_peak_mb:.0f} | {r.redis_growth_mb:.1f} | "
             f"{r.redis_left_bytes:,} B in {r.redis_left_keys} keys | {r.results_mb:.0f} | "
             f"{'yes' if r.ok else 'NO'} | {r.load_1m:.1f} |"
@@ -339,7 +388,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path | None:
         ax.axhline(ceiling, linestyle=":", linewidth=1, color="grey")
         ax.annotate(label, (xs[0], ceiling), textcoords="offset points", xytext=(2, 2), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("N (fanout double --range N)")
+    ax.set_xlabel("N (items)")
     ax.set_ylabel("MB")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -372,14 +421,21 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path | None:
     help="FANOUT_BY_REFERENCE_ITEMS for the runs [default: fanout's own], to compare the two paths.",
 )
 @click.option(
+    "--job",
+    type=click.Choice(sorted(JOBS)),
+    default="double",
+    show_default=True,
+    help="double: `fanout double --range N`; wordcount: the word-count fold over N lines (bench.wordfold).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
-    help="Where memory.json and memory.png go.",
+    help="Where memory.json and memory.png go (memory-wordcount.* for --job wordcount).",
 )
-def main(ns: str, code: Path, timeout: float, threshold: int | None, out: Path) -> None:
-    """Measure client, worker and Redis memory against N for `fanout double --range N`."""
+def main(ns: str, code: Path, timeout: float, threshold: int | None, job: str, out: Path) -> None:
+    """Measure client, worker and Redis memory against N for `fanout double --range N` (or the fold)."""
 
     def report(line: str) -> None:
         click.echo(f"bench.memory: {line}", err=True)
@@ -389,7 +445,7 @@ def main(ns: str, code: Path, timeout: float, threshold: int | None, out: Path) 
     with tempfile.TemporaryDirectory(prefix="fanout-membench-") as tmp:
         for n in (int(part.replace("_", "")) for part in ns.split(",") if part.strip()):
             report(f"N={n:,} ({code})")
-            row = measure(n, code.resolve(), Path(tmp) / str(n), timeout, report, threshold)
+            row = measure(n, code.resolve(), Path(tmp) / str(n), timeout, report, threshold, job)
             report(json.dumps(asdict(row)))
             rows.append(row)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -403,10 +459,13 @@ def main(ns: str, code: Path, timeout: float, threshold: int | None, out: Path) 
         "worker": "1 worker x 2 pool processes",
         "rows": [asdict(r) for r in rows],
     }
-    (out / "memory.json").write_text(json.dumps(document, indent=2) + "\n")
-    png = plot(rows, out / "memory.png", f"fanout double --range N: memory, {os.cpu_count()} CPUs, {when}")
+    stem, what = (
+        ("memory", "fanout double --range N") if job == "double" else (f"memory-{job}", JOB_TITLES[job])
+    )
+    (out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    png = plot(rows, out / f"{stem}.png", f"{what}: memory, {os.cpu_count()} CPUs, {when}")
     click.echo(table(rows))
-    click.echo(f"\nresults: {out / 'memory.json'}" + (f", plot: {png}" if png else " (no matplotlib)"))
+    click.echo(f"\nresults: {out / f'{stem}.json'}" + (f", plot: {png}" if png else " (no matplotlib)"))
     sys.exit(0 if all(r.ok for r in rows) else 1)
 
 

@@ -1,14 +1,16 @@
-"""Word counts over a directory of text files, fanned out to the workers, merged by a reduce.
+"""Word counts over lines of text, fanned out to the workers and folded as they go.
 
-Each work item is a file's path (the file itself never travels through Redis);
-each worker counts the words of its files; the reduce, run once on a worker,
-merges the counts.  Start workers that know these tasks, then run it::
+Each item is one line of text.  ``words`` splits a line into its words; the
+task's fold, ``tally``, adds them to a ``Counter``: each batch of lines folds
+into one partial count on its worker, and the partials are merged as they
+arrive, one at a time (no process holds more than the running total and one
+partial, however many lines there are).  Start workers that know the task,
+then run it::
 
     fanout worker --import examples.wordcount &
-    python -m examples.wordcount /usr/share/common-licenses
+    python -m examples.wordcount /usr/share/common-licenses/*      # or text on stdin
 
-Workers on other machines need the files at the same paths (a shared
-directory), or items that are URLs they can read.
+The answer is ``collections.Counter`` over the same lines, word for word.
 """
 
 from __future__ import annotations
@@ -16,51 +18,57 @@ from __future__ import annotations
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import fanout
 
 WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
-@fanout.task(name="examples.wordcount.count_words", label=str)
-def count_words(path: str, lowercase: bool = True) -> dict[str, int]:
-    """How often each word occurs in the UTF-8 text file at ``path``."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    return dict(Counter(WORD.findall(text.lower() if lowercase else text)))
+def tally(counts: Counter[str], words: Iterable[str] | Mapping[str, int]) -> Counter[str]:
+    """``words`` (a line's, or a partial's counts) added to ``counts``: the fold's step and its merge."""
+    counts.update(words)
+    return counts
 
 
-@fanout.task(name="examples.wordcount.merge_counts")
-def merge_counts(
-    results: list[dict[str, int] | None], errors: list[dict[str, Any]], top: int = 10
-) -> dict[str, Any]:
-    """The reduce: all files' counts merged; the ``top`` most common words and the totals."""
-    merged: Counter[str] = Counter()
-    for counts in results:
-        if counts:
-            merged.update(counts)
-    return {
-        "files": len(results) - len(errors),
-        "words": sum(merged.values()),
-        "distinct": len(merged),
-        "top": merged.most_common(top),
-        "unreadable": [e["input"] for e in errors],
-    }
+@fanout.task(name="examples.wordcount.words", batch_size=20_000, fold=fanout.Fold(tally, initial=Counter))
+def words(line: str, lowercase: bool = True) -> list[str]:
+    """The words of one line of text."""
+    return WORD.findall(line.lower() if lowercase else line)
+
+
+def count_locally(lines: Iterable[str]) -> Counter[str]:
+    """The same count in this process: what the fanned-out one must equal."""
+    counts: Counter[str] = Counter()
+    for line in lines:
+        tally(counts, words(line))
+    return counts
+
+
+def read_lines(paths: list[str]) -> Iterator[str]:
+    """The lines of the UTF-8 text files at ``paths`` (stdin for none), without their line ends."""
+    if not paths:
+        yield from (line.rstrip("\n") for line in sys.stdin)
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            yield from (line.rstrip("\n") for line in fh)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m examples.wordcount DIRECTORY", file=sys.stderr)
+    if any(arg.startswith("-") for arg in argv):
+        print("usage: python -m examples.wordcount [FILE...]   (stdin without files)", file=sys.stderr)
         return 2
-    paths = sorted(str(p) for p in Path(argv[0]).resolve().rglob("*") if p.is_file())
-    outcome = fanout.map(count_words, paths, reduce=merge_counts, reduce_kwargs={"top": 10}, timeout=600)
-    summary = outcome.reduced
-    print(f"{summary['files']} files, {summary['words']} words ({summary['distinct']} distinct)")
-    for word, count in summary["top"]:
+    outcome = fanout.map(words, read_lines([str(Path(p).resolve()) for p in argv]), timeout=600)
+    if outcome.reduce_error:
+        print(f"the count failed: {outcome.reduce_error}", file=sys.stderr)
+        return 1
+    counts = Counter(outcome.reduced)
+    print(f"{outcome.total} lines, {sum(counts.values())} words ({len(counts)} distinct)")
+    for word, count in counts.most_common(10):
         print(f"{count:>8}  {word}")
     for failure in outcome.errors:
-        print(f"could not read {failure.input}: {failure.error}", file=sys.stderr)
+        print(f"line {failure.index + 1}: {failure.error}", file=sys.stderr)
     return 0 if outcome.ok else 1
 
 

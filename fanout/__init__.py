@@ -12,6 +12,9 @@
     job = fanout.submit(score, records)        # returns at once
     for index, value in job.as_completed(): ...
 
+    @fanout.task(fold=fanout.Fold(tally, initial=Counter))   # folded as it goes:
+    def words(line: str) -> list[str]: ...                    # fanout.map(words, lines).reduced
+
 Workers import the modules that define tasks: ``FANOUT_IMPORTS=myjobs fanout worker``.
 """
 
@@ -31,6 +34,7 @@ from workers.errors import (
     UnknownJob,
     WaitInsideTask,
 )
+from workers.folding import Fold
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -39,6 +43,7 @@ __all__ = [
     "Failure",
     "FanoutError",
     "FanoutTask",
+    "Fold",
     "InfrastructureError",
     "InputError",
     "ItemError",

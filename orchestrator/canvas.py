@@ -70,6 +70,8 @@ def callback_job(plan: Plan) -> dict[str, Any]:
     if spec.where is not None:
         job["where"] = spec.where
         job["root"] = spec.root
+    if spec.fold:
+        job["fold"] = spec.fold
     if spec.reduce:
         job["reduce"] = spec.reduce
         job["reduce_kwargs"] = spec.reduce_kwargs or {}

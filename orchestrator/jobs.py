@@ -78,7 +78,7 @@ class Outcome:
     @cached_property
     def results(self) -> builtins.list[Any]:
         """Every result in input order, None where the item failed (see MAX_RESULTS_LIST)."""
-        if not self.by_reference:
+        if not self.by_reference or self.data.get("folded"):  # a fold keeps no results: empty
             return self.data["results"]
         if self.total > MAX_RESULTS_LIST:
             raise ResultsTooLarge(

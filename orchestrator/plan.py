@@ -63,6 +63,8 @@ class JobSpec:
     retry_of: str | None = None
     #: ...and the job whose inputs they are (the first of a chain of retries).
     inputs_of: str | None = None
+    #: The fanout task whose fold merges the batches' partials (workers/folding.py), if it folds.
+    fold: str | None = None
 
     def __post_init__(self) -> None:
         if not self.shown_as:

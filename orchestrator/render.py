@@ -142,7 +142,10 @@ def write_jsonl_line(index: int, result: Any, error: str | None, out: IO[str]) -
 
 
 def write_jsonl(outcome: OutcomeDoc, out: IO[str]) -> None:
-    """Every item in input order, a JSON line each."""
+    """Every item in input order, a JSON line each; for a fold, which keeps none, its value."""
+    if outcome.get("folded"):
+        write_reduced(outcome, out)
+        return
     for index, value, failure in results.rows(outcome):
         write_jsonl_line(index, value, failure["error"] if failure else None, out)
 

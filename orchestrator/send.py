@@ -129,6 +129,8 @@ def spec_of(
     limits = None
     if reducer is not None and reducer.time_limit and reducer.soft_time_limit:
         limits = (reducer.time_limit, reducer.soft_time_limit)
+    if definition.fold is not None and reducer is not None:
+        raise InputError(f"{definition.name} folds its results (fold=): it takes no reduce")
     return JobSpec(
         definition.name,
         kwargs=kwargs,
@@ -136,6 +138,7 @@ def spec_of(
         reduce_kwargs=reduce_kwargs,
         reduce_limits=limits,
         batch_cap=definition.batch_size,
+        fold=definition.name if definition.fold is not None else None,
     )
 
 
@@ -155,6 +158,8 @@ def retry(job_id: str, batch_size: BatchSize = "auto", app: Celery | None = None
     outcome = job.status().outcome
     if outcome is None:
         raise InputError(f"job {job_id} has not finished: wait for it, or cancel it, before retrying")
+    if job.spec.fold:  # its value would need the old one merged in (not done yet): send the job again
+        raise InputError(f"job {job_id} folds its results: it cannot be retried; send it again")
     indexes = [int(e["index"]) for e in results.outcome_errors(outcome)]
     if not indexes:
         raise InputError(f"job {job_id} has no failed items to retry")

@@ -117,12 +117,14 @@ def rigged_job(
     task: str = "fanout.test.rigged_batch",
     kwargs: dict[str, Any] | None = None,
     callback_queue: str | None = None,
+    fold: bool = False,
 ) -> Built:
     """A chord of ``fanout.test.rigged_batch`` headers (or ``task``'s, with ``kwargs``) and the real
     ``fanout.collect``, on ``queue`` (the callback on ``callback_queue`` if given).
 
     ``limits`` are the headers' (hard, soft) time limits; None keeps the settings' defaults.
     With ``results_root``, the job is sent by reference (its parts are files there).
+    With ``fold``, ``task`` folds (``fanout.test.rigged_fold``): the callback merges its partials.
     """
     job_id = str(uuid.uuid4())
     values = list(values)
@@ -143,12 +145,14 @@ def rigged_job(
     job: dict[str, Any] = {"job_id": job_id, "task": "double", "total": len(values)}
     if where:
         job.update(where=where, root=str(results_root))
+    if fold:
+        job["fold"] = task
     body = app.signature("fanout.collect", kwargs={"job": job}).set(
         task_id=job_id, queue=callback_queue or queue
     )
     # Its items are kept in Redis (as a job sent by value keeps them), so the healer can
     # send a batch Redis dropped again, even when its parts go to ``results_root``.
-    plan = Plan(job_id, JobSpec(task, shown_as="double", kwargs=kwargs), values)
+    plan = Plan(job_id, JobSpec(task, shown_as="double", kwargs=kwargs, fold=task if fold else None), values)
     return Built(plan, batch_size, chord(group(header), body))
 
 

@@ -66,3 +66,13 @@ def _mark(directory: Path, value: Any, exclusive: bool = False) -> tuple[int, st
 def padded(value: int, size: int = 512) -> str:
     """A result of about ``size`` bytes for ``value``: jobs whose results fill a small Redis."""
     return f"{value}:" + "x" * size
+
+
+def _sum(total: int, value: int) -> int:
+    return total + value
+
+
+@fanout.task(name="fanout.test.rigged_fold", fold=fanout.Fold(_sum, initial=0))
+def rigged_fold(value: Any, seconds: float = 0.0, marks: str = "") -> int:
+    """``rigged_batch``, its results folded into their sum (each batch reports a partial sum)."""
+    return rigged_batch(value, seconds, marks)

@@ -279,16 +279,15 @@ def test_cli_map_no_wait_then_status(cli_env: dict[str, str], worker: LocalWorke
 # --- the example --------------------------------------------------------------------------
 
 
-def test_the_wordcount_example_runs_and_merges_the_counts(
+def test_the_wordcount_example_folds_the_lines_of_its_files(
     cli_env: dict[str, str], worker: LocalWorker, tmp_path: Path
 ) -> None:
     texts = tmp_path / "texts"
     (texts / "sub").mkdir(parents=True)
-    (texts / "a.txt").write_text("the cat and the hat\n")
-    (texts / "b.txt").write_text("The end. THE END!\n")
+    (texts / "a.txt").write_text("the cat and the hat\n\nThe end. THE END!\n")
     (texts / "sub" / "c.txt").write_text("a cat's life\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "examples.wordcount", str(texts)],
+        [sys.executable, "-m", "examples.wordcount", str(texts / "a.txt"), str(texts / "sub" / "c.txt")],
         env=cli_env,
         capture_output=True,
         text=True,
@@ -297,7 +296,7 @@ def test_the_wordcount_example_runs_and_merges_the_counts(
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "3 files, 12 words (8 distinct)"
+    assert lines[0] == "4 lines, 12 words (8 distinct)"
     assert lines[1].split() == ["4", "the"]
     assert lines[2].split() == ["2", "end"]
 

@@ -120,3 +120,35 @@ def submit_folder(folder: str) -> str:
     ``needs_file``) and returns its id, for the caller to attach and wait for."""
     files = sorted(str(path) for path in Path(folder).iterdir() if path.is_file())
     return fanout.submit(needs_file, files).id
+
+
+def _unlucky_sum(total: int, value: int) -> int:
+    """A fold's step: the sum, except that 13 makes it raise."""
+    if value == 13:
+        raise ValueError("13 is unlucky")
+    return total + value
+
+
+def _refuse(total: int, partial: int) -> int:
+    raise RuntimeError("this merge refuses every partial")
+
+
+@fanout.task(fold=fanout.Fold(_unlucky_sum, initial=0))
+def unlucky(value: int) -> int:
+    """Folded into a sum (a step that raises at 13); a value that is not an int fails as an item."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an int, got {type(value).__name__}")
+    return value
+
+
+@fanout.task(fold=fanout.Fold(_unlucky_sum, merge=_refuse, initial=0))
+def unmergeable(value: int) -> int:
+    """Folded within each batch, but its merge raises."""
+    return value
+
+
+@fanout.task(fold=fanout.Fold(_unlucky_sum, initial=0))
+def slow_one(seconds: float) -> int:
+    """1 after ``seconds``, folded into a sum: the value is how many items succeeded."""
+    time.sleep(seconds)
+    return 1

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, task_postrun
 
-from workers import broker, connections
+from workers import broker, connections, logs
 from workers.settings import Settings, get_settings, is_sentinel
 
 
@@ -130,3 +131,8 @@ app.steps["consumer"].add("workers.healing:Healing")
 # Read lazily, on first use of the configuration: importing the app never fails,
 # and a bad setting surfaces where it can be reported (the CLI exits 2 with it).
 app.add_defaults(lambda: celery_config(get_settings()))
+# Worker logs name the job of every line about a batch, in FANOUT_LOG_FORMAT (human or JSON):
+# applied to the handlers Celery sets up (root, task logger), so Celery's own lines follow it too.
+after_setup_logger.connect(logs.configure, weak=False)
+after_setup_task_logger.connect(logs.configure, weak=False)
+task_postrun.connect(logs.end, weak=False)

@@ -29,7 +29,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from workers import keys
+from workers import keys, logs
 from workers.backend import REDIS_FULL, retrying
 from workers.errors import WorkerKilled
 from workers.fanin import Part, run_batch
@@ -75,6 +75,10 @@ def run_counted(
         index = start + offset
         runs = log.item_started(index)
         if runs > MAX_KILLS:
+            logger.warning(
+                "item %d (%r) killed its worker process each of the %d times it ran: failed, not run again",
+                index, label(item), runs - 1,
+            )  # fmt: skip
             raise WorkerKilled(
                 str(label(item)),
                 f"its worker process died each of the {runs - 1} times it ran this item "
@@ -164,15 +168,22 @@ class HeaderRequest(Request):  # type: ignore[misc]
         exc = getattr(exc_info.exception, "exc", exc_info.exception)  # unwrap ExceptionWithTraceback
         if isinstance(exc, TimeLimitExceeded) and not worker_state.should_terminate:
             worker_state.task_ready(self)
-            logger.warning("hard time limit: requeueing %s[%s] to run again", self.name, self.id)
+            logger.warning(
+                "hard time limit: requeueing %s[%s] to run again",
+                self.name, self.id, extra=logs.extra(logs.of_request(self)),
+            )  # fmt: skip
             self.reject(requeue=True)
             return None
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or worker_state.should_terminate:
-            super().on_timeout(soft, timeout)
+            with logs.naming(logs.of_request(self)):  # Celery's "Soft time limit ... exceeded" line
+                super().on_timeout(soft, timeout)
             return
         worker_state.task_ready(self)
-        logger.error("hard time limit (%ss) exceeded for %s[%s]: requeued", timeout, self.name, self.id)
+        logger.error(
+            "hard time limit (%ss) exceeded for %s[%s]: requeued",
+            timeout, self.name, self.id, extra=logs.extra(logs.of_request(self)),
+        )  # fmt: skip
         self.reject(requeue=True)  # a no-op if on_failure already did

@@ -173,7 +173,9 @@ def send_acks() -> None:
             continue
         try:
             qos.send_acks()
-        except Exception as exc:  # kept: they go with the next write that succeeds (or run again)
+        # Kept: they go with the next write that succeeds, or run again.  AttributeError: kombu's
+        # channel of a connection just lost (see docs/failures.md, the loss of the master).
+        except (redis.RedisError, OSError, AttributeError) as exc:
             logger.debug("%d acknowledgement(s) not sent yet: %r", len(qos.pending_acks), exc)
 
 

@@ -8,7 +8,9 @@ items and returns a :class:`~workers.fanin.Part`.  Every job differs only in
 its work; the policy is declared once on the decorator and applied here:
 
 * each item runs once, its exception becomes that item's error (type and
-  message; the traceback goes to the worker log), never the batch's;
+  message; the traceback goes to the worker log, once, with the item's index),
+  never the batch's; every line about a batch names its job, items and count,
+  and a line when it finishes gives its seconds (:mod:`workers.logs`);
 * a result that is not JSON becomes that item's error, naming its type;
 * exceptions in ``retry_on`` retry that item in place, ``retries`` times at
   most, with exponential backoff; the last attempt's error is the one reported;
@@ -22,7 +24,9 @@ its work; the policy is declared once on the decorator and applied here:
   is failed instead of run forever (:mod:`workers.attempts`).
 
 The same decorator makes a *reduce* function: ``reduce(results, errors, **kwargs)``,
-run once on a worker by the chord callback, ``fanout.collect``.
+run once on a worker by the chord callback, ``fanout.collect``.  A task declared with
+``fold=Fold(...)`` folds instead (:mod:`workers.folding`): each batch reports one
+partial and its failures, and the callback merges the partials one at a time.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from workers import batchio, connections, softlimit
+from workers import batchio, connections, logs, softlimit
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.batches import batch_items
 from workers.control import JobControl
 from workers.errors import BadTask, ItemError, JobStopped, NotJSON
 from workers.fanin import Part, describe, fail_batch
+from workers.folding import Fold, fold_part
 from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -105,6 +110,7 @@ class FanoutTask(Generic[P, R]):
         retry_on: tuple[type[BaseException], ...],
         backoff: float,
         label: Callable[[Any], Any] | None,
+        fold: Fold[Any] | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
@@ -114,6 +120,8 @@ class FanoutTask(Generic[P, R]):
         self.retry_on = retry_on
         self.backoff = backoff
         self.label: Callable[[Any], Any] = label or (lambda item: item)
+        #: How this task's results are folded, batch by batch, instead of returned one by one.
+        self.fold = fold
         functools.update_wrapper(self, fn)
         self.celery_task = _register(self)
 
@@ -127,29 +135,44 @@ class FanoutTask(Generic[P, R]):
     def soft_time_limit(self) -> int | None:
         return soft_limit(self.time_limit) if self.time_limit else None
 
-    def run_item(self, item: Any, kwargs: dict[str, Any]) -> Any:
-        """One item, with this task's retries; its result checked to be JSON."""
+    def run_item(self, item: Any, kwargs: dict[str, Any], index: int | None = None) -> Any:
+        """One item (input ``index``), with this task's retries; its result checked to be JSON.
+
+        A failure's traceback is logged here, once, with the item's index (the batch's
+        lines name the job: :mod:`workers.logs`); the part carries only its reason.
+        """
         attempt = 0
         while True:
             try:
                 result = self.fn(item, **kwargs)
             except self.retry_on as exc:
                 if attempt >= self.retries:
+                    logger.warning(
+                        "item %s (%r) raised on its last attempt",
+                        index, self.label(item), exc_info=True, extra=logs.about_item(index),
+                    )  # fmt: skip
                     raise
                 pause = min(self.backoff * 2**attempt, MAX_BACKOFF_S)
                 attempt += 1
                 logger.warning(
-                    "%s: item %r failed (%s); attempt %d of %d in %.1f s",
-                    self.name, self.label(item), exc, attempt + 1, self.retries + 1, pause,
+                    "item %s (%r) failed (%s); attempt %d of %d in %.1f s",
+                    index, self.label(item), exc, attempt + 1, self.retries + 1, pause,
+                    extra=logs.about_item(index),
                 )  # fmt: skip
                 time.sleep(pause)
                 continue
             except (ItemError, SoftTimeLimitExceeded):
                 raise
             except Exception:
-                logger.warning("%s: item %r raised", self.name, self.label(item), exc_info=True)
+                logger.warning(
+                    "item %s (%r) raised",
+                    index,
+                    self.label(item),
+                    exc_info=True,
+                    extra=logs.about_item(index),
+                )
                 raise
-            problem = json_problem(result)
+            problem = json_problem(result) if self.fold is None else None  # a fold's results stay here
             if problem is not None:
                 raise NotJSON(str(self.label(item)), f"result: {problem}")
             return result
@@ -176,10 +199,10 @@ class FanoutTask(Generic[P, R]):
                 f"not started: the batch reached its soft time limit ({soft} s) first",
             )
 
-        def work(item: Any) -> Any:
+        def work(numbered: tuple[int, Any]) -> Any:
             if control is not None:
                 control.check()
-            return self.run_item(item, kwargs)
+            return self.run_item(numbered[1], kwargs, numbered[0])
 
         task_id = str(task.request.id)
         try:
@@ -194,9 +217,9 @@ class FanoutTask(Generic[P, R]):
             part = run_counted(
                 work,
                 start,
-                items,
+                list(enumerate(items, start)),  # each item with its index, for its log lines
                 log,
-                self.label,
+                lambda numbered: self.label(numbered[1]),
                 stop_on=(SoftTimeLimitExceeded, JobStopped),
                 stopped=stopped,
             )
@@ -207,9 +230,9 @@ class FanoutTask(Generic[P, R]):
             # Redis took the whole soft limit to answer (a restart): the batch goes back to the
             # queue and runs once it answers, as if it had never been taken.
             logger.warning(
-                "%s: soft time limit (%s s) reached before the first item of batch %s (Redis slow to "
+                "soft time limit (%s s) reached before the first item of batch %s (Redis slow to "
                 "answer?): putting the batch back on the queue",
-                self.name, soft, task.request.id,
+                soft, task.request.id,
             )  # fmt: skip
             raise Reject("soft time limit before the first item", requeue=True) from None
         # The items are done: from here to the chord's join, the soft limit has nothing
@@ -235,6 +258,17 @@ class FanoutTask(Generic[P, R]):
         return value
 
 
+def _offer(task: Task, fold: Fold[Any], where: str, ref: dict[str, Any]) -> None:
+    """Offer a folded part to its job's running total; the lock of a round outlives the task's hard limit."""
+    from workers import running
+
+    hard = (task.request.timelimit or (None, None))[0] or task.time_limit or app.conf.task_time_limit
+    client = connections.backend(task.app)
+    running.offer(
+        client, str(task.request.group), where, fold, ref, float(hard) + 10, get_settings().result_expires
+    )
+
+
 def _register(definition: FanoutTask[Any, Any]) -> Any:
     """Register ``definition``'s header task on the one app, under its name."""
 
@@ -247,14 +281,13 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
     ) -> Any:
         # ``where``: the job's directory in the results location, for a job sent by
         # reference; the part goes there and a reference to it through the chord.
+        batch = logs.begin(self.request.chord, definition.name, start, items)  # names the job in its lines
         try:
             listed = batch_items(items)
         except Exception as exc:  # a header must return, or the chord fails
             if not isinstance(items, dict) or "count" not in items:
                 raise
-            logger.warning(
-                "%s: cannot read the items at %s", definition.name, items.get("url"), exc_info=True
-            )
+            logger.warning("cannot read the items at %s", items.get("url"), exc_info=True)
             reason = f"could not read this batch's items from {items.get('url')}: {describe(exc)}"
             part = fail_batch(start, [None] * int(items["count"]), reason)
         else:
@@ -262,11 +295,18 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
         softlimit.hold("reporting a finished batch")  # released when the task ends
         if not self.request.chord:  # no chord report for its last writes to ride with
             batchio.batch_end(self.request).send(connections.backend(self.app))
+        if definition.fold is not None:  # the batch's partial and failures travel, not its results
+            part = fold_part(definition.fold, part, json_problem)
         if where is None:
+            logs.finished(batch, part)
             return part
         from workers.results import write_part
 
-        return write_part(where, part)
+        ref = write_part(where, part)
+        if definition.fold is not None and self.request.group:  # merged as it arrives (workers/running.py)
+            _offer(self, definition.fold, where, dict(ref))
+        logs.finished(batch, part)
+        return ref
 
     header.__name__ = header.__qualname__ = definition.name.rsplit(".", 1)[-1]
     header.__module__ = definition.fn.__module__
@@ -298,6 +338,7 @@ def task(
     retry_on: tuple[type[BaseException], ...] = (),
     backoff: float = 1.0,
     label: Callable[[Any], Any] | None = None,
+    fold: Fold[Any] | None = None,
 ) -> Callable[[Callable[P, R]], FanoutTask[P, R]]: ...
 
 
@@ -312,6 +353,7 @@ def task(
     retry_on: tuple[type[BaseException], ...] = (),
     backoff: float = 1.0,
     label: Callable[[Any], Any] | None = None,
+    fold: Fold[Any] | None = None,
 ) -> FanoutTask[P, R] | Callable[[Callable[P, R]], FanoutTask[P, R]]:
     """Make ``fn(item, **kwargs)`` a fanout task; as ``@task`` or ``@task(...)``.
 
@@ -323,6 +365,8 @@ def task(
     ``retries``, ``retry_on``, ``backoff``: an item raising one of ``retry_on`` is run
     again up to ``retries`` times, after ``backoff``, then twice that, and so on.
     ``label``: how an item is named in its error (default: the item itself).
+    ``fold``: a :class:`~workers.folding.Fold`; every job of the task then folds its
+    results into one value (``outcome.reduced``) instead of returning them.
     """
     if batch_size is not None and batch_size < 1:
         raise BadTask(f"batch_size must be at least 1, got {batch_size}")
@@ -334,6 +378,8 @@ def task(
         isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
     ):
         raise BadTask("retry_on must be a tuple of exception classes")
+    if fold is not None and not isinstance(fold, Fold):
+        raise BadTask(f"fold must be a fanout.Fold, got {type(fold).__name__}")
 
     def decorate(func: Callable[P, R]) -> FanoutTask[P, R]:
         if not callable(func):
@@ -347,6 +393,7 @@ def task(
             retry_on,
             backoff,
             label,
+            fold,
         )
 
     return decorate(fn) if fn is not None else decorate

@@ -33,6 +33,11 @@ class Part(TypedDict):
     errors: list[ItemFailure]
     transient: int  # how many of the errors may pass on a retry
     parts: NotRequired[list[Part]]  # several batches reported as one (see :func:`flatten`)
+    #: A fold's part (workers/folding.py): how many items it covers (its ``results`` are
+    #: empty), and their partial, or why the fold of the batch failed.
+    count: NotRequired[int]
+    partial: NotRequired[Any]
+    fold_error: NotRequired[str]
 
 
 class OutcomeDoc(TypedDict):
@@ -54,6 +59,8 @@ class OutcomeDoc(TypedDict):
     #: Where the results are, for a job sent by reference (``results`` and ``errors``
     #: are then empty here: read them with :mod:`workers.results`).
     ref: NotRequired[str]
+    #: A fold (workers/folding.py): no per-item results, ``reduced`` is the merged value.
+    folded: NotRequired[bool]
 
 
 def describe(exc: BaseException) -> str:

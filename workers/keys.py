@@ -39,6 +39,11 @@ HEALER = "fanout:healer"
 PURGES = "fanout:purges:{group_id}"
 #: The messages one purge took off the queue, kept until they are reported.
 PURGED = "fanout:purged:{group_id}:{purge_id}"
+#: A fold's partials written but not yet in its running total (a list of JSON [start, count, url]),
+#: the lock of the round merging them, and the URL of the running total (workers/running.py).
+FOLD_PENDING = "fanout:fold:pending:{group_id}"
+FOLD_LOCK = "fanout:fold:lock:{group_id}"
+FOLD_TOTAL = "fanout:fold:total:{group_id}"
 #: A one-second key a stalled client writes to learn whether Redis refuses writes (orchestrator/room.py).
 ROOM_PROBE = "fanout:room-probe"
 
@@ -93,3 +98,15 @@ def purges(group_id: str) -> str:
 
 def purged(group_id: str, purge_id: str) -> str:
     return PURGED.format(group_id=group_id, purge_id=purge_id)
+
+
+def fold_pending(group_id: str) -> str:
+    return FOLD_PENDING.format(group_id=group_id)
+
+
+def fold_lock(group_id: str) -> str:
+    return FOLD_LOCK.format(group_id=group_id)
+
+
+def fold_total(group_id: str) -> str:
+    return FOLD_TOTAL.format(group_id=group_id)

@@ -145,7 +145,7 @@ def write_part(where: str, part: Part) -> PartRef:
     write_json(url, part)
     ref: PartRef = {
         "start": part["start"],
-        "count": len(part["results"]),
+        "count": part.get("count", len(part["results"])),
         "url": url,
         "failed": sum(_failed(e) for e in part["errors"]),
     }
@@ -418,8 +418,10 @@ Chunk = tuple[int, list[Any], dict[int, ItemFailure]]
 
 
 def iter_chunks(where: str) -> Iterator[Chunk]:
-    """An outcome kept by reference, in input order, one part (a chunk) at a time."""
+    """An outcome kept by reference, in input order, one part (a chunk) at a time (none for a fold)."""
     manifest = load_manifest(where)
+    if manifest.get("folded"):  # a fold keeps no per-item results (workers/folding.py)
+        return
     errors = iter_errors(where)
     pending = next(errors, None)
     total = int(manifest["total"])
@@ -453,7 +455,9 @@ def iter_chunks(where: str) -> Iterator[Chunk]:
 
 
 def chunks(outcome: OutcomeDoc) -> Iterator[Chunk]:
-    """An outcome in input order, a chunk at a time, held or by reference."""
+    """An outcome in input order, a chunk at a time, held or by reference (none for a fold)."""
+    if outcome.get("folded"):
+        return
     where = outcome.get("ref")
     if where:
         yield from iter_chunks(where)

@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from workers.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+#: The values FANOUT_LOG_FORMAT takes (workers/logs.py), the default first.
+LOG_FORMATS = ("human", "json")
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket", "sentinel")
 #: ``ssl_cert_reqs`` as redis-py spells it, from every spelling Celery and kombu accept.
 _CERT_REQS = {
@@ -248,6 +250,14 @@ def _modules(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return modules
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first when unset), case-insensitive."""
+    raw = (env.get(name) or "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"{name}={env.get(name)!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
 def _queue(env: Mapping[str, str], name: str, default: str) -> str:
     queue = (env.get(name) or "").strip() or default
     if any(c.isspace() or c == "," for c in queue):
@@ -319,6 +329,9 @@ class Settings:
     sentinel_password: str | None = None
     #: TLS to the Sentinels and the master they name, None for plain TCP.
     sentinel_tls: Tls | None = None
+    #: How workers write their log lines: ``human`` (Celery's format, the batch's job and
+    #: items in front) or ``json`` (one object per line, for log shippers); workers/logs.py.
+    log_format: str = "human"
 
     @property
     def uses_sentinel(self) -> bool:
@@ -369,6 +382,7 @@ class Settings:
             sentinel_master=master,
             sentinel_password=sentinel_password,
             sentinel_tls=tls,
+            log_format=_choice(env, "FANOUT_LOG_FORMAT", LOG_FORMATS),
         )
 
 

@@ -425,7 +425,7 @@ def map_command(
         raise click.UsageError("--input holds no items")
     plan = prepare(spec_of(task, kwargs=kwargs, reduce=reducer), items)
     if stream and not run.no_wait:
-        ctx.exit(stream_job(plan, run, reducer is not None))
+        ctx.exit(stream_job(plan, run, reducer is not None or task.fold is not None))
     ran = run_job(plan, run, task.name)
     if ran.outcome is None:
         ctx.exit(ran.code)
