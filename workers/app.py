@@ -65,12 +65,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # message back instead of failing the whole chord with ChordError; the
         # attempt log (workers/attempts.py) fails a poison item after MAX_KILLS runs.
         "task_reject_on_worker_lost": True,
-        # Two messages per pool process: the one it runs and the next, fetched meanwhile, so a
-        # worker far from Redis does not wait three round trips (ack, fetch, reserve) between
-        # two tasks.  Still bounded: the next waits at most one run (the time limit), within
-        # the visibility timeout (Settings.visibility_timeout), and a worker holds one spare
-        # batch per process at a job's tail.
-        "worker_prefetch_multiplier": 2,
+        # One message reserved per pool process: bounded memory, no hoarding, and a
+        # reserved message never waits long enough to outlive the visibility timeout.  (Two
+        # would hide a remote worker's fetch, two round trips a task, but while Redis is full
+        # a worker then takes a message it cannot record and holds it in its main process,
+        # whose loop stops meanwhile: docs/performance.md, "Workers on other machines".)
+        "worker_prefetch_multiplier": 1,
         # Results (and the chord's fan-in) are kept this long, then Redis drops them.
         "result_expires": settings.result_expires,
         # A stuck task is killed rather than blocking its pool process forever
