@@ -50,6 +50,14 @@ def build(plan: Plan, batch_size: int) -> Signature:
         )
         for index, start in enumerate(range(0, len(items), batch_size))
     ]
+    # Not frozen here: freezing a group registers its results with the backend
+    # (a Redis subscription), and building must not touch the network.
+    return chord(group(header), callback(plan))
+
+
+def callback(plan: Plan) -> Signature:
+    """The chord callback of ``plan``'s job: ``fanout.collect``, under the job's id."""
+    spec = plan.spec
     # The worker whose report completes the chord publishes this callback; its publish is
     # retried through a Redis failover (a few seconds) instead of the client's quick policy,
     # or the chord fails with "No master found" (Celery fails it when the publish raises).
@@ -58,9 +66,7 @@ def build(plan: Plan, batch_size: int) -> Signature:
     )
     if spec.reduce_limits:
         body = body.set(time_limit=spec.reduce_limits[0], soft_time_limit=spec.reduce_limits[1])
-    # Not frozen here: freezing a group registers its results with the backend
-    # (a Redis subscription), and building must not touch the network.
-    return chord(group(header), body)
+    return body
 
 
 def callback_job(plan: Plan) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from workers import storage
 from workers.core import FanoutTask
@@ -133,19 +133,6 @@ def plan_outputs(
         for size in sizes:
             tag = f"-{size_label(size)}" if len(sizes) > 1 else ""
             items.append((source, _unique(f"{stem}{tag}{ext}", taken), size[0], size[1]))
-    return items
-
-
-def read_json_lines(stream: IO[str]) -> list[Any]:
-    """Items from JSON Lines, one value per line; InputError naming the first line that is not JSON."""
-    items: list[Any] = []
-    for number, line in enumerate(stream, 1):
-        if not line.strip():
-            raise InputError(f"line {number} is empty: JSON Lines holds one JSON value per line")
-        try:
-            items.append(json.loads(line))
-        except ValueError as exc:
-            raise InputError(f"line {number} is not JSON: {exc}") from None
     return items
 
 

@@ -149,6 +149,11 @@ class Job:
         return self.job_id
 
     @property
+    def shown_batch_size(self) -> int:
+        """Items per batch, for a progress bar: 0 where batches have sizes of their own (streamed)."""
+        return 0 if self.spec.chunk else self.batch_size
+
+    @property
     def task(self) -> str:
         """What the job is called in its outcome and in ``fanout status``."""
         return self.spec.shown_as
@@ -290,13 +295,18 @@ class Job:
         if spec.range is not None:
             return [range(*spec.range)[i] for i in indexes]
         items: builtins.list[Any] = []
-        size = self.batch_size
+        size = spec.chunk or self.batch_size
         chunk_start, chunk = -1, []
         try:
             for index in indexes:
                 start = index // size * size
                 if start != chunk_start:
-                    chunk_start, chunk = start, results.read_json(results.input_url(spec.where, start))
+                    url = (
+                        results.chunk_url(spec.where, start // size)
+                        if spec.chunk
+                        else results.input_url(spec.where, start)
+                    )
+                    chunk_start, chunk = start, results.read_json(url)
                 items.append(chunk[index - start])
         except FileNotFoundError:
             raise gone from None

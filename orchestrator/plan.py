@@ -9,13 +9,21 @@ The first step of the one send path (``prepare`` → ``send`` → ``publish``):
   before anything is sent) and gives the :class:`Plan`: the spec, the items,
   and the job's id.  It touches no network; the batch size is chosen when the
   plan is sent (orchestrator/send.py), from the workers that answer.
+
+Items given as a list (or a range) are checked here.  Items given as an
+iterator (a generator, or :class:`~orchestrator.stream.JsonLines`) are read up
+to FANOUT_BY_REFERENCE_ITEMS here: if they end before, the job is an ordinary
+one; if not, it is *streamed* (orchestrator/stream.py): sent by reference, its
+items read, checked and spooled to its results location when it is sent,
+never held in memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -49,8 +57,9 @@ class JobSpec:
     reduce_kwargs: dict[str, Any] | None = None
     #: The reduce's (hard, soft) time limits, seconds, if it sets them.
     reduce_limits: tuple[int, int] | None = None
-    #: The largest batch: what "auto" never exceeds.
-    batch_cap: int = DEFAULT_BATCH_SIZE
+    #: The largest batch "auto" makes (the task's ``batch_size``); None: the task sets none,
+    #: and "auto" sizes a streamed job's batches by time, an ordinary job's up to DEFAULT_BATCH_SIZE.
+    batch_cap: int | None = DEFAULT_BATCH_SIZE
     #: The results location of a job sent by reference (None: FANOUT_RESULTS_URL or the default).
     results_root: str | None = None
     #: Set by :func:`prepare`: the job's directory in the results location when it is sent
@@ -65,11 +74,14 @@ class JobSpec:
     inputs_of: str | None = None
     #: The fanout task whose fold merges the batches' partials (workers/folding.py), if it folds.
     fold: str | None = None
+    #: Set by :func:`prepare` for a streamed job: the items in each of its input chunks
+    #: (``results.chunk_url``); its batches have sizes of their own (``keys.starts``).
+    chunk: int | None = None
 
     def __post_init__(self) -> None:
         if not self.shown_as:
             object.__setattr__(self, "shown_as", self.task)
-        if self.batch_cap < 1:
+        if self.batch_cap is not None and self.batch_cap < 1:
             raise InputError(f"batch_cap must be at least 1, got {self.batch_cap}")
 
     @property
@@ -105,10 +117,18 @@ class Plan:
     items: Sequence[Any] = field(repr=False)
     #: A retry: the indexes, in the job it retries, of these items (in order).
     indexes: tuple[int, ...] | None = field(default=None, repr=False)
+    #: A streamed job's items, not read yet (``items`` is empty): read once, when it is sent.
+    source: Iterable[Any] | None = field(default=None, repr=False)
+    #: A streamed job's count of items, once its source has been read.
+    count: int | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.spec.chunk is not None
 
     @property
     def total(self) -> int:
-        return len(self.items)
+        return self.count if self.count is not None else len(self.items)
 
     @property
     def task(self) -> str:
@@ -134,15 +154,32 @@ def prepare(
     (items and results in the results location, not in Redis) when it has at
     least FANOUT_BY_REFERENCE_ITEMS items, or when ``by_reference`` says so.
     ``retry_of`` names a finished job whose items at ``indexes`` these are.
+    An iterator of more than FANOUT_BY_REFERENCE_ITEMS items makes a streamed
+    plan: its items are read (and checked) only when it is sent.
     """
-    listed: Sequence[Any] = items if isinstance(items, range) else check_items(items)
-    if not listed:
-        raise InputError("no items: nothing to send")
     for name, value in (("kwargs", spec.kwargs), ("reduce_kwargs", spec.reduce_kwargs)):
         if value is not None and (not isinstance(value, dict) or json_problem(value)):
             raise InputError(f"{name} must be a dict of JSON values; nothing was sent")
     job_id = job_id or str(uuid.uuid4())
     settings = get_settings()
+    if not isinstance(items, Sequence) and retry_of is None:
+        from orchestrator.stream import JsonLines
+
+        head, rest = _head(items, settings.by_reference_items)
+        if rest is not None:  # more than a job held in memory: streamed
+            root = storage.normalize(spec.results_root or settings.results_root)
+            where = results.job_dir(root, job_id)
+            streamed = replace(spec, where=where, root=root, range=None, retry_of=None, inputs_of=None)
+            source = (
+                JsonLines(itertools.chain(head, rest))
+                if isinstance(items, JsonLines)
+                else itertools.chain(head, rest)
+            )
+            return Plan(job_id, replace(streamed, chunk=CHUNK_ITEMS), (), source=source)
+        items = items.parse(head) if isinstance(items, JsonLines) else head
+    listed: Sequence[Any] = items if isinstance(items, range) else check_items(items)
+    if not listed:
+        raise InputError("no items: nothing to send")
     if by_reference is None:
         by_reference = len(listed) >= settings.by_reference_items
     if by_reference:
@@ -157,6 +194,24 @@ def prepare(
     return Plan(job_id, replace(spec, retry_of=None, inputs_of=None), listed)
 
 
+#: Items per input chunk of a streamed job: a file each in its results location.
+CHUNK_ITEMS = 10_000
+
+
+def _head(items: Iterable[Any], limit: int) -> tuple[list[Any], Iterator[Any] | None]:
+    """The first ``limit`` items of ``items``, and the iterator of the rest if there is more
+    (None if ``items`` ended within ``limit``)."""
+    iterator = iter(items)
+    head = list(itertools.islice(iterator, limit))
+    if len(head) < limit:
+        return head, None
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return head, None
+    return head, itertools.chain((first,), iterator)
+
+
 def check_items(items: Iterable[Any]) -> list[Any]:
     """``items`` as a list, or InputError naming the first that JSON cannot carry."""
     listed = list(items)
@@ -167,10 +222,12 @@ def check_items(items: Iterable[Any]) -> list[Any]:
     return listed
 
 
-def auto_batch_size(total: int, processes: int, cap: int) -> int:
-    """A batch size giving each worker process about BATCHES_PER_PROCESS batches, at most ``cap``."""
+def auto_batch_size(total: int, processes: int, cap: int | None) -> int:
+    """A batch size giving each worker process about BATCHES_PER_PROCESS batches, at most ``cap``
+    (DEFAULT_BATCH_SIZE when the task sets none)."""
     if total <= 0:
         return 1
+    cap = cap or DEFAULT_BATCH_SIZE
     return max(1, min(cap, math.ceil(total / (max(1, processes) * BATCHES_PER_PROCESS))))
 
 

@@ -147,53 +147,113 @@ def publish_chord(
     group_id = str(uuid.uuid4())
     if before is not None:
         before(group_id)
-    body_dict = frozen_callback(callback, group_id)
-
-    amqp = app.amqp
-    time_limit, soft_time_limit = task_limits(app, header[0].task)
     # The chord counts its header tasks from here; set before any of them can finish.
     app.backend.set_chord_size(group_id, len(header))
-
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        route = amqp.router.route({}, header[0].task, (), {})
-        queue = route["queue"]
-        # Celery publishes to a direct exchange's queue through the anonymous exchange.
-        exchange, routing_key = "", queue.name
-        with channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-        pending = 0
+    with HeaderSender(app, header[0].task, group_id, frozen_callback(callback, group_id), chunk) as sender:
         for index, sig in enumerate(header):
-            task_id = sig.options.get("task_id") or str(uuid.uuid4())
-            args = tuple(sig.args)
-            headers, properties, payload, _ = amqp.as_task_v2(
-                task_id,
-                sig.task,
-                args,
-                sig.kwargs,
-                group_id=group_id,
+            sender.send(index, sig.options.get("task_id") or str(uuid.uuid4()), tuple(sig.args), sig.options)
+    return group_id
+
+
+class HeaderSender:
+    """Header messages of one chord group, sent one by one and pushed ``chunk`` at a time.
+
+    The bulk path: each message built by Celery's ``amqp.as_task_v2`` and framed by
+    kombu's channel helpers, LPUSHed through a non-transactional pipeline.  With
+    ``bulk=False`` (a kombu whose helpers have another shape, see :func:`bulk_queue_key`)
+    each message goes through Celery's public ``send_task`` instead, with the same
+    group, index and callback.  Used as a context manager: leaving it sends the rest.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        task: str,
+        group_id: str,
+        callback: dict[str, Any],
+        chunk: int = DEFAULT_CHUNK,
+        bulk: bool = True,
+    ) -> None:
+        self.app, self.task, self.group_id, self.callback, self.chunk = app, task, group_id, callback, chunk
+        self.limits = task_limits(app, task)
+        self.redis_key = bulk_queue_key(app, task) if bulk else None
+        self.queue = str(app.amqp.router.route({}, task, (), {})["queue"].name)
+        self.pending = 0
+        self._connection: Any = None
+        self._channel: Any = None
+        self._pipe: Any = None
+
+    def __enter__(self) -> HeaderSender:
+        if self.redis_key is not None:
+            self._connection = self.app.connection_for_write()
+            self._channel = self._connection.default_channel
+            with self._channel.conn_or_acquire() as client:
+                self._pipe = client.pipeline(transaction=False)
+        return self
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        try:
+            if kind is None:
+                self.flush()
+        finally:
+            if self._connection is not None:
+                self._connection.release()
+
+    def send(
+        self, index: int, task_id: str, args: tuple[Any, ...], options: dict[str, Any] | None = None
+    ) -> None:
+        """Send header task ``index`` of the group (pushed with the next chunk on the bulk path)."""
+        options = options or {}
+        time_limit = options.get("time_limit", self.limits[0])
+        soft_time_limit = options.get("soft_time_limit", self.limits[1])
+        ignore_result = bool(options.get("ignore_result", False))
+        if self.redis_key is None:
+            self.app.send_task(
+                self.task,
+                args=args,
+                task_id=task_id,
+                group_id=self.group_id,
                 group_index=index,
-                chord=body_dict,
-                reply_to=app.thread_oid,
-                time_limit=sig.options.get("time_limit", time_limit),
-                soft_time_limit=sig.options.get("soft_time_limit", soft_time_limit),
-                ignore_result=bool(sig.options.get("ignore_result", False)),
+                chord=self.callback,
+                time_limit=time_limit,
+                soft_time_limit=soft_time_limit,
+                ignore_result=ignore_result,
                 argsrepr=_argsrepr(args),
                 kwargsrepr="{}",
             )
-            content_type, content_encoding, data = serialize(payload, serializer="json")  # type: ignore[no-untyped-call]
-            properties["delivery_mode"] = 2  # persistent, as Celery's default
-            message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
-            # Base64 body, delivery tag and delivery info, as basic_publish frames it.
-            channel._inplace_augment_message(message, exchange, routing_key)
-            pipe.lpush(redis_key, json_dumps(message))  # type: ignore[no-untyped-call]
-            pending += 1
-            if pending >= chunk:
-                pipe.execute()
-                pending = 0
-        if pending:
-            pipe.execute()
-    return group_id
+            return
+        amqp, channel = self.app.amqp, self._channel
+        headers, properties, payload, _ = amqp.as_task_v2(
+            task_id,
+            self.task,
+            args,
+            {},
+            group_id=self.group_id,
+            group_index=index,
+            chord=self.callback,
+            reply_to=self.app.thread_oid,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            ignore_result=ignore_result,
+            argsrepr=_argsrepr(args),
+            kwargsrepr="{}",
+        )
+        content_type, content_encoding, data = serialize(payload, serializer="json")  # type: ignore[no-untyped-call]
+        properties["delivery_mode"] = 2  # persistent, as Celery's default
+        message = channel.prepare_message(data, 0, content_type, content_encoding, headers, properties)
+        # Celery publishes to a direct exchange's queue through the anonymous exchange:
+        # base64 body, delivery tag and delivery info, as basic_publish frames it.
+        channel._inplace_augment_message(message, "", self.queue)
+        self._pipe.lpush(self.redis_key, json_dumps(message))  # type: ignore[no-untyped-call]
+        self.pending += 1
+        if self.pending >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        """Push the messages sent so far (one round trip)."""
+        if self._pipe is not None and self.pending:
+            self._pipe.execute()
+        self.pending = 0
 
 
 # --- the check on kombu's private helpers -------------------------------------------------

@@ -73,7 +73,10 @@ def submit(
     worker runs ``reduce(results, errors, **reduce_kwargs)`` on the merged
     outcome as the chord callback; its value is ``outcome.reduced``.
     ``batch_size`` is items per task: "auto" spreads the items over the
-    workers' processes, at most the task's own ``batch_size``.  ``max_failures``
+    workers' processes, at most the task's own ``batch_size``.  ``items`` may
+    be an iterator (a generator): past FANOUT_BY_REFERENCE_ITEMS of them the
+    job is streamed, never held in memory, its batches sized by how long items
+    take, and this returns once its last batch is sent (orchestrator/stream.py).  ``max_failures``
     (N, or "P%") cancels the job once more items than that have failed.
     """
     spec = spec_of(task, kwargs=kwargs, reduce=reduce, reduce_kwargs=reduce_kwargs)
@@ -197,17 +200,23 @@ def send(
     """Check Redis and that some worker has the job's tasks, choose the batch size, publish ``plan``.
 
     ``batch_size`` "auto" gives each worker process about four batches, at
-    most the spec's ``batch_cap``.  ``max_failures`` (a count, or "P%")
-    stops the job once more items than that have failed.
+    most the spec's ``batch_cap``; a streamed plan's (orchestrator/stream.py)
+    are sized by how long its items take, and it returns once its last batch is
+    sent.  ``max_failures`` (a count, or "P%") stops the job once more items
+    than that have failed.
     """
     app = app or _app()
     settings = get_settings()
     size = batch_size_of(batch_size)
-    budget = failure_budget(max_failures, plan.total)
+    budget = failure_budget(max_failures, plan.total)  # a streamed plan's is checked here, counted later
     check_redis(settings)
     able = require_workers(app, plan.spec.requires, settings.queue)
     processes = sum(w.concurrency for w in able) or 1
     check_limits(app, plan.spec, settings)
+    if plan.streamed:  # read, checked and spooled now, its batches sized as they go
+        from orchestrator import stream
+
+        return stream.publish(app, plan, size, max_failures, processes)
     return publish(app, plan, size or auto_batch_size(plan.total, processes, plan.spec.batch_cap), budget)
 
 

@@ -49,6 +49,8 @@ class Status:
     def items_done(self) -> int:
         if self.outcome is not None:
             return self.job.total
+        if self.job.spec.chunk and self.job.batches:  # a streamed job's batches differ in size
+            return self.job.total * self.batches_done // self.job.batches
         return min(self.job.total, self.batches_done * self.job.batch_size)
 
     @property

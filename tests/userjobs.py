@@ -152,3 +152,12 @@ def slow_one(seconds: float) -> int:
     """1 after ``seconds``, folded into a sum: the value is how many items succeeded."""
     time.sleep(seconds)
     return 1
+
+
+@fanout.task
+def mark(item: list[Any]) -> int:
+    """Leaves a file named ``item[1]`` in the directory ``item[0]``: the proof that the item ran."""
+    folder = Path(item[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(item[1])).touch()
+    return int(item[1])

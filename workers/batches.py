@@ -47,6 +47,12 @@ def items_ref(items: Sequence[Any], start: int, batch_size: int, where: str) -> 
     return {"url": results.input_url(where, start), "count": len(items[start : start + batch_size])}
 
 
+def slice_ref(where: str, start: int, stop: int, chunk: int) -> dict[str, Any]:
+    """A batch of a streamed job as its header message carries it: items ``start`` .. ``stop - 1``
+    of the input chunks under ``where`` (``chunk`` items each), and their count."""
+    return {"chunks": where, "slice": [start, stop], "chunk": chunk, "count": stop - start}
+
+
 def plain_range(items: Sequence[Any]) -> bool:
     return isinstance(items, range) and items.step == 1
 
@@ -72,13 +78,17 @@ def batch_items(items: list[Any] | dict[str, Any]) -> list[Any]:
     """A header message's items: a list, or a reference to them (a job sent by reference).
 
     ``{"range": [low, high]}`` is the integers ``low .. high-1``; ``{"url": URL}``
-    a JSON list the client wrote to the results location before sending.
+    a JSON list the client wrote to the results location before sending;
+    ``{"chunks": ...}`` a slice of a streamed job's input chunks (:func:`slice_ref`).
     """
     if isinstance(items, list):
         return items
     if "range" in items:
         low, high = items["range"]
         return list(range(int(low), int(high)))
+    if "chunks" in items:
+        low, high = items["slice"]
+        return results.read_slice(str(items["chunks"]), int(low), int(high), int(items["chunk"]))
     listed = results.read_json(str(items["url"]))
     if not isinstance(listed, list):
         raise BadTask(f"the items at {items['url']} are not a JSON list")

@@ -58,9 +58,10 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: The most items one batch of a user's task holds, unless its decorator says otherwise:
-#: small enough that a batch of items taking a tenth of a second each ends well within
-#: the default soft time limit (20 s), large enough to hide the per-task overhead (~1 ms).
+#: The most items one batch of an ordinary job holds under "auto" when the task's decorator
+#: sets no ``batch_size``: small enough that a batch of items taking a tenth of a second each
+#: ends well within the default soft time limit (20 s).  A streamed job's "auto" batches are
+#: sized by time instead (orchestrator/stream.py), up to the decorator's ``batch_size`` if set.
 DEFAULT_BATCH_SIZE = 100
 #: The longest pause between two attempts of one item, seconds.
 MAX_BACKOFF_S = 30.0
@@ -104,7 +105,7 @@ class FanoutTask(Generic[P, R]):
         self,
         fn: Callable[P, R],
         name: str,
-        batch_size: int,
+        batch_size: int | None,
         time_limit: int | None,
         retries: int,
         retry_on: tuple[type[BaseException], ...],
@@ -287,8 +288,9 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
         except Exception as exc:  # a header must return, or the chord fails
             if not isinstance(items, dict) or "count" not in items:
                 raise
-            logger.warning("cannot read the items at %s", items.get("url"), exc_info=True)
-            reason = f"could not read this batch's items from {items.get('url')}: {describe(exc)}"
+            source = items.get("url") or items.get("chunks")
+            logger.warning("cannot read the items at %s", source, exc_info=True)
+            reason = f"could not read this batch's items from {source}: {describe(exc)}"
             part = fail_batch(start, [None] * int(items["count"]), reason)
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})
@@ -358,7 +360,8 @@ def task(
     """Make ``fn(item, **kwargs)`` a fanout task; as ``@task`` or ``@task(...)``.
 
     ``name``: what workers know it by (default ``module.function``).
-    ``batch_size``: the most items one batch holds (auto batching stays below it).
+    ``batch_size``: the most items one batch holds, a cap "auto" stays below (default: none;
+    "auto" sizes batches by how long items take, see orchestrator/stream.py).
     ``time_limit``: seconds one batch may run before its process is killed (default:
     ``FANOUT_TASK_TIME_LIMIT``); the soft limit, which stops the batch at its
     current item, comes 10 s earlier.
@@ -387,7 +390,7 @@ def task(
         return FanoutTask(
             func,
             name or default_name(func),
-            batch_size or DEFAULT_BATCH_SIZE,
+            batch_size,
             time_limit,
             retries,
             retry_on,

@@ -47,7 +47,7 @@ from typing import Any
 from celery import bootsteps
 
 from workers import connections, keys, results
-from workers.batches import batch_task_id, header_args, unpack
+from workers.batches import batch_task_id, header_args, slice_ref, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -154,11 +154,14 @@ class Recipe:
     #: The chord callback, as every header message carries it.
     callback: dict[str, Any]
     limits: tuple[int | None, int | None]
-    #: Where the job's items are kept: "redis" (compressed, keys.inputs), "range" (low, high), "files".
+    #: Where the job's items are kept: "redis" (compressed, keys.inputs), "range" (low, high), "files",
+    #: or "chunks" (a streamed job's: its batches' bounds are in keys.starts).
     inputs: str
     where: str | None = None
     low: int = 0
     sent_at: float = 0.0
+    #: Items per input chunk of a streamed job.
+    chunk: int = 0
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Recipe | None:
@@ -168,7 +171,9 @@ class Recipe:
             return None
         spec = record.get("spec") or {}
         where = spec.get("where")
-        if where and spec.get("range"):
+        if where and spec.get("chunk"):
+            inputs, low = "chunks", 0
+        elif where and spec.get("range"):
             inputs, low = "range", int(spec["range"][0])
         elif where:
             inputs, low = "files", 0
@@ -190,6 +195,7 @@ class Recipe:
             where=str(where) if where else None,
             low=low,
             sent_at=float(record.get("sent_at") or 0.0),
+            chunk=int(spec.get("chunk") or 0),
         )
 
     @property
@@ -198,10 +204,24 @@ class Recipe:
         options = self.callback.get("options") or {}
         return str(options.get("queue") or self.queue)
 
-    def items_of(self, index: int, kept: Sequence[Any] | None) -> Any:
+    def bounds(self, index: int, starts: bytes | None = None) -> tuple[int, int]:
+        """Batch ``index``'s first item and the one after its last: from its size, or for a streamed
+        job from ``starts`` (its bytes of keys.starts: its own start, and the next batch's if any)."""
+        if self.inputs != "chunks":
+            start = index * self.batch_size
+            return start, min(self.total, start + self.batch_size)
+        if not starts or len(starts) < 8:
+            raise Unhealable("where its batches start is no longer in Redis (expired, flushed or lost)")
+        start = int.from_bytes(starts[:8], "big")
+        return start, int.from_bytes(starts[8:16], "big") if len(starts) >= 16 else self.total
+
+    def items_of(self, index: int, kept: Sequence[Any] | None, starts: bytes | None = None) -> Any:
         """Batch ``index``'s items as its header message carries them (``kept``: the job's inputs)."""
-        start = index * self.batch_size
-        count = min(self.batch_size, self.total - start)
+        start, stop = self.bounds(index, starts)
+        count = stop - start
+        if self.inputs == "chunks":
+            assert self.where is not None
+            return slice_ref(self.where, start, stop, self.chunk)
         if self.inputs == "range":
             return {"range": [self.low + start, self.low + start + count]}
         if self.inputs == "files":
@@ -402,13 +422,14 @@ class Healer:
             if list(lost) == [CALLBACK]:
                 lost = self._callback_lost(job)
             for index in lost:
-                self._send(job, index, kept)
+                starts = self._starts(job, index)
+                self._send(job, index, kept, starts)
                 sent.append(index)
-                start = index * job.batch_size
+                start, stop = job.bounds(index, starts)
                 logger.warning(
                     "healing job %s: batch %d (items %d..%d) was in no queue, not unacknowledged and "
                     "not done for %.0f s (Redis dropped its message); sent again",
-                    job.job_id, index, start, min(job.total, start + job.batch_size) - 1, CONFIRM_S,
+                    job.job_id, index, start, stop - 1, CONFIRM_S,
                 )  # fmt: skip
         except Unhealable as exc:
             self.given_up.add(job.job_id)  # said once; the waiting client reads it
@@ -492,11 +513,18 @@ class Healer:
         backend.set_chord_size(job.group_id, job.batches)
         return list(range(job.batches))
 
-    def _send(self, job: Recipe, index: int, kept: Sequence[Any] | None) -> None:
+    def _starts(self, job: Recipe, index: int) -> bytes | None:
+        """A streamed job's bytes of keys.starts for batch ``index`` (its start and the next's)."""
+        if job.inputs != "chunks":
+            return None
+        raw: bytes = self.client.getrange(keys.starts(job.job_id), 8 * index, 8 * index + 15)
+        return raw
+
+    def _send(self, job: Recipe, index: int, kept: Sequence[Any] | None, starts: bytes | None = None) -> None:
         hard, soft = job.limits
         self.app.send_task(
             job.task,
-            args=header_args(index * job.batch_size, job.items_of(index, kept), job.tail),
+            args=header_args(job.bounds(index, starts)[0], job.items_of(index, kept, starts), job.tail),
             task_id=batch_task_id(job.job_id, index),
             group_id=job.group_id,
             group_index=index,

@@ -29,6 +29,9 @@ WORKER = "fanout:worker:{hostname}"
 ACTIVE = "fanout:active"
 #: A bitmap of a job's batches the chord has counted (bit = the batch's index), by group id.
 DONE = "fanout:done:{group_id}"
+#: Where each batch of a streamed job starts (its first item's index, 8 bytes big-endian a
+#: batch, in batch order): its batches have sizes of their own (orchestrator/stream.py).
+STARTS = "fanout:starts:{job_id}"
 #: How many of a job's batches the healer has sent again.
 HEALED = "fanout:healed:{job_id}"
 #: Why a job cannot complete: a batch Redis dropped whose inputs are gone too.
@@ -82,6 +85,10 @@ def worker(hostname: str) -> str:
 
 def done(group_id: str) -> str:
     return DONE.format(group_id=group_id)
+
+
+def starts(job_id: str) -> str:
+    return STARTS.format(job_id=job_id)
 
 
 def healed(job_id: str) -> str:

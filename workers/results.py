@@ -89,7 +89,10 @@ def retrying_io(url: str, operation: Callable[[], T]) -> T:
 
 
 def write_json(url: str, value: Any) -> int:
-    data = _dumps(value)
+    return write_bytes(url, _dumps(value))
+
+
+def write_bytes(url: str, data: bytes) -> int:
     return retrying_io(url, lambda: storage.write_atomic(url, lambda fh: fh.write(data)))
 
 
@@ -166,6 +169,29 @@ def is_ref(value: Any) -> bool:
 def input_url(where: str, start: int) -> str:
     """Where the client writes the items of the batch starting at ``start``."""
     return storage.join(where, f"{INPUTS}/{start:012d}.json")
+
+
+def chunk_url(where: str, number: int) -> str:
+    """Where a streamed job's input chunk ``number`` is kept: its items ``number * chunk`` onwards,
+    ``chunk`` of them (the job's ``JobSpec.chunk``), as one JSON list."""
+    return storage.join(where, f"{INPUTS}/chunk-{number:09d}.json")
+
+
+#: The input chunk this process read last (its URL and items): small batches of one chunk,
+#: taken one after another, read it once.  A chunk never changes once written.
+_last_chunk: tuple[str, list[Any]] = ("", [])
+
+
+def read_slice(where: str, start: int, stop: int, chunk: int) -> list[Any]:
+    """Items ``start`` .. ``stop - 1`` of a streamed job, read from the chunks that hold them."""
+    global _last_chunk
+    items: list[Any] = []
+    for number in range(start // chunk, (stop - 1) // chunk + 1):
+        first, url = number * chunk, chunk_url(where, number)
+        held = _last_chunk[1] if _last_chunk[0] == url else read_json(url)
+        _last_chunk = (url, held)
+        items.extend(held[max(start, first) - first : min(stop, first + len(held)) - first])
+    return items
 
 
 def check_writable(root: str) -> None:

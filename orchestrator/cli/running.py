@@ -75,7 +75,7 @@ def send_job(plan: Plan, run: RunOptions) -> Job | None:
 def wait(job: Job, run: RunOptions, label: str, started: float) -> Ran:
     """Wait for ``job`` with a progress bar; Ctrl-C cancels it."""
     try:
-        with render.progress_bar(run.show_progress, label, job.total, job.batch_size) as update:
+        with render.progress_bar(run.show_progress, label, job.total, job.shown_batch_size) as update:
             outcome = job.wait(run.timeout, update)
     except KeyboardInterrupt:
         return Ran(code=interrupted(job))
