@@ -138,7 +138,7 @@ def script_names() -> dict[str, str]:
     import importlib
 
     names = {}
-    for module in ("celery.backends.redis", "workers.healing", "workers.purge"):
+    for module in ("celery.backends.redis", "workers.control", "workers.healing", "workers.purge"):
         for name, value in vars(importlib.import_module(module)).items():
             if name.endswith("_LUA") and isinstance(value, str):
                 sha = hashlib.sha1(value.encode()).hexdigest()[:8]

@@ -57,6 +57,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         # Task events on, so Flower and `celery events` can see every task.
         "worker_send_task_events": True,
+        # ...sent in bunches, every 0.1 s, not a Redis round trip per event (workers/consumer.py).
+        "worker_consumer": "workers.consumer:Consumer",
         # Ack after the task ran, so a message held by a crashed worker is redelivered.
         "task_acks_late": True,
         # A pool process that dies mid-task (OOM killer, segfault, kill -9) puts its
@@ -64,7 +66,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # attempt log (workers/attempts.py) fails a poison item after MAX_KILLS runs.
         "task_reject_on_worker_lost": True,
         # One message reserved per pool process: bounded memory, no hoarding, and a
-        # reserved message never waits long enough to outlive the visibility timeout.
+        # reserved message never waits long enough to outlive the visibility timeout.  (Two
+        # would hide a remote worker's fetch, two round trips a task, but while Redis is full
+        # a worker then takes a message it cannot record and holds it in its main process,
+        # whose loop stops meanwhile: docs/performance.md, "Workers on other machines".)
         "worker_prefetch_multiplier": 1,
         # Results (and the chord's fan-in) are kept this long, then Redis drops them.
         "result_expires": settings.result_expires,

@@ -108,19 +108,30 @@ class RedisAttemptLog:
     back on the queue either (it stays in ``unacked``), so nothing reruns uncounted.
     """
 
-    def __init__(self, client: Any, task_id: str, expires: int) -> None:
+    def __init__(self, client: Any, task_id: str, expires: int, runs: int | None = None) -> None:
+        """``runs``: the batch's run count, if it was counted already (in the batch's first round
+        trip, :func:`workers.batchio.start_batch`); :meth:`batch_started` then just returns it."""
         self.client = client
         self.runs_key = keys.batch_runs(task_id)
         self.items_key = keys.item_runs(task_id)
         self.expires = expires
+        self.runs = runs
 
     def batch_started(self) -> int:
+        if self.runs is not None:
+            return self.runs
+
         def count() -> int:
             with self.client.pipeline() as pipe:
                 runs, _ = pipe.incr(self.runs_key).expire(self.runs_key, self.expires).execute()
             return int(runs)
 
         return _or_uncounted(count, "counting a batch run", 1)
+
+    def drop_counts(self, pipe: Any) -> None:
+        """Queue the deletion of the batch's counts on ``pipe``: once it ran to its end, they are
+        needed no more (a copy delivered later runs as a first run, safely)."""
+        pipe.delete(self.runs_key, self.items_key)
 
     def item_started(self, index: int) -> int:
         def count() -> int:

@@ -22,19 +22,35 @@ own scheme names (:func:`install`, called by :mod:`workers.app`):
   Redis refuses in the worker's main process restarts its consumer, as a
   lost connection does, rather than ending it.
 
-``QoS.append`` and ``restore_by_tag`` are the transport's methods, called
-with the same arguments by kombu 5.7 (pinned in ``pyproject.toml``); each
-override calls the original.
+And an acknowledgement costs no round trip of its own: kombu removes an acked
+message from the ``unacked`` index and hash at once, a Redis round trip that the
+worker's main process waits for after every task (on a worker on another machine,
+a good part of what a short task costs: docs/performance.md).  Here :meth:`QoS.ack`
+forgets the message at once (it no longer counts against the prefetch) and its
+removal goes with the next write of that QoS, the record of the next message taken
+(:meth:`QoS.append`), or at the latest :data:`ACKS_EVERY_S` later, and before the
+channel closes.  A worker killed in between leaves the message in ``unacked``, and
+it runs again after the visibility timeout, as a message whose worker died just
+before its ack always has (items may run more than once; the chord counts each
+batch once).
+
+``QoS.append``, ``ack``, ``restore_by_tag``, ``restore_unacked_once`` and
+``pipe_or_acquire`` are the transport's methods, called with the same arguments by
+kombu 5.7 (pinned in ``pyproject.toml``); each override calls the original.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 from workers.memory import REMEDY, full_message, is_full
 
@@ -54,8 +70,51 @@ def _stopping() -> bool:
     return any(getattr(state, flag, None) is not None for flag in ("should_stop", "should_terminate"))
 
 
+#: The longest an acknowledged message waits for its removal from ``unacked`` to be sent, seconds.
+ACKS_EVERY_S = 0.1
+#: The QoS objects of this process, whose pending acknowledgements the event loop sends.
+_LIVE: weakref.WeakSet[QoS] = weakref.WeakSet()
+
+
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS, waiting for room when Redis is full instead of dropping the message taken."""
+    """kombu's Redis QoS, waiting for room when Redis is full instead of dropping the message taken,
+    and sending acknowledgements with its next write instead of one round trip each."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.pending_acks: list[Any] = []
+        _LIVE.add(self)
+
+    def ack(self, delivery_tag: Any) -> None:
+        self.pending_acks.append(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]  # kombu's, minus the round trip
+
+    @contextlib.contextmanager
+    def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
+        """kombu's pipeline for a write of this QoS; a new one starts with the pending acknowledgements."""
+        if pipe is not None:
+            yield pipe
+            return
+        acks, self.pending_acks = self.pending_acks, []
+        with super().pipe_or_acquire(None, client) as fresh:
+            for tag in acks:
+                fresh.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
+            try:
+                yield fresh
+            except BaseException:
+                self.pending_acks[:0] = acks  # not sent: they go with the next write
+                raise
+
+    def send_acks(self) -> None:
+        """Send the pending acknowledgements now (one round trip), if there are any."""
+        if self.pending_acks:
+            with self.pipe_or_acquire() as pipe:
+                pipe.execute()
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        with contextlib.suppress(redis.RedisError):  # a Redis gone: they run again, as unacked
+            self.send_acks()
+        return super().restore_unacked_once(stderr)  # type: ignore[no-untyped-call]
 
     def append(self, message: Any, delivery_tag: Any) -> Any:
         pause, logged_at, started = FIRST_PAUSE_S, float("-inf"), time.monotonic()
@@ -106,7 +165,34 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
 
 
-class Transport(kombu_redis.Transport):
+def send_acks() -> None:
+    """Send every QoS's pending acknowledgements (the event loop calls this every ACKS_EVERY_S)."""
+    for qos in list(_LIVE):
+        if getattr(qos.channel, "closed", False):  # its close sent them, or could not
+            _LIVE.discard(qos)
+            continue
+        try:
+            qos.send_acks()
+        # Kept: they go with the next write that succeeds, or run again.  AttributeError: kombu's
+        # channel of a connection just lost (see docs/failures.md, the loss of the master).
+        except (redis.RedisError, OSError, AttributeError) as exc:
+            logger.debug("%d acknowledgement(s) not sent yet: %r", len(qos.pending_acks), exc)
+
+
+class _SendsAcks:
+    """A transport whose event loop sends the pending acknowledgements every ACKS_EVERY_S."""
+
+    #: The event loop's timer that does it (one per process: a new connection replaces it).
+    acks_timer: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
+        if _SendsAcks.acks_timer is not None:
+            _SendsAcks.acks_timer.cancel()
+        _SendsAcks.acks_timer = loop.call_repeatedly(ACKS_EVERY_S, send_acks)
+
+
+class Transport(_SendsAcks, kombu_redis.Transport):
     """kombu's Redis transport with :class:`QoS`; a refused write is recoverable, not fatal."""
 
     Channel = Channel
@@ -117,7 +203,7 @@ class SentinelChannel(kombu_redis.SentinelChannel):
     QoS = QoS
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(_SendsAcks, kombu_redis.SentinelTransport):
     """The same for a Redis found through Sentinel (``sentinel://`` URLs)."""
 
     Channel = SentinelChannel

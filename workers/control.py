@@ -22,14 +22,16 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery.worker.control import control_command
 
 from workers import keys
-from workers.backend import retrying
 from workers.errors import JobStopped
+
+if TYPE_CHECKING:
+    from workers.batchio import BatchEnd
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +42,16 @@ CHECK_EVERY_S = 0.25
 class JobControl:
     """A header task's view of its job's stop reason and failure budget."""
 
-    def __init__(self, client: Any, group_id: str, expires: int) -> None:
+    def __init__(
+        self, client: Any, group_id: str, expires: int, stop: bytes | None, budget: bytes | None
+    ) -> None:
+        """``stop``, ``budget``: the job's keys as read when the batch started
+        (:func:`workers.batchio.start_batch`)."""
         self.client = client
         self.group_id = group_id
         self.expires = expires
         self.checked_at = time.monotonic()
-        reason, budget = retrying(
-            lambda: client.mget(keys.stop(group_id), keys.budget(group_id)), "reading the job's stop reason"
-        )
-        self.reason: str | None = reason.decode() if reason else None
+        self.reason: str | None = stop.decode() if stop else None
         self.budget = _budget(budget)
 
     def check(self) -> None:
@@ -75,26 +78,41 @@ class JobControl:
             return None
         return raw.decode() if raw else None
 
-    def count_failures(self, failed: int) -> None:
-        """Add a batch's failed items to the job's count; stop the job once it is over budget."""
+    def count_failures(self, end: BatchEnd, failed: int) -> None:
+        """Add a batch's failed items to the job's count, in the batch's last round trip (``end``),
+        and stop the job there once it is over budget: before the chord's callback can run."""
         if self.budget is None or failed <= 0:
             return
         limit, total = self.budget
-        count = int(retrying(lambda: self._add(failed), "counting the job's failures"))
-        if count > limit:
-            reason = f"failure budget exceeded: {count} of {total} items failed (at most {limit} allowed)"
-            stop = keys.stop(self.group_id)
-            if retrying(lambda: self.client.set(stop, reason, nx=True, ex=self.expires), "stopping the job"):
-                logger.warning("job of group %s stopped: %s", self.group_id, reason)
+        counter, stop = keys.failures(self.group_id), keys.stop(self.group_id)
 
-    def _add(self, failed: int) -> int:
-        with self.client.pipeline() as pipe:
-            count, _ = (
-                pipe.incrby(keys.failures(self.group_id), failed)
-                .expire(keys.failures(self.group_id), self.expires)
-                .execute()
-            )
-        return int(count)
+        def queue(pipe: Any) -> None:
+            pipe.eval(COUNT_FAILURES_LUA, 2, counter, stop, failed, self.expires, limit, total)
+
+        def then(replies: list[Any]) -> None:
+            count, *reason = replies[0]
+            if reason:
+                logger.warning("job of group %s stopped: %s", self.group_id, reason[0].decode())
+            logger.debug("job of group %s: %d item(s) failed so far", self.group_id, count)
+
+        end.add("counting the job's failures", queue, then)
+
+
+#: Add ARGV[1] failures to KEYS[1] (expiring in ARGV[2] s); past the budget (ARGV[3] of ARGV[4]
+#: items), set the stop reason KEYS[2] unless the job is stopped already.  Returns the count,
+#: and the reason if this call set it.
+COUNT_FAILURES_LUA = """
+local count = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if count > tonumber(ARGV[3]) then
+    local reason = 'failure budget exceeded: ' .. count .. ' of ' .. ARGV[4] ..
+        ' items failed (at most ' .. ARGV[3] .. ' allowed)'
+    if redis.call('SET', KEYS[2], reason, 'NX', 'EX', ARGV[2]) then
+        return {count, reason}
+    end
+end
+return {count}
+"""
 
 
 def _budget(raw: bytes | None) -> tuple[int, int] | None:

@@ -31,7 +31,6 @@ partial and its failures, and the callback merges the partials one at a time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -45,7 +44,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from workers import connections, logs, metrics, softlimit
+from workers import batchio, connections, logs, metrics, softlimit
 from workers.app import app, soft_limit
 from workers.attempts import RedisAttemptLog, run_counted
 from workers.batches import batch_items
@@ -215,19 +214,27 @@ class FanoutTask(Generic[P, R]):
                 raised[type(exc).__name__] += 1
                 raise
 
+        def count(part: Part, reason: str | None, seconds: float | None) -> None:
+            """The exporter's counts of ``part``, sent with the batch's last writes (workers/metrics.py)."""
+            counts = metrics.batch_counts(part, reason, raised)
+            batchio.batch_end(task.request).add(
+                "the exporter's counts",
+                lambda pipe: metrics.count_batch(pipe, self.name, group, counts, seconds, expires),
+            )
+
         def counted(part: Part, reason: str) -> Part:  # a stopped batch: not run, its items cancelled
-            with contextlib.suppress(Exception):  # a count missed is no reason to fail the batch
-                counts = metrics.batch_counts(part, reason, raised)
-                metrics.record_batch(client, self.name, group, counts, None, expires)
+            count(part, reason, None)
             return part
 
-        log = RedisAttemptLog(client, str(task.request.id), expires)
+        task_id = str(task.request.id)
         try:
             # Inside the try: the soft limit can fire here too (a Redis restart makes
             # these reads wait), and then the batch's items fail with the reason.
-            control = JobControl(client, str(group), expires) if group else None
-            if control is not None and control.reason is not None:
-                # queued when the job stopped
+            started = batchio.start_batch(client, task_id, str(group) if group else None, expires)
+            log = RedisAttemptLog(client, task_id, expires, runs=started.runs)
+            control = JobControl(client, str(group), expires, started.stop, started.budget) if group else None
+            if control is not None and control.reason is not None:  # queued when the job stopped
+                batchio.batch_end(task.request).add("dropping the batch's run count", log.drop_counts)
                 return counted(fail_batch(start, items, control.reason, self.label), control.reason)
             part = run_counted(
                 work,
@@ -253,17 +260,16 @@ class FanoutTask(Generic[P, R]):
         # The items are done: from here to the chord's join, the soft limit has nothing
         # left to stop, and raised it would fail the whole chord (workers/softlimit.py).
         softlimit.hold("reporting a finished batch")
+        # The batch's last writes go in one round trip with its chord report (workers/batchio.py).
+        end = batchio.batch_end(task.request)
         # The batch ran to its end: its run counts are needed no more (a copy delivered
         # later runs as a first run, safely).  Not left behind, one key per batch, for a day.
-        # The exporter's counts go in the same round trip (workers/metrics.py).
+        end.add("dropping the batch's run counts", log.drop_counts)
         reason = control.reason if control is not None else None
-        counts = metrics.batch_counts(part, reason, raised)
-        with contextlib.suppress(Exception), client.pipeline(transaction=False) as pipe:
-            pipe.delete(log.runs_key, log.items_key)
-            metrics.count_batch(pipe, self.name, group, counts, time.monotonic() - began, expires)
-            pipe.execute()
+        # The exporter's counts go in the same round trip (workers/metrics.py).
+        count(part, reason, time.monotonic() - began)
         if control is not None:
-            control.count_failures(sum(1 for e in part["errors"] if e["error"] != reason))
+            control.count_failures(end, sum(1 for e in part["errors"] if e["error"] != reason))
         return part
 
     def reduce(self, results: list[Any], errors: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -309,15 +315,18 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
             logger.warning("cannot read the items at %s", source, exc_info=True)
             reason = f"could not read this batch's items from {source}: {describe(exc)}"
             part = fail_batch(start, [None] * int(items["count"]), reason)
-            with contextlib.suppress(Exception):  # counted for the exporter, as a batch that ran
-                client = connections.backend(self.app)
-                counts = metrics.batch_counts(part, None, {})
-                metrics.record_batch(
-                    client, definition.name, self.request.group, counts, None, get_settings().result_expires
-                )
+            counts = metrics.batch_counts(part, None, {})  # counted for the exporter, as a batch that ran
+            batchio.batch_end(self.request).add(
+                "the exporter's counts",
+                lambda pipe: metrics.count_batch(
+                    pipe, definition.name, self.request.group, counts, None, get_settings().result_expires
+                ),
+            )
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})
         softlimit.hold("reporting a finished batch")  # released when the task ends
+        if not self.request.chord:  # no chord report for its last writes to ride with
+            batchio.batch_end(self.request).send(connections.backend(self.app))
         if definition.fold is not None:  # the batch's partial and failures travel, not its results
             part = fold_part(definition.fold, part, json_problem)
         if where is None:

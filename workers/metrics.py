@@ -102,12 +102,3 @@ def count_batch(
             pipe.hincrby(keys.job_counts(group_id), outcome, n)
         if counted:
             pipe.expire(keys.job_counts(group_id), expires)
-
-
-def record_batch(
-    client: Any, task: str, group_id: str | None, counts: BatchCounts, seconds: float | None, expires: int
-) -> None:
-    """:func:`count_batch` in a pipeline of its own, for a batch that sends none (stopped before it ran)."""
-    with client.pipeline(transaction=False) as pipe:
-        count_batch(pipe, task, group_id, counts, seconds, expires)
-        pipe.execute()
