@@ -58,7 +58,8 @@ def test_resize_job_carries_paths_not_pixels() -> None:
     header = list(sig.tasks)
     assert [t.task for t in header] == ["fanout.resize_items"] * 3
     start, items, kwargs = header[2].args
-    assert (start, items, kwargs["out_dir"]) == (4, [["/in/4.jpg", "/out/4.jpg", 256, 256]], "/out")
+    # Paths and sizes only; the last size, the contact sheet's tile, carries the image's index.
+    assert (start, items, kwargs["out_dir"]) == (4, [["/in/4.jpg", "/out/4.jpg", 256, 256, 4]], "/out")
     options = kwargs["options"]
     assert options["mode"] == "fit" and options["format"] == "keep" and options["upscale"] is False
     # The manifest and contact sheet are resize's reduce step, run by the callback.
