@@ -65,7 +65,13 @@ def test_resize_job_carries_paths_not_pixels() -> None:
     # The manifest and contact sheet are resize's reduce step, run by the callback.
     job_doc = sig.body.kwargs["job"]
     assert job_doc["reduce"] == "fanout.resize_report"
-    assert job_doc["reduce_kwargs"] == {"out_dir": "/out", "job_id": "job-2", "per_image": 1, "sheet": True}
+    assert job_doc["reduce_kwargs"] == {
+        "out_dir": "/out",
+        "job_id": "job-2",
+        "per_image": 1,
+        "sheet": True,
+        "tiles": "/out/.fanout-tiles/job-2",  # the batches' strips, drawn into pages as the job runs
+    }
     assert set(plan.spec.requires) == {"fanout.resize_items", "fanout.resize_report"}
 
 
