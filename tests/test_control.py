@@ -195,14 +195,14 @@ def test_resize_skip_existing_does_only_what_is_missing(
     assert first.returncode == 0, first.stderr
     (out / "p1.jpg").unlink()  # as a crash would leave it
     (out / "p3.jpg").write_bytes(b"half a jp")  # a partial file is made again
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.jpg")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("p*.jpg")}
     second = run_cli(
         cli_env, "resize", str(photos), "--out", str(out), "--max-side", "64", "--skip-existing", "--json"
     )
     assert second.returncode == 0, second.stderr
     records = json.loads(second.stdout)["results"]
     assert [bool(r.get("skipped")) for r in records] == [True, False, True, False, True]
-    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.jpg")}
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("p*.jpg")}
     assert [after[f"p{i}.jpg"] == before[f"p{i}.jpg"] for i in (0, 2, 4)] == [True] * 3
     manifest = json.loads((out / "manifest.json").read_text())
     skipped = [o.get("skipped", False) for item in manifest["items"] for o in item["outputs"]]

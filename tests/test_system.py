@@ -207,7 +207,7 @@ def test_demo_starts_its_own_worker_when_none_answers(
     assert "resize: 6 items, 6 succeeded, 0 failed" in proc.stderr
     assert "double: 2000 items, 2000 succeeded, 0 failed" in proc.stderr
     assert f"outputs: {tmp_path / 'resized'}" in proc.stdout
-    assert len(list((tmp_path / "resized").glob("*.jpg"))) == 6
+    assert len(list((tmp_path / "resized").glob("photo-*.jpg"))) == 6  # the photos, not the contact sheet
     assert json.loads((tmp_path / "resized" / "manifest.json").read_text())["succeeded"] == 6
     assert processes_using(quiet_url) == [], "the demo's worker should be gone"
 
