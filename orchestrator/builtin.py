@@ -19,8 +19,11 @@ from workers.resizing import ResizeOptions
 from workers.settings import get_settings
 from workers.sheets import tiles_dir
 
-#: Largest batch for doubling: big enough to hide per-task overhead.
-MAX_DOUBLE_BATCH = 10_000
+#: Largest batch for doubling: big enough to hide per-task overhead, and the round trips of
+#: workers on other machines (a batch costs about 4.5 round trips: at 2 ms, 1,000,000 items
+#: in batches of 10,000 took 0.72x their time at 0 ms, in batches of 125,000 0.96x and less
+#: time at 0 ms too; python -m bench.latency).  A batch of 125,000 doublings takes about 0.1 s.
+MAX_DOUBLE_BATCH = 125_000
 #: Largest batch of images.  A batch costs the worker some CPU whatever it holds (receiving
 #: it, three task events, reporting it: about 2.5 ms for one item, python -m bench.pertask), so
 #: 2,000 1080p photos in batches of 32 took 15% less CPU in all than in batches of 8, and
