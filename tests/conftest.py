@@ -217,6 +217,18 @@ def marked(pixel: object) -> bool:
     return all(abs(int(a) - b) <= 40 for a, b in zip(pixel, MARKER, strict=True))
 
 
+def marked_cells(sheet: Path, images: int) -> list[int]:
+    """The cells of a one-page contact sheet of ``images`` images that hold the failure marker."""
+    from PIL import Image
+
+    from workers.contact_sheet import CELL, cell_origin, columns_for
+
+    with Image.open(sheet) as page:  # each cell's centre
+        corners = (cell_origin(index, columns_for(images)) for index in range(images))
+        half = CELL // 2
+        return [i for i, (x, y) in enumerate(corners) if marked(page.getpixel((x + half, y + half)))]
+
+
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """A directory of six sample photos, one of them portrait through EXIF orientation."""
