@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from bench import out_option
+
 SUITES = ("publish", "fanin", "images", "per-item", "batched")
 
 
@@ -70,13 +72,7 @@ def _ns(text: str) -> tuple[int, ...]:
 )
 @click.option("--loglevel", default="INFO", show_default=True, help="The workers' log level.")
 @click.option("--timeout", type=float, default=900, show_default=True, help="Bound on each run, seconds.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="Where results.json, results.md, doubling.png and the inputs go.",
-)
+@out_option("Where results.json, results.md, doubling.png and the inputs go.")
 def main(
     suites: tuple[str, ...],
     workers: int,

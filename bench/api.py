@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 import fanout
+from bench import out_option
 
 N = 1_000_000
 
@@ -122,13 +123,7 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
     "--n", "n", type=click.IntRange(min=1), default=N, show_default=True, help="Items for the map runs."
 )
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per figure.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="Where api.json goes.",
-)
+@out_option("Where api.json goes.")
 def main(n: int, runs: int, out: Path) -> None:
     """The public API beside the CLI, and the cost of a cancel (see the module's docstring)."""
     from orchestrator.discovery import list_workers

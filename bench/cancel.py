@@ -33,6 +33,7 @@ from typing import Any
 import click
 
 import fanout
+from bench import out_option
 
 
 @fanout.task(name="bench.cancel.nap")
@@ -122,13 +123,7 @@ def run_items(n: int, batch: int) -> dict[str, Any]:
 @click.option(
     "--items-batch", type=click.IntRange(min=1), default=10_000, show_default=True, help="Its batch size."
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="Where cancel.json goes.",
-)
+@out_option("Where cancel.json goes.")
 def main(runs: int, sizes: str, items: int, items_batch: int, out: Path) -> None:
     """Time ``fanout cancel`` (see the module's docstring)."""
     from orchestrator.discovery import list_workers

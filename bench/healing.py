@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 import fanout
+from bench import out_option
 
 
 @fanout.task(name="bench.healing.nap")
@@ -88,13 +89,7 @@ def run_once(n: int, seconds: float, drop: int | None, drop_after: float) -> dic
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per row.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="Where healing.json goes.",
-)
+@out_option("Where healing.json goes.")
 def main(runs: int, out: Path) -> None:
     """Time the healer (see the module's docstring)."""
     from orchestrator.discovery import list_workers

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
+from bench import out_option
 from bench.delayproxy import DelayProxy, Traffic
 from bench.suite import fanout_cli
 
@@ -170,13 +171,7 @@ _COUNT = click.IntRange(min=1)
 @click.option("--photos", type=_COUNT, default=300, show_default=True, help="Photos to resize.")
 @click.option("--timeout", type=_COUNT, default=600, show_default=True, help="Per command, s.")
 @click.option("--direct/--no-direct", default=True, show_default=True, help="Also run with no proxy.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="Where latency.json, the worker's log and the generated photos go.",
-)
+@out_option("Where latency.json, the worker's log and the generated photos go.")
 def main(
     runs: int, rtt_ms: float, per_item: int, batched: int, photos: int, timeout: int, direct: bool, out: Path
 ) -> None:

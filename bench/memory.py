@@ -49,6 +49,8 @@ from typing import Any
 import click
 import redis
 
+from bench import out_option
+
 MB = 1024 * 1024
 #: Keys that are not a job's: the worker's registration and kombu's queue bindings.
 NOT_THE_JOBS = (b"fanout:worker", b"_kombu.binding.")
@@ -427,13 +429,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path | None:
     show_default=True,
     help="double: `fanout double --range N`; wordcount: the word-count fold over N lines (bench.wordfold).",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="Where memory.json and memory.png go (memory-wordcount.* for --job wordcount).",
-)
+@out_option("Where memory.json and memory.png (memory-wordcount.* for --job wordcount) go.")
 def main(ns: str, code: Path, timeout: float, threshold: int | None, job: str, out: Path) -> None:
     """Measure client, worker and Redis memory against N for `fanout double --range N` (or the fold)."""
 

@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 import fanout
+from bench import out_option
 
 
 @fanout.task(name="bench.observe.work")
@@ -192,12 +193,7 @@ def beside_a_job(
 @click.option(
     "--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved pairs of runs."
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-)
+@out_option("Where observe.json goes.")
 def main(
     finished: int,
     running: int,

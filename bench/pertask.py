@@ -39,6 +39,7 @@ from typing import Any
 
 import click
 
+from bench import out_option
 from bench.suite import fanout_cli
 from orchestrator.local import LocalWorker
 
@@ -118,12 +119,7 @@ def _median(values: list[float]) -> float:
 @click.option(
     "--loglevel", default="INFO", show_default=True, help="The worker's log level for the batch-size rows."
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-)
+@out_option("Where pertask.json goes.")
 def main(
     tasks: int,
     photos: int,
