@@ -166,7 +166,10 @@ class Project:
 
     def down(self) -> None:
         if self.env_file.exists():
-            self("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
+            # With the optional profile named, so that its services go too if a test left them up.
+            self(
+                "--profile", "metrics", "down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300
+            )
 
 
 def need(condition: bool, message: str) -> None:

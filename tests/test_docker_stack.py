@@ -287,28 +287,30 @@ def test_a_worker_only_project_joins_the_stacks_redis_and_takes_work(up: Project
 
 def test_the_metrics_profile_has_prometheus_scrape_the_exporter(up: Project) -> None:
     up("--profile", "metrics", "up", "-d", "exporter", "prometheus", timeout=300)
-    assert up.run("fanout", "double", "1", "2", "3").stdout.split() == ["2", "4", "6"]
-    env = read_env_file(up.env_file)
+    try:
+        assert up.run("fanout", "double", "1", "2", "3").stdout.split() == ["2", "4", "6"]
+        env = read_env_file(up.env_file)
 
-    def value(expr: str) -> float | None:
-        query = urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/api/v1/query?{query}", timeout=5
-            ) as r:
-                result = json.load(r)["data"]["result"]
-        except OSError:
-            return None
-        return float(result[0]["value"][1]) if result else None
+        def value(expr: str) -> float | None:
+            query = urllib.parse.urlencode({"query": expr})
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/api/v1/query?{query}", timeout=5
+                ) as r:
+                    result = json.load(r)["data"]["result"]
+            except OSError:
+                return None
+            return float(result[0]["value"][1]) if result else None
 
-    # The stack's workers, and the items of the runs so far, as Prometheus scraped them.
-    wait_for(
-        lambda: (value("sum(fanout_active_worker_count)") or 0) >= 1, 120, "Prometheus to see the workers"
-    )
-    doubled = 'sum(fanout_items_succeeded_total{name="fanout.double_batch"})'
-    wait_for(lambda: (value(doubled) or 0) >= 3, 60, "Prometheus to count the doubled items")
-    assert (value('sum(fanout_jobs{state="done"})') or 0) >= 1
-    up("--profile", "metrics", "rm", "-f", "-s", "exporter", "prometheus")
+        # The stack's workers, and the items of the runs so far, as Prometheus scraped them.
+        wait_for(
+            lambda: (value("sum(fanout_active_worker_count)") or 0) >= 1, 120, "Prometheus to see the workers"
+        )
+        doubled = 'sum(fanout_items_succeeded_total{name="fanout.double_batch"})'
+        wait_for(lambda: (value(doubled) or 0) >= 3, 60, "Prometheus to count the doubled items")
+        assert (value('sum(fanout_jobs{state="done"})') or 0) >= 1
+    finally:  # gone even if a wait failed: the next tests expect the stack without them
+        up("--profile", "metrics", "rm", "-f", "-s", "exporter", "prometheus")
 
 
 def test_down_v_leaves_nothing_running(up: Project) -> None:

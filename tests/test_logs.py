@@ -264,9 +264,12 @@ def test_json_logs_parse_line_by_line_and_carry_the_job_fields(
 
 
 @pytest.mark.system
-def test_a_worker_with_a_bad_log_format_stops_at_start_naming_it(app: Celery, tmp_path: Path) -> None:
+def test_a_worker_with_a_bad_log_format_stops_at_start_naming_it(
+    app: Celery, tmp_path: Path, workers_started: list[LocalWorker]
+) -> None:
     log = tmp_path / "bad.log"
     local = LocalWorker(app, env={**os.environ, "FANOUT_LOG_FORMAT": "yaml"}, log_path=str(log))
+    workers_started.append(local)  # stopped afterwards should it start after all
     with pytest.raises(InfrastructureError, match="exited with code"):
         local.start(timeout=60)
     assert "FANOUT_LOG_FORMAT='yaml': expected one of human, json" in log.read_text()

@@ -334,17 +334,24 @@ def exporter(cli_env: dict[str, str], worker: LocalWorker, tmp_path: Path) -> It
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while True:
             try:
                 scrape(url)
                 break
             except OSError:
                 assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"the exporter did not answer in 30 s: {log.read_text()}"
                 time.sleep(0.2)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, log.read_text()
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            raise
+        assert code == 0, log.read_text()
 
 
 def scrape(url: str) -> dict[str, float]:

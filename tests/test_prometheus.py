@@ -83,36 +83,41 @@ def prometheus(cli_env: dict[str, str], worker: LocalWorker, tmp_path: Path) -> 
         exporter_log,
         cli_env,
     )
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        json.dumps(  # JSON is YAML
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {"job_name": "fanout", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}
-                ],
-            }
+    server: subprocess.Popen[bytes] | None = None
+    try:  # from here on, whatever fails stops what was started
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            json.dumps(  # JSON is YAML
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {
+                            "job_name": "fanout",
+                            "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}],
+                        }
+                    ],
+                }
+            )
         )
-    )
-    server_log = tmp_path / "prometheus.log"
-    server = _start(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prometheus_port}",
-            "--log.level=warn",
-        ],
-        server_log,
-    )
-    base = f"http://127.0.0.1:{prometheus_port}"
-    try:
+        server_log = tmp_path / "prometheus.log"
+        server = _start(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                "--log.level=warn",
+            ],
+            server_log,
+        )
+        base = f"http://127.0.0.1:{prometheus_port}"
         _wait_for(f"http://127.0.0.1:{exporter_port}/metrics", exporter, exporter_log)
         _wait_for(f"{base}/-/ready", server, server_log)
         assert _poll(base, 'up{job="fanout"}', lambda v: v == [1.0], 60), server_log.read_text()[-3000:]
         yield base
     finally:
-        _stop(server)
+        if server is not None:
+            _stop(server)
         _stop(exporter)
 
 
