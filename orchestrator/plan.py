@@ -212,10 +212,11 @@ def _head(items: Iterable[Any], limit: int) -> tuple[list[Any], Iterator[Any] | 
     return head, itertools.chain((first,), iterator)
 
 
-def check_items(items: Iterable[Any]) -> list[Any]:
-    """``items`` as a list, or InputError naming the first that JSON cannot carry."""
+def check_items(items: Iterable[Any], first: int = 0) -> list[Any]:
+    """``items`` (input items ``first`` onwards) as a list, or InputError naming the first that
+    JSON cannot carry."""
     listed = list(items)
-    for index, item in enumerate(listed):
+    for index, item in enumerate(listed, first):
         problem = json_problem(item)
         if problem is not None:
             raise InputError(f"item {index} is not JSON: {problem}; nothing was sent")

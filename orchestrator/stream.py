@@ -47,15 +47,12 @@ from celery.app.task import Context
 from orchestrator import canvas
 from orchestrator.follow import batches_done
 from orchestrator.jobs import Job
-from orchestrator.plan import Plan, failure_budget
+from orchestrator.plan import Plan, check_items, failure_budget
 from orchestrator.publish import HeaderSender, bulk_supported, cancel_sent, frozen_callback, task_limits
 from orchestrator.room import require_room
 from workers import connections, keys, results
-from workers.backend import replicated
 from workers.batches import batch_task_id, header_args, slice_ref
-from workers.core import json_problem
 from workers.errors import InputError
-from workers.jobindex import index_job
 from workers.settings import get_settings
 
 #: What a batch should take on a worker, seconds: long enough that the ~ms a task costs is
@@ -132,10 +129,7 @@ def _chunk_of_items(block: list[Any], first: int) -> bytes:
     try:
         return json.dumps(block, separators=(",", ":")).encode()
     except (TypeError, ValueError):
-        for offset, item in enumerate(block):
-            problem = json_problem(item)
-            if problem is not None:
-                raise InputError(f"item {first + offset} is not JSON: {problem}; nothing was sent") from None
+        check_items(block, first)  # names the item JSON cannot carry
         raise
 
 
@@ -342,12 +336,7 @@ def publish(
         },
         app=app,
     )
-    with client.pipeline(transaction=False) as pipe:
-        pipe.set(keys.job(job.job_id), json.dumps(job.to_record()), ex=expires)
-        pipe.zadd(keys.ACTIVE, {job.job_id: job.sent_at})  # the healer watches it from here
-        index_job(pipe, job.job_id, sent_at, expires)  # listed by `fanout jobs` (workers/jobindex.py)
-        pipe.execute()
-    replicated(client, f"job {job.job_id}'s record")
+    job.save(expires)
     return job
 
 
