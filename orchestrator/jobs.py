@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,9 +22,11 @@ from orchestrator import follow
 from orchestrator.plan import BatchSize, JobSpec
 from orchestrator.status import Status, job_status
 from workers import connections, fanin, keys, results
+from workers.backend import replicated
 from workers.batches import unpack
 from workers.errors import InputError, ResultsTooLarge, UnknownJob
 from workers.fanin import CANCELLED
+from workers.jobindex import index_job
 from workers.purge import purge
 from workers.settings import get_settings
 
@@ -165,6 +168,19 @@ class Job:
     def output(self) -> str:
         """How the CLI prints its outcome: "double", "resize" or "jsonl"."""
         return self.spec.output
+
+    def save(self, expires: int) -> None:
+        """Write this record, which the workers' healer watches until its fan-in is done
+        (workers/healing.py) and `fanout jobs` lists (workers/jobindex.py); one round trip,
+        then the wait for replicas that FANOUT_WAIT_REPLICAS asks for."""
+        client = connections.backend(self.app)
+        sent_at = self.sent_at or time.time()
+        with client.pipeline(transaction=False) as pipe:
+            pipe.set(keys.job(self.job_id), json.dumps(self.to_record()), ex=expires)
+            pipe.zadd(keys.ACTIVE, {self.job_id: sent_at})
+            index_job(pipe, self.job_id, sent_at, expires)
+            pipe.execute()
+        replicated(client, f"job {self.job_id}'s record and inputs")
 
     def to_record(self) -> dict[str, Any]:
         """The job's record, as kept in Redis (read by ``fanout status``, the healer, ``fanout retry``)."""

@@ -16,7 +16,6 @@ writes the job's record.  Both return the :class:`~orchestrator.jobs.Job`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -42,11 +41,9 @@ from orchestrator.plan import (
 from orchestrator.publish import cancel_sent, frozen_callback, header_of, publish_chord, task_limits
 from orchestrator.room import require_room
 from workers import connections, keys, results
-from workers.backend import replicated
 from workers.batches import batch_task_id, pack
 from workers.core import FanoutTask
 from workers.errors import ConfigError, InfrastructureError, InputError, UnknownJob
-from workers.jobindex import index_job
 from workers.settings import Settings, get_settings
 
 
@@ -261,14 +258,7 @@ def publish(
         heal=heal_recipe(app, plan.job_id, signature, group_id),
         app=app,
     )
-    with connections.backend(app).pipeline(transaction=False) as pipe:
-        pipe.set(keys.job(job.job_id), json.dumps(job.to_record()), ex=expires)
-        # Watched by the workers' healer until its fan-in is done (workers/healing.py).
-        pipe.zadd(keys.ACTIVE, {job.job_id: job.sent_at})
-        # Listed by `fanout jobs` (workers/jobindex.py).
-        index_job(pipe, job.job_id, job.sent_at or time.time(), expires)
-        pipe.execute()
-    replicated(connections.backend(app), f"job {job.job_id}'s record and inputs")  # FANOUT_WAIT_REPLICAS
+    job.save(expires)
     return job
 
 
