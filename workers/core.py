@@ -217,10 +217,7 @@ class FanoutTask(Generic[P, R]):
         def count(part: Part, reason: str | None, seconds: float | None) -> None:
             """The exporter's counts of ``part``, sent with the batch's last writes (workers/metrics.py)."""
             counts = metrics.batch_counts(part, reason, raised)
-            batchio.batch_end(task.request).add(
-                "the exporter's counts",
-                lambda pipe: metrics.count_batch(pipe, self.name, group, counts, seconds, expires),
-            )
+            metrics.count_at_end(task.request, self.name, group, counts, seconds, expires)
 
         def counted(part: Part, reason: str) -> Part:  # a stopped batch: not run, its items cancelled
             count(part, reason, None)
@@ -316,11 +313,8 @@ def _register(definition: FanoutTask[Any, Any]) -> Any:
             reason = f"could not read this batch's items from {source}: {describe(exc)}"
             part = fail_batch(start, [None] * int(items["count"]), reason)
             counts = metrics.batch_counts(part, None, {})  # counted for the exporter, as a batch that ran
-            batchio.batch_end(self.request).add(
-                "the exporter's counts",
-                lambda pipe: metrics.count_batch(
-                    pipe, definition.name, self.request.group, counts, None, get_settings().result_expires
-                ),
+            metrics.count_at_end(
+                self.request, definition.name, self.request.group, counts, None, get_settings().result_expires
             )
         else:
             part = definition.run_batch(self, start, listed, kwargs or {})

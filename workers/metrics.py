@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers import keys
+from workers import batchio, keys
 from workers.fanin import Part
 
 #: The batch duration histogram's upper bounds, seconds: a batch is sized to take seconds
@@ -102,3 +102,13 @@ def count_batch(
             pipe.hincrby(keys.job_counts(group_id), outcome, n)
         if counted:
             pipe.expire(keys.job_counts(group_id), expires)
+
+
+def count_at_end(
+    request: Any, task: str, group_id: str | None, counts: BatchCounts, seconds: float | None, expires: int
+) -> None:
+    """:func:`count_batch` as a step of the batch's last writes (``batchio.batch_end``): no round
+    trip of its own."""
+    batchio.batch_end(request).add(
+        "the exporter's counts", lambda pipe: count_batch(pipe, task, group_id, counts, seconds, expires)
+    )
